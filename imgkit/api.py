@@ -1,0 +1,128 @@
+"""The documented Python API. The CLI calls only these; other tools can script imgkit with them."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from .capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
+from .errors import InputError
+from .formats import imgk_layout as L
+from .formats.imgk_reader import ImageReader
+from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
+from .progress import Progress
+from .restore import RestoreResult, restore_stream
+from .sources import RawSource
+from .stream import Stream
+from .verify import VerifyReport, verify_image
+
+Password = bytes | str | Callable[[], bytes | str] | None
+
+
+def _password_provider(password: Password) -> Callable[[], bytes] | None:
+    if password is None:
+        return None
+    if callable(password):
+        return lambda: _as_bytes(password())
+    return lambda: _as_bytes(password)
+
+
+def _as_bytes(p: bytes | str) -> bytes:
+    return p.encode() if isinstance(p, str) else p
+
+
+def is_imgk(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(L.MAGIC)) == L.MAGIC
+    except (IsADirectoryError, PermissionError, FileNotFoundError):
+        return False
+
+
+def open_image(path: str, password: Password = None, *, fmt: str | None = None) -> Stream:
+    """Open any image imgkit reads as a Stream: imgk (by its magic) or raw (a file or block device).
+    `fmt` forces the format ("imgk", "raw"); it is never guessed by anything but imgkit."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or device")
+    if fmt == "imgk" or (fmt is None and is_imgk(path)):
+        return ImageReader(path, _password_provider(password))
+    if fmt in (None, "raw", "iso"):
+        return RawSource(path)
+    raise InputError(f"unknown image format {fmt!r}")
+
+
+def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
+            split_size: int | None = None, password: Password = None, force: bool = False,
+            plan: CapturePlan | None = None, progress: Progress | None = None,
+            source_format: str | None = None) -> CaptureResult:
+    """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image."""
+    refuse_output_on_source(source, output) if os.path.exists(source) else None
+    src = open_image(source, password, fmt=source_format)
+    try:
+        info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
+                                                                 "kind": "image", "size": src.size}
+        sealer_factory = None
+        if password is not None:
+            from .crypto import ImageKeys, Sealer, new_key_slot
+            secret = _password_provider(password)()
+
+            def sealer_factory(image_id: bytes, core_digest: bytes):
+                data_key = os.urandom(32)
+                slot = new_key_slot(secret, data_key, core_digest)
+                return Sealer(ImageKeys.from_data_key(data_key, image_id), core_digest), slot
+        return capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
+                              split_size=split_size, sealer_factory=sealer_factory, plan=plan,
+                              force=force, progress=progress)
+    finally:
+        src.close()
+
+
+def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
+            discard: bool = False, progress: Progress | None = None) -> RestoreResult:
+    """Restore a whole image to a block device or file. `confirm(text) -> bool` is asked before an
+    existing target is overwritten; pass None only when the user already agreed (--yes)."""
+    with open_image(image, password) as img:
+        paths = getattr(img, "volume_paths", [image])
+        return restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
+                              discard=discard, progress=progress)
+
+
+def verify(image: str, *, password: Password = None, progress: Progress | None = None) -> VerifyReport:
+    with open_image(image, password, fmt="imgk") as img:
+        return verify_image(img, progress)
+
+
+def image_info(img: Stream) -> dict:
+    """What `imgkit info --json` prints."""
+    if isinstance(img, ImageReader):
+        meta = img.metadata
+        counts = {"data": 0, "zero": 0, "free": 0}
+        names = {L.KIND_DATA: "data", L.KIND_ZERO: "zero", L.KIND_FREE: "free"}
+        for e in img.index:
+            counts[names[e.kind]] += 1
+        stored = img.stored_size()
+        return {
+            "format": "imgk",
+            "format_version": f"{img.header.version_major}.{img.header.version_minor}",
+            "path": img.path,
+            "volumes": [{"path": p, "size": s} for p, s in zip(img.volume_paths, img.volume_sizes)],
+            "image_id": img.header.image_id.hex(),
+            "virtual_size": img.size,
+            "stored_size": stored,
+            "ratio": round(img.size / stored, 3) if stored else None,
+            "chunk_size": img.chunk_size,
+            "chunks": counts,
+            "encrypted": img.header.encrypted,
+            "created": meta.get("created"),
+            "imgkit_version": meta.get("imgkit_version"),
+            "source": meta.get("source"),
+            "compression": meta.get("compression"),
+            "capture": meta.get("capture"),
+            "partition_table": meta.get("partition_table"),
+            "optical": meta.get("optical"),
+            "os": meta.get("os"),
+        }
+    from .capture import build_metadata  # a raw or foreign disk: describe it on the fly
+    meta = build_metadata(img, {"path": getattr(img, "path", None), "size": img.size}, 0, CapturePlan())
+    return {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
+            "virtual_size": img.size, "partition_table": meta["partition_table"],
+            "optical": meta.get("optical")}

@@ -1,0 +1,158 @@
+"""Capture: a source disk (Stream) into an imgk image, streaming, on every core, bounded memory."""
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import __version__
+from .disk_info import describe_partitions, optical_facts
+from .errors import InputError, Interrupted, RefusedTarget
+from .formats import imgk_layout as L
+from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, ChunkEncoder, ImageWriter, volume_path
+from .parallel import default_workers, ordered_map
+from .progress import NullProgress, Progress
+from .stream import DATA, Stream
+
+
+@dataclass
+class CapturePlan:
+    """Which bytes of the disk to store. The default keeps every byte (zero chunks are still skipped).
+    A filesystem-aware plan marks chunks FREE and blanks unused blocks inside the chunks it keeps."""
+    free_chunks: set[int] = field(default_factory=set)
+    blank: Callable[[int, bytes], bytes] | None = None  # (chunk offset, data) -> data with free blocks zeroed
+    used_maps: list[L.UsedMap] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # merged into the image metadata ("capture" key etc.)
+
+
+@dataclass
+class CaptureResult:
+    paths: list[str]
+    logical_size: int
+    stored_bytes: int
+    data_chunks: int
+    zero_chunks: int
+    free_chunks: int
+    deduplicated: int
+    seconds: float
+
+
+def _device_of_path(path: str) -> int:
+    """st_dev of the filesystem that will hold `path` (its directory)."""
+    return os.stat(os.path.dirname(os.path.abspath(path)) or ".").st_dev
+
+
+def _whole_disk(dev: int) -> int:
+    """The whole-disk device number of a partition device (itself when it is a whole disk)."""
+    sys_path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    try:
+        real = os.path.realpath(sys_path)
+        if os.path.exists(os.path.join(real, "partition")):
+            with open(os.path.join(os.path.dirname(real), "dev")) as f:
+                major, minor = f.read().strip().split(":")
+                return os.makedev(int(major), int(minor))
+    except OSError:
+        pass
+    return dev
+
+
+def refuse_output_on_source(source_path: str, output: str) -> None:
+    """Refuse to write an image onto the device being captured, a partition of it, or the source file."""
+    st = os.stat(source_path)
+    out_abs = os.path.abspath(output)
+    if stat.S_ISREG(st.st_mode):
+        if os.path.exists(out_abs) and os.path.samefile(out_abs, source_path):
+            raise RefusedTarget(f"{output} is the source itself: refusing to overwrite what is captured")
+        return
+    if stat.S_ISBLK(st.st_mode):
+        out_dev = _device_of_path(out_abs)
+        if _whole_disk(out_dev) == _whole_disk(st.st_rdev) or out_dev == st.st_rdev:
+            raise RefusedTarget(f"{output} lies on {source_path}, the device being captured",
+                                hint="write the image to another disk")
+
+
+def build_metadata(source: Stream, source_info: dict, level: int, plan: CapturePlan) -> dict:
+    table, parts = describe_partitions(source)
+    meta = {
+        "imgkit_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source_info,
+        "compression": {"algorithm": "zstd" if level else "none", "level": level},
+        "partition_table": parts,
+        "capture": {"mode": "full"},
+    }
+    optical = optical_facts(source)
+    if optical:
+        meta["optical"] = optical
+    meta.update(plan.metadata)
+    return meta
+
+
+def capture_stream(source: Stream, output: str, *, source_info: dict, level: int = LEVEL_DEFAULT,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, split_size: int | None = None,
+                   sealer_factory=None, plan: CapturePlan | None = None, force: bool = False,
+                   progress: Progress | None = None, workers: int | None = None) -> CaptureResult:
+    import time
+
+    plan = plan or CapturePlan()
+    progress = progress or NullProgress()
+    if not force:
+        for n in (1, 2):
+            if os.path.exists(volume_path(output, n)):
+                raise InputError(f"{volume_path(output, n)} already exists", hint="use --force to replace it")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"{out_dir}: no such directory for the image")
+    started = time.monotonic()
+    metadata = build_metadata(source, source_info, level, plan)
+    writer = ImageWriter(output, source.size, chunk_size, split_size=split_size, sealer_factory=sealer_factory)
+    encoder = ChunkEncoder(level, writer.sealer)
+    count = writer.header.chunk_count
+    # Chunks that touch a data run must be read; the rest are holes and read as zeros.
+    has_data = bytearray(count)
+    for run in source.runs():
+        if run.kind == DATA:
+            first, last = run.offset // chunk_size, (run.end - 1) // chunk_size
+            has_data[first:last + 1] = b"\1" * (last - first + 1)
+    for i in plan.free_chunks:
+        if 0 <= i < count:
+            has_data[i] = 2
+
+    def work(i: int):
+        offset = i * chunk_size
+        length = min(chunk_size, source.size - offset)
+        if has_data[i] == 2:
+            return encoder_free(i, length)
+        if not has_data[i]:
+            return encoder.prepare(i, None, length)
+        data = source.read(offset, length)
+        if plan.blank:
+            data = plan.blank(offset, data)
+        return encoder.prepare(i, data, length)
+
+    def encoder_free(i: int, length: int):
+        from .formats.imgk_writer import PreparedChunk
+        return PreparedChunk(i, length, L.KIND_FREE)
+
+    counts = {L.KIND_DATA: 0, L.KIND_ZERO: 0, L.KIND_FREE: 0}
+    try:
+        for chunk in ordered_map(work, range(count), workers or default_workers()):
+            writer.put(chunk)
+            counts[chunk.kind] += 1
+            progress.advance(chunk.length)
+        for m in plan.used_maps:
+            writer.add_used_map(m)
+        paths = writer.commit(metadata)
+    except KeyboardInterrupt:
+        writer.abort()
+        raise Interrupted("capture interrupted: no image was written") from None
+    except BaseException:
+        writer.abort()
+        raise
+    result = CaptureResult(paths, source.size, sum(os.path.getsize(p) for p in paths), counts[L.KIND_DATA],
+                           counts[L.KIND_ZERO], counts[L.KIND_FREE], writer.deduplicated,
+                           time.monotonic() - started)
+    progress.finish(stored_bytes=result.stored_bytes)
+    return result

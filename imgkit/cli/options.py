@@ -1,0 +1,86 @@
+"""Options shared by several commands, defined once (../shared cli.md: one feel across commands)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ..errors import InputError
+from ..progress import Progress
+from ..units import parse_size
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
+
+
+def progress_option(f):
+    return click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]),
+                        default="auto", show_default=True,
+                        help="Progress on stderr: a bar on a terminal, JSON lines, or nothing.")(f)
+
+
+def password_options(f):
+    f = click.option("--password-file", type=click.Path(dir_okay=False),
+                     help="Read the password from this file (first line). Also: IMGKIT_PASSWORD.")(f)
+    return f
+
+
+def make_progress(op: str, mode: str, total: int = 0) -> Progress:
+    return Progress(op, total, mode)
+
+
+def password_from_env_or_file(password_file: str | None) -> bytes | None:
+    if password_file:
+        try:
+            with open(password_file, "rb") as fh:
+                line = fh.read().split(b"\n", 1)[0]
+        except OSError as e:
+            raise InputError(f"{password_file}: cannot read the password file ({e.strerror})") from None
+        if not line:
+            raise InputError(f"{password_file}: the password file is empty")
+        return line
+    env = os.environ.get("IMGKIT_PASSWORD")
+    if env:
+        return env.encode()
+    return None
+
+
+def reading_password(password_file: str | None):
+    """A provider asked only when the image turns out to be encrypted: file, env, else a prompt."""
+    def provide() -> bytes:
+        known = password_from_env_or_file(password_file)
+        if known is not None:
+            return known
+        if not sys.stdin.isatty():
+            raise InputError("the image is encrypted and no password was given",
+                             hint="use --password-file or IMGKIT_PASSWORD, or run on a terminal")
+        return click.prompt("Password", hide_input=True, err=True).encode()
+    return provide
+
+
+def new_password(password_file: str | None) -> bytes:
+    """For a new encrypted image: file, env, else prompt twice."""
+    known = password_from_env_or_file(password_file)
+    if known is not None:
+        return known
+    if not sys.stdin.isatty():
+        raise InputError("--encrypt needs a password", hint="use --password-file or IMGKIT_PASSWORD, or a terminal")
+    pw = click.prompt("New password", hide_input=True, confirmation_prompt="Repeat the password", err=True)
+    if not pw:
+        raise InputError("an empty password is not allowed")
+    return pw.encode()
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value)
+        except InputError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()

@@ -1,0 +1,50 @@
+"""Human and JSON renderings of results."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..units import format_size
+
+
+def emit_json(doc) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def render_info(info: dict) -> str:
+    lines = [f"image:        {info.get('path')}", f"format:       {info['format']}"
+             + (f" {info['format_version']}" if info.get("format_version") else "")]
+    lines.append(f"disk size:    {format_size(info['virtual_size'])} ({info['virtual_size']} bytes)")
+    if "stored_size" in info:
+        lines.append(f"stored size:  {format_size(info['stored_size'])} (ratio {info['ratio']}x)")
+        comp = info.get("compression") or {}
+        lines.append(f"compression:  {comp.get('algorithm')} level {comp.get('level')}, "
+                     f"{format_size(info['chunk_size'])} chunks ({info['chunks']['data']} stored, "
+                     f"{info['chunks']['zero']} zero, {info['chunks']['free']} free)")
+        lines.append(f"encrypted:    {'yes' if info.get('encrypted') else 'no'}")
+        if len(info.get("volumes", [])) > 1:
+            lines.append(f"volumes:      {len(info['volumes'])}")
+        lines.append(f"created:      {info.get('created')} by imgkit {info.get('imgkit_version')}")
+        src = info.get("source") or {}
+        lines.append(f"source:       {src.get('path')} ({src.get('kind')}"
+                     + (f", {src['model']}" if src.get("model") else "") + ")")
+    if info.get("os"):
+        lines.append(f"os:           {info['os']}")
+    if info.get("optical"):
+        o = info["optical"]
+        lines.append(f"optical:      ISO 9660 volume {o.get('volume_id')!r}"
+                     + (", El Torito bootable" if o.get("el_torito") else ""))
+    pt = info.get("partition_table") or {}
+    lines.append(f"partitions:   {pt.get('type', 'none')}" + (f" (disk id {pt['disk_id']})" if pt.get("disk_id") else ""))
+    for p in pt.get("partitions", []):
+        used = ""
+        if p.get("used_bytes") is not None:
+            used = f" used {format_size(p['used_bytes'])}"
+        label = f" '{p['label'] or p.get('name')}'" if (p.get("label") or p.get("name")) else ""
+        lines.append(f"  {p['number']:>3}  start {p['start']:>14}  {format_size(p['size']):>10}  "
+                     f"{p['type_name']:<22} {p.get('filesystem') or '-':<8}{label}{used}"
+                     + (" *" if p.get("bootable") else ""))
+    for problem in pt.get("problems", []):
+        lines.append(f"  warning: {problem}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Filesystem detection and (later) used-block maps, one module per filesystem."""

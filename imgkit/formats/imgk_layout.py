@@ -1,0 +1,381 @@
+"""The imgk on-disk layout: the one module that encodes docs/FORMAT.md.
+
+Structs, constants and pure encode/decode functions only; every decode bounds what it reads and
+raises BadImage naming the structure. What the fields *mean* (reading chunks, writing volumes) lives
+in imgk_reader.py and imgk_writer.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import BadImage, NewerFormat
+
+MAGIC = b"\x89IMGK\r\n\x1a"
+TRAILER_MAGIC = b"IMGKEND1"
+DIRECTORY_MAGIC = b"IMGKDIR1"
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+HEADER_SIZE = 4096
+TRAILER_SIZE = 128
+INDEX_ENTRY_SIZE = 56
+DIRECTORY_HEAD_SIZE = 16
+DIRECTORY_ENTRY_SIZE = 64
+DIGEST_SIZE = 32
+
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 64 << 20
+MAX_STORED_OVERHEAD = 65536  # a stored chunk may exceed chunk_size by at most this (zstd frame, tag)
+MAX_SECTIONS = 4096
+MAX_SECTION_LENGTH = 256 << 20
+MAX_METADATA_LENGTH = 16 << 20
+MAX_VOLUMES = 65535
+
+HASH_SHA256 = 1
+CIPHER_NONE = 0
+CIPHER_AES_256_GCM = 1
+KDF_ARGON2ID = 1
+AEAD_TAG_SIZE = 16
+
+# required_features bits
+FEATURE_ENCRYPTED = 1 << 0
+FEATURE_MULTI_VOLUME = 1 << 1
+FEATURE_PARENT = 1 << 2
+KNOWN_REQUIRED_FEATURES = FEATURE_ENCRYPTED | FEATURE_MULTI_VOLUME
+# optional_features bits
+OPTIONAL_USED_MAPS = 1 << 0
+
+# index entry kinds
+KIND_ZERO = 0
+KIND_DATA = 1
+KIND_FREE = 2
+KIND_PARENT = 3
+KIND_NAMES = {KIND_ZERO: "zero", KIND_DATA: "data", KIND_FREE: "free", KIND_PARENT: "parent"}
+
+# chunk / section encodings
+ENCODING_RAW = 0
+ENCODING_ZSTD = 1
+KNOWN_ENCODINGS = (ENCODING_RAW, ENCODING_ZSTD)
+
+# section types
+SECTION_INDEX = 1
+SECTION_METADATA = 2
+SECTION_VOLUMES = 3
+SECTION_USED_MAP = 4
+SECTION_PARENT = 5
+SECTION_FLAG_REQUIRED = 1
+
+# key-slot caps a reader enforces before deriving anything (a hostile header cannot force a huge KDF)
+KDF_MAX_ITERATIONS = 16
+KDF_MAX_MEMORY_KIB = 1 << 20
+KDF_MIN_MEMORY_KIB = 8
+KDF_MAX_LANES = 16
+
+_HEADER_FIXED = struct.Struct("<8sHHIQQ16sIIQIBBHQ")  # bytes 0..79
+_KEY_SLOT = struct.Struct("<B3xIII16s12s48s")  # 92 bytes used of 256
+_INDEX_ENTRY = struct.Struct("<BBHIQQ32s")
+_DIRECTORY_HEAD = struct.Struct("<8sI4x")
+_DIRECTORY_ENTRY = struct.Struct("<IIQQQ32s")
+_TRAILER = struct.Struct("<8s16sQII32s32s24s")
+_USED_MAP_HEAD = struct.Struct("<IIQQ")
+KEY_SLOT_OFFSET = 128
+KEY_SLOT_SIZE = 256
+HEADER_CHECKSUM_OFFSET = HEADER_SIZE - DIGEST_SIZE
+assert _HEADER_FIXED.size == 80 and _INDEX_ENTRY.size == INDEX_ENTRY_SIZE
+assert _DIRECTORY_ENTRY.size == DIRECTORY_ENTRY_SIZE and _TRAILER.size == TRAILER_SIZE
+
+
+def digest(data: bytes, key: bytes = b"") -> bytes:
+    """The image's integrity function: SHA-256, or HMAC-SHA256 under mac_key for encrypted images.
+    Chosen by measurement: with SHA-NI, hashlib's SHA-256 hashes 1.2 GB/s here, BLAKE2b 0.53 GB/s."""
+    if key:
+        return hmac.digest(key, data, "sha256")
+    return hashlib.sha256(data).digest()
+
+
+@dataclass
+class KeySlot:
+    kdf: int
+    iterations: int
+    memory_kib: int
+    lanes: int
+    salt: bytes
+    wrap_nonce: bytes
+    wrapped_key: bytes
+
+    def encode(self) -> bytes:
+        raw = _KEY_SLOT.pack(self.kdf, self.iterations, self.memory_kib, self.lanes, self.salt,
+                             self.wrap_nonce, self.wrapped_key)
+        return raw.ljust(KEY_SLOT_SIZE, b"\0")
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "KeySlot":
+        kdf, t, m, p, salt, nonce, wrapped = _KEY_SLOT.unpack_from(raw)
+        if kdf != KDF_ARGON2ID:
+            raise NewerFormat(f"key slot uses unknown key derivation {kdf}", hint="made by a newer imgkit?")
+        if not (1 <= t <= KDF_MAX_ITERATIONS and KDF_MIN_MEMORY_KIB <= m <= KDF_MAX_MEMORY_KIB
+                and 1 <= p <= KDF_MAX_LANES):
+            raise BadImage(f"key slot asks for Argon2id t={t} m={m} KiB p={p}, beyond the caps "
+                           f"(t<={KDF_MAX_ITERATIONS}, m<={KDF_MAX_MEMORY_KIB} KiB, p<={KDF_MAX_LANES}): "
+                           "refusing a hostile or damaged header")
+        return cls(kdf, t, m, p, salt, nonce, wrapped)
+
+
+@dataclass
+class Header:
+    image_id: bytes
+    logical_size: int
+    chunk_size: int
+    volume_number: int = 1
+    volume_count: int = 1
+    required_features: int = 0
+    optional_features: int = 0
+    hash_algo: int = HASH_SHA256
+    cipher: int = CIPHER_NONE
+    created: int = 0
+    key_slot: KeySlot | None = None
+    version_major: int = VERSION_MAJOR
+    version_minor: int = VERSION_MINOR
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.logical_size // self.chunk_size)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.required_features & FEATURE_ENCRYPTED)
+
+    def _fixed(self) -> bytes:
+        return _HEADER_FIXED.pack(MAGIC, self.version_major, self.version_minor, HEADER_SIZE,
+                                  self.required_features, self.optional_features, self.image_id,
+                                  self.volume_number, self.volume_count, self.logical_size,
+                                  self.chunk_size, self.hash_algo, self.cipher, 0, self.created)
+
+    def core(self) -> bytes:
+        """The bytes that never change after capture (FORMAT.md, *Header*: the core)."""
+        fixed = self._fixed()
+        return fixed[:48] + fixed[56:80]
+
+    def core_digest(self) -> bytes:
+        return digest(self.core())
+
+    def encode(self) -> bytes:
+        buf = bytearray(HEADER_SIZE)
+        buf[:80] = self._fixed()
+        if self.key_slot is not None:
+            buf[KEY_SLOT_OFFSET:KEY_SLOT_OFFSET + KEY_SLOT_SIZE] = self.key_slot.encode()
+        buf[HEADER_CHECKSUM_OFFSET:] = digest(bytes(buf[:HEADER_CHECKSUM_OFFSET]))
+        return bytes(buf)
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str = "image") -> "Header":
+        if len(raw) < len(MAGIC) or raw[:len(MAGIC)] != MAGIC:
+            raise BadImage(f"{where}: not an imgk image (no imgk magic at offset 0)")
+        if len(raw) < HEADER_SIZE:
+            raise BadImage(f"{where}: truncated header ({len(raw)} of {HEADER_SIZE} bytes)")
+        (_magic, major, minor, header_size, required, optional, image_id, vol_no, vol_count, size,
+         chunk_size, hash_algo, cipher, _res, created) = _HEADER_FIXED.unpack_from(raw)
+        if major > VERSION_MAJOR:
+            raise NewerFormat(f"{where}: format version {major}.{minor} was made by a newer imgkit",
+                              hint="upgrade imgkit to read this image")
+        if digest(raw[:HEADER_CHECKSUM_OFFSET]) != raw[HEADER_CHECKSUM_OFFSET:HEADER_SIZE]:
+            raise BadImage(f"{where}: header checksum mismatch (the header is damaged)")
+        unknown = required & ~KNOWN_REQUIRED_FEATURES
+        if unknown:
+            raise NewerFormat(f"{where}: uses required features 0x{unknown:x} unknown to this imgkit "
+                              "(made by a newer imgkit)", hint="upgrade imgkit to read this image")
+        if header_size != HEADER_SIZE:
+            raise BadImage(f"{where}: header size {header_size}, expected {HEADER_SIZE}")
+        if (chunk_size < MIN_CHUNK_SIZE or chunk_size > MAX_CHUNK_SIZE
+                or chunk_size & (chunk_size - 1)):
+            raise BadImage(f"{where}: chunk size {chunk_size} is not a power of two in 64 KiB..64 MiB")
+        if hash_algo != HASH_SHA256:
+            raise NewerFormat(f"{where}: unknown hash algorithm {hash_algo}")
+        if not (1 <= vol_no <= vol_count <= MAX_VOLUMES):
+            raise BadImage(f"{where}: volume {vol_no} of {vol_count} is out of range")
+        if vol_count > 1 and not required & FEATURE_MULTI_VOLUME:
+            raise BadImage(f"{where}: {vol_count} volumes without the multi-volume feature")
+        encrypted = bool(required & FEATURE_ENCRYPTED)
+        if encrypted != (cipher == CIPHER_AES_256_GCM) or cipher not in (CIPHER_NONE, CIPHER_AES_256_GCM):
+            raise BadImage(f"{where}: cipher {cipher} does not match the encryption feature bit")
+        slot = KeySlot.decode(raw[KEY_SLOT_OFFSET:KEY_SLOT_OFFSET + KEY_SLOT_SIZE]) if encrypted else None
+        return cls(image_id=image_id, logical_size=size, chunk_size=chunk_size, volume_number=vol_no,
+                   volume_count=vol_count, required_features=required, optional_features=optional,
+                   hash_algo=hash_algo, cipher=cipher, created=created, key_slot=slot,
+                   version_major=major, version_minor=minor)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    kind: int
+    encoding: int = ENCODING_RAW
+    volume: int = 0
+    stored_length: int = 0
+    offset: int = 0
+    object: int = 0
+    digest: bytes = bytes(DIGEST_SIZE)
+
+    def encode(self) -> bytes:
+        return _INDEX_ENTRY.pack(self.kind, self.encoding, self.volume, self.stored_length,
+                                 self.offset, self.object, self.digest)
+
+
+ZERO_ENTRY = IndexEntry(KIND_ZERO)
+FREE_ENTRY = IndexEntry(KIND_FREE)
+
+
+def decode_index(raw: bytes, header: Header, volume_sizes: list[int]) -> list[IndexEntry]:
+    """Decode and bound-check every entry (FORMAT.md, *Index entry*)."""
+    count = header.chunk_count
+    if len(raw) != count * INDEX_ENTRY_SIZE:
+        raise BadImage(f"index holds {len(raw)} bytes, expected {count} entries of {INDEX_ENTRY_SIZE}")
+    max_stored = header.chunk_size + MAX_STORED_OVERHEAD
+    entries: list[IndexEntry] = []
+    zero = ZERO_ENTRY
+    free = FREE_ENTRY
+    for i, fields in enumerate(_INDEX_ENTRY.iter_unpack(raw)):
+        kind = fields[0]
+        if kind == KIND_ZERO and fields[1:6] == (0, 0, 0, 0, 0):
+            entries.append(zero)
+            continue
+        if kind == KIND_FREE and fields[1:6] == (0, 0, 0, 0, 0):
+            entries.append(free)
+            continue
+        if kind != KIND_DATA:
+            raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): unknown kind {kind}")
+        _, encoding, volume, stored, offset, obj, digest = fields
+        if encoding not in KNOWN_ENCODINGS:
+            raise BadImage(f"index entry {i}: unknown encoding {encoding}")
+        if not 1 <= volume <= len(volume_sizes):
+            raise BadImage(f"index entry {i}: volume {volume} of {len(volume_sizes)}")
+        if stored == 0 or stored > max_stored or offset < HEADER_SIZE or offset + stored > volume_sizes[volume - 1]:
+            raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): stored chunk at "
+                           f"{offset}+{stored} lies outside volume {volume}")
+        entries.append(IndexEntry(kind, encoding, volume, stored, offset, obj, digest))
+    return entries
+
+
+@dataclass(frozen=True)
+class SectionEntry:
+    type: int
+    flags: int
+    offset: int
+    stored_length: int
+    length: int
+    digest: bytes
+
+    @property
+    def required(self) -> bool:
+        return bool(self.flags & SECTION_FLAG_REQUIRED)
+
+
+def encode_directory(entries: list[SectionEntry]) -> bytes:
+    out = [_DIRECTORY_HEAD.pack(DIRECTORY_MAGIC, len(entries))]
+    out += [_DIRECTORY_ENTRY.pack(e.type, e.flags, e.offset, e.stored_length, e.length, e.digest)
+            for e in entries]
+    return b"".join(out)
+
+
+def decode_directory(raw: bytes, directory_offset: int) -> list[SectionEntry]:
+    if len(raw) < DIRECTORY_HEAD_SIZE:
+        raise BadImage("section directory is truncated")
+    magic, count = _DIRECTORY_HEAD.unpack_from(raw)
+    if magic != DIRECTORY_MAGIC:
+        raise BadImage("section directory has a bad magic")
+    if count > MAX_SECTIONS or len(raw) != DIRECTORY_HEAD_SIZE + count * DIRECTORY_ENTRY_SIZE:
+        raise BadImage(f"section directory claims {count} sections in {len(raw)} bytes")
+    out = []
+    for i in range(count):
+        t, flags, off, stored, length, digest = _DIRECTORY_ENTRY.unpack_from(
+            raw, DIRECTORY_HEAD_SIZE + i * DIRECTORY_ENTRY_SIZE)
+        if off < HEADER_SIZE or off + stored > directory_offset or stored > MAX_SECTION_LENGTH + 4096 \
+                or length > MAX_SECTION_LENGTH:
+            raise BadImage(f"section {i} (type {t}) at {off}+{stored} is out of bounds")
+        out.append(SectionEntry(t, flags, off, stored, length, digest))
+    return out
+
+
+@dataclass
+class Trailer:
+    image_id: bytes
+    directory_offset: int
+    directory_length: int
+    volume_count: int
+    core_digest: bytes
+    directory_digest: bytes
+
+    def _body(self) -> bytes:
+        return _TRAILER.pack(TRAILER_MAGIC, self.image_id, self.directory_offset, self.directory_length,
+                             self.volume_count, self.core_digest, self.directory_digest, b"")[:104]
+
+    def encode(self, mac_key: bytes = b"") -> bytes:
+        body = self._body()
+        return body + digest(body, mac_key)[:24]
+
+    @classmethod
+    def decode(cls, raw: bytes, volume_size: int, mac_key: bytes = b"") -> "Trailer":
+        if len(raw) != TRAILER_SIZE or raw[:8] != TRAILER_MAGIC:
+            raise BadImage("no trailer at the end of the last volume: the image is truncated or was "
+                           "never completed")
+        _m, image_id, d_off, d_len, vols, core, d_digest, mac = _TRAILER.unpack(raw)
+        if digest(raw[:104], mac_key)[:24] != mac:
+            raise BadImage("trailer checksum mismatch (the trailer is damaged or tampered with)")
+        if d_off < HEADER_SIZE or d_off + d_len != volume_size - TRAILER_SIZE:
+            raise BadImage(f"trailer points to a directory at {d_off}+{d_len}, outside the volume")
+        return cls(image_id, d_off, d_len, vols, core, d_digest)
+
+
+def encode_volume_table(sizes: list[int]) -> bytes:
+    return struct.pack(f"<{len(sizes)}Q", *sizes)
+
+
+def decode_volume_table(raw: bytes, volume_count: int) -> list[int]:
+    if len(raw) != 8 * volume_count:
+        raise BadImage(f"volume table has {len(raw)} bytes for {volume_count} volumes")
+    return list(struct.unpack(f"<{volume_count}Q", raw))
+
+
+@dataclass
+class UsedMap:
+    """Which blocks of one partition the filesystem uses (FORMAT.md, section USED_MAP)."""
+    partition_number: int
+    block_size: int
+    first_byte: int
+    block_count: int
+    bitmap: bytes = field(repr=False)
+
+    def encode(self) -> bytes:
+        return _USED_MAP_HEAD.pack(self.partition_number, self.block_size, self.first_byte,
+                                   self.block_count) + self.bitmap
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "UsedMap":
+        if len(raw) < _USED_MAP_HEAD.size:
+            raise BadImage("used-block map is truncated")
+        part, bs, first, count = _USED_MAP_HEAD.unpack_from(raw)
+        bitmap = raw[_USED_MAP_HEAD.size:]
+        if bs < 512 or bs > (1 << 20) or bs & (bs - 1) or len(bitmap) != -(-count // 8):
+            raise BadImage(f"used-block map of partition {part} is inconsistent")
+        return cls(part, bs, first, count, bitmap)
+
+
+def chunk_nonce(obj: int) -> bytes:
+    return b"\0\0\0\0" + struct.pack("<Q", obj)
+
+
+def chunk_ad(core_digest: bytes, obj: int, length: int, encoding: int) -> bytes:
+    return b"imgkit-chunk-v1" + core_digest + struct.pack("<QIB", obj, length, encoding)
+
+
+def section_nonce(seq: int) -> bytes:
+    return b"\1\0\0\0" + struct.pack("<Q", seq)
+
+
+def section_ad(core_digest: bytes, section_type: int, seq: int) -> bytes:
+    return b"imgkit-section-v1" + core_digest + struct.pack("<IQ", section_type, seq)
+
+
+def wrap_ad(core_digest: bytes) -> bytes:
+    return b"imgkit-wrap-v1" + core_digest

@@ -1,0 +1,248 @@
+"""Reads imgk images (docs/FORMAT.md) as a Stream: every volume, size and offset is checked before
+any data is handed out, and every chunk is authenticated/hashed as it is read."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from typing import Callable, Iterator
+
+import zstandard
+
+from ..errors import BadImage, CorruptChunk, InputError
+from ..stream import DATA, FREE, ZERO, Run, Stream, merge_runs
+from . import imgk_layout as L
+from .imgk_writer import volume_path
+
+PasswordProvider = Callable[[], bytes]
+
+
+def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise BadImage(f"{what}: truncated (wanted {length} bytes at {offset}, got {len(data)})")
+    return data
+
+
+class ImageReader(Stream):
+    """An imgk image opened for reading. `password` is a callable asked only if the image is
+    encrypted (so plain images never prompt)."""
+
+    def __init__(self, path: str, password: PasswordProvider | None = None, cache_chunks: int = 8):
+        self.path = path
+        self._fds: list[int] = []
+        try:
+            self._open(path, password)
+        except BaseException:
+            self.close()
+            raise
+        self._local = threading.local()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_max = cache_chunks
+        self._cache_lock = threading.Lock()
+
+    # -- opening --------------------------------------------------------------------------------
+    def _open_volume(self, number: int) -> tuple[int, L.Header, int]:
+        vpath = volume_path(self.path, number)
+        try:
+            fd = os.open(vpath, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if number == 1:
+                raise InputError(f"{vpath}: no such file") from None
+            raise BadImage(f"volume {number} ({vpath}) is missing",
+                           hint="put every volume of the image in the same directory") from None
+        except IsADirectoryError:
+            raise InputError(f"{vpath}: is a directory") from None
+        except PermissionError:
+            raise InputError(f"{vpath}: permission denied") from None
+        self._fds.append(fd)
+        size = os.fstat(fd).st_size
+        header = L.Header.decode(os.pread(fd, L.HEADER_SIZE, 0), where=vpath)
+        return fd, header, size
+
+    def _open(self, path: str, password: PasswordProvider | None) -> None:
+        fd, header, size = self._open_volume(1)
+        if header.volume_number != 1:
+            raise BadImage(f"{path} is volume {header.volume_number} of an image, not its first volume",
+                           hint=f"open the volume named without a .NNN suffix")
+        self.header = header
+        self.volume_sizes = [size]
+        core = header.core()
+        for n in range(2, header.volume_count + 1):
+            vfd, vh, vsize = self._open_volume(n)
+            vpath = volume_path(path, n)
+            if vh.image_id != header.image_id or vh.core() != core:
+                raise BadImage(f"volume {n} ({vpath}) belongs to another image")
+            if vh.volume_number != n:
+                raise BadImage(f"{vpath} is volume {vh.volume_number}, expected volume {n} (renamed?)")
+            if vh.volume_count != header.volume_count:
+                raise BadImage(f"volume {n} ({vpath}) says the image has {vh.volume_count} volumes, "
+                               f"volume 1 says {header.volume_count}")
+            self.volume_sizes.append(vsize)
+        extra = volume_path(path, header.volume_count + 1)
+        if header.volume_count > 1 and os.path.exists(extra):
+            # Not fatal to reading, but a sign of a mix-up the user should hear about.
+            self.stray_volume = extra
+        self.sealer = None
+        if header.encrypted:
+            if password is None:
+                raise InputError(f"{path} is encrypted: a password is needed")
+            from ..crypto import ImageKeys, Sealer, unwrap_data_key
+            data_key = unwrap_data_key(password(), header.key_slot, header.core_digest())
+            self.sealer = Sealer(ImageKeys.from_data_key(data_key, header.image_id), header.core_digest())
+        self.mac_key = self.sealer.mac_key if self.sealer else b""
+        last_fd, last_size = self._fds[-1], self.volume_sizes[-1]
+        if last_size < L.HEADER_SIZE + L.TRAILER_SIZE:
+            raise BadImage(f"{volume_path(path, header.volume_count)}: truncated (no trailer)")
+        trailer = L.Trailer.decode(_pread_exact(last_fd, L.TRAILER_SIZE, last_size - L.TRAILER_SIZE, "trailer"),
+                                   last_size, self.mac_key)
+        if trailer.image_id != header.image_id or trailer.core_digest != header.core_digest():
+            raise BadImage("the trailer does not match the header (damaged, or volumes of different images)")
+        if trailer.volume_count != header.volume_count:
+            raise BadImage(f"the trailer counts {trailer.volume_count} volumes, the header "
+                           f"{header.volume_count}")
+        dir_raw = _pread_exact(last_fd, trailer.directory_length, trailer.directory_offset, "directory")
+        if L.digest(dir_raw, self.mac_key) != trailer.directory_digest:
+            raise BadImage("section directory checksum mismatch")
+        self.sections = L.decode_directory(dir_raw, trailer.directory_offset)
+        by_type: dict[int, list[bytes]] = {}
+        for seq, entry in enumerate(self.sections):
+            known = entry.type in (L.SECTION_INDEX, L.SECTION_METADATA, L.SECTION_VOLUMES, L.SECTION_USED_MAP)
+            if not known:
+                if entry.required:
+                    raise BadImage(f"image needs section type {entry.type} unknown to this imgkit "
+                                   "(made by a newer imgkit)")
+                continue
+            by_type.setdefault(entry.type, []).append(self._read_section(seq, entry))
+        for t, name in ((L.SECTION_INDEX, "index"), (L.SECTION_METADATA, "metadata"),
+                        (L.SECTION_VOLUMES, "volume table")):
+            if len(by_type.get(t, [])) != 1:
+                raise BadImage(f"the image has {len(by_type.get(t, []))} {name} sections, expected one")
+        expected = L.decode_volume_table(by_type[L.SECTION_VOLUMES][0], header.volume_count)
+        for n, (want, have) in enumerate(zip(expected, self.volume_sizes), start=1):
+            if want != have:
+                state = "truncated" if have < want else "longer than written"
+                raise BadImage(f"volume {n} ({volume_path(path, n)}) is {state}: {have} bytes, expected {want}")
+        self.index = L.decode_index(by_type[L.SECTION_INDEX][0], header, self.volume_sizes)
+        try:
+            self.metadata = json.loads(by_type[L.SECTION_METADATA][0])
+            if not isinstance(self.metadata, dict):
+                raise ValueError
+        except ValueError:
+            raise BadImage("image metadata is not a JSON object") from None
+        self.used_maps = [L.UsedMap.decode(raw) for raw in by_type.get(L.SECTION_USED_MAP, [])]
+        self.size = header.logical_size
+        self.chunk_size = header.chunk_size
+
+    def _read_section(self, seq: int, entry: L.SectionEntry) -> bytes:
+        stored = _pread_exact(self._fds[-1], entry.stored_length, entry.offset, f"section {entry.type}")
+        if L.digest(stored, self.mac_key) != entry.digest:
+            raise BadImage(f"section {seq} (type {entry.type}) checksum mismatch")
+        if self.sealer:
+            stored = self.sealer.open_section(entry.type, seq, stored)
+        if entry.type == L.SECTION_VOLUMES:
+            raw = stored
+        else:
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=entry.length)
+            except zstandard.ZstdError as e:
+                raise BadImage(f"section {seq} (type {entry.type}) does not decompress: {e}") from None
+        if len(raw) != entry.length:
+            raise BadImage(f"section {seq} (type {entry.type}) decodes to {len(raw)} bytes, expected {entry.length}")
+        return raw
+
+    # -- chunks ---------------------------------------------------------------------------------
+    @property
+    def chunk_count(self) -> int:
+        return len(self.index)
+
+    def chunk_length(self, i: int) -> int:
+        return min(self.chunk_size, self.size - i * self.chunk_size)
+
+    def _decompressor(self):
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def read_stored(self, i: int) -> bytes:
+        e = self.index[i]
+        return _pread_exact(self._fds[e.volume - 1], e.stored_length, e.offset,
+                            f"chunk {i} in volume {e.volume}")
+
+    def read_chunk(self, i: int) -> bytes:
+        """The verified bytes of chunk i (zeros for ZERO and FREE chunks). Raises CorruptChunk."""
+        e = self.index[i]
+        length = self.chunk_length(i)
+        if e.kind != L.KIND_DATA:
+            return bytes(length)
+        offset = i * self.chunk_size
+        stored = self.read_stored(i)
+        if self.sealer:
+            stored = self.sealer.open_chunk(e.object, length, e.encoding, stored, offset)
+        if e.encoding == L.ENCODING_ZSTD:
+            try:
+                data = self._decompressor().decompress(stored, max_output_size=self.chunk_size)
+            except zstandard.ZstdError:
+                raise CorruptChunk(f"chunk at offset {offset} does not decompress (damaged)", offset) from None
+        else:
+            data = stored
+        if len(data) != length or L.digest(data, self.mac_key) != e.digest:
+            raise CorruptChunk(f"chunk at offset {offset} failed its hash check (damaged)", offset)
+        return data
+
+    def cached_chunk(self, i: int) -> bytes:
+        with self._cache_lock:
+            data = self._cache.get(i)
+            if data is not None:
+                self._cache.move_to_end(i)
+                return data
+        data = self.read_chunk(i)
+        with self._cache_lock:
+            self._cache[i] = data
+            while len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
+        return data
+
+    # -- Stream ---------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        end = min(self.size, offset + length)
+        parts = []
+        pos = offset
+        while pos < end:
+            i = pos // self.chunk_size
+            base = i * self.chunk_size
+            if self.index[i].kind != L.KIND_DATA:
+                n = min(end, base + self.chunk_length(i)) - pos
+                parts.append(bytes(n))
+            elif pos == base and end - base >= self.chunk_length(i):
+                parts.append(self.read_chunk(i))  # a whole chunk: no point caching it
+            else:
+                data = self.cached_chunk(i)
+                parts.append(data[pos - base:end - base])
+            pos = base + self.chunk_length(i)
+        return b"".join(parts)
+
+    def runs(self) -> Iterator[Run]:
+        kinds = {L.KIND_DATA: DATA, L.KIND_ZERO: ZERO, L.KIND_FREE: FREE}
+        return merge_runs(Run(kinds[e.kind], i * self.chunk_size, self.chunk_length(i))
+                          for i, e in enumerate(self.index))
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+    # -- facts for info -------------------------------------------------------------------------
+    @property
+    def volume_paths(self) -> list[str]:
+        return [volume_path(self.path, n) for n in range(1, self.header.volume_count + 1)]
+
+    def stored_size(self) -> int:
+        return sum(self.volume_sizes)

@@ -1,0 +1,250 @@
+"""Writes imgk images (docs/FORMAT.md): volumes under temporary names, chunks in order, then the
+sections, directory and trailer; fsync, rename, fsync the directory. Until commit() nothing exists
+under the final names, so an interrupted capture never leaves an image that looks complete."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import zstandard
+
+from ..errors import InputError
+from . import imgk_layout as L
+
+# Compression levels: the presets the CLI names, and the range python-zstandard accepts.
+LEVEL_NONE = 0
+LEVEL_FAST = 1
+LEVEL_DEFAULT = 3
+LEVEL_HIGH = 19
+MIN_LEVEL, MAX_LEVEL = -7, 22
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEDUP_TABLE_LIMIT = 1 << 20  # identical chunks are found among the last million stored (bounded memory)
+
+
+def volume_path(path: str, number: int) -> str:
+    return path if number == 1 else f"{path}.{number:03d}"
+
+
+@dataclass
+class PreparedChunk:
+    """A chunk made ready for storage in a worker thread: hashed, compressed, sealed."""
+    index: int
+    length: int
+    kind: int
+    digest: bytes = b""
+    encoding: int = L.ENCODING_RAW
+    stored: bytes = b""
+
+
+class ChunkEncoder:
+    """Turns a chunk's bytes into a PreparedChunk. Thread-safe: one zstd compressor per thread."""
+
+    def __init__(self, level: int, sealer=None):
+        self.level = level
+        self.sealer = sealer
+        self.mac_key = sealer.mac_key if sealer else b""
+        self._local = threading.local()
+
+    def _compressor(self):
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        return c
+
+    def prepare(self, index: int, data: bytes | None, length: int) -> PreparedChunk:
+        if data is None or data.count(0) == len(data):
+            return PreparedChunk(index, length, L.KIND_ZERO)
+        digest = L.digest(data, self.mac_key)
+        encoding, payload = L.ENCODING_RAW, data
+        if self.level != LEVEL_NONE:
+            packed = self._compressor().compress(data)
+            if len(packed) < len(data):
+                encoding, payload = L.ENCODING_ZSTD, packed
+        if self.sealer:
+            payload = self.sealer.seal_chunk(index, length, encoding, payload)
+        return PreparedChunk(index, length, L.KIND_DATA, digest, encoding, payload)
+
+
+class ImageWriter:
+    def __init__(self, path: str, logical_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+                 split_size: int | None = None, sealer_factory=None):
+        """sealer_factory(image_id, core_digest) -> (Sealer, KeySlot) for encrypted images."""
+        if chunk_size < L.MIN_CHUNK_SIZE or chunk_size > L.MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+            raise InputError(f"chunk size {chunk_size} must be a power of two from 64 KiB to 64 MiB")
+        if split_size is not None and split_size < chunk_size + L.MAX_STORED_OVERHEAD + 2 * L.HEADER_SIZE:
+            raise InputError(f"split size {split_size} is too small for {chunk_size}-byte chunks",
+                             hint="use a split size of at least a few MiB")
+        self.path = path
+        self.split_size = split_size
+        required = L.FEATURE_MULTI_VOLUME if split_size else 0
+        if sealer_factory:
+            required |= L.FEATURE_ENCRYPTED
+        self.header = L.Header(image_id=os.urandom(16), logical_size=logical_size, chunk_size=chunk_size,
+                               required_features=required,
+                               cipher=L.CIPHER_AES_256_GCM if sealer_factory else L.CIPHER_NONE,
+                               created=int(time.time()))
+        self.sealer = None
+        if sealer_factory:
+            self.sealer, self.header.key_slot = sealer_factory(self.header.image_id, self.header.core_digest())
+        self.mac_key = self.sealer.mac_key if self.sealer else b""
+        self._index = bytearray(self.header.chunk_count * L.INDEX_ENTRY_SIZE)  # all ZERO entries
+        self._dedup: dict[bytes, L.IndexEntry] = {}
+        self._volumes: list[tuple[str, int]] = []  # (temporary path, fd)
+        self._sizes: list[int] = []
+        self._used_maps: list[L.UsedMap] = []
+        self.stored_bytes = 0
+        self.deduplicated = 0
+        self._committed = False
+        self._new_volume()
+
+    # -- volumes --------------------------------------------------------------------------------
+    def _new_volume(self) -> None:
+        number = len(self._volumes) + 1
+        if number > L.MAX_VOLUMES:
+            raise InputError(f"more than {L.MAX_VOLUMES} volumes: choose a larger split size")
+        final = volume_path(self.path, number)
+        tmp = os.path.join(os.path.dirname(os.path.abspath(final)),
+                           f".{os.path.basename(final)}.imgkit-partial-{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise InputError(f"{final}: cannot create the image ({e.strerror})") from None
+        self._volumes.append((tmp, fd))
+        self._sizes.append(0)
+        self.header.volume_number = number
+        self._write(self.header.encode())
+
+    def _write(self, data: bytes) -> int:
+        """Append to the current volume; return the offset it was written at."""
+        fd = self._volumes[-1][1]
+        offset = self._sizes[-1]
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        self._sizes[-1] += len(data)
+        return offset
+
+    def _room_for(self, n: int) -> None:
+        if self.split_size and self._sizes[-1] > L.HEADER_SIZE and self._sizes[-1] + n > self.split_size:
+            self._new_volume()
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def put(self, chunk: PreparedChunk) -> None:
+        """Record one chunk; chunks may come in any order but each index once."""
+        if chunk.kind == L.KIND_ZERO:
+            return  # the index is pre-filled with ZERO entries
+        if chunk.kind == L.KIND_FREE:
+            entry = L.FREE_ENTRY
+        else:
+            entry = self._dedup.get(chunk.digest)
+            if entry is None:
+                self._room_for(len(chunk.stored))
+                offset = self._write(chunk.stored)
+                self.stored_bytes += len(chunk.stored)
+                entry = L.IndexEntry(L.KIND_DATA, chunk.encoding, len(self._volumes), len(chunk.stored),
+                                     offset, chunk.index, chunk.digest)
+                if len(self._dedup) < DEDUP_TABLE_LIMIT:
+                    self._dedup[chunk.digest] = entry
+            else:
+                self.deduplicated += 1
+        pos = chunk.index * L.INDEX_ENTRY_SIZE
+        self._index[pos:pos + L.INDEX_ENTRY_SIZE] = entry.encode()
+
+    def add_used_map(self, used_map: L.UsedMap) -> None:
+        self._used_maps.append(used_map)
+
+    # -- completion -----------------------------------------------------------------------------
+    def commit(self, metadata: dict) -> list[str]:
+        """Write sections, directory and trailer; make the image durable and visible. Returns paths."""
+        level = 19
+        z = zstandard.ZstdCompressor(level=level)
+        meta_raw = json.dumps(metadata, sort_keys=True).encode()
+        if len(meta_raw) > L.MAX_METADATA_LENGTH:
+            raise InputError("image metadata exceeds 16 MiB")
+        sections: list[tuple[int, int, bytes, bytes]] = [  # (type, flags, decoded, stored-unsealed)
+            (L.SECTION_INDEX, L.SECTION_FLAG_REQUIRED, bytes(self._index), None),
+            (L.SECTION_METADATA, L.SECTION_FLAG_REQUIRED, meta_raw, None),
+        ]
+        for m in self._used_maps:
+            sections.append((L.SECTION_USED_MAP, 0, m.encode(), None))
+        if self._used_maps:
+            self.header.optional_features |= L.OPTIONAL_USED_MAPS
+        encoded = []
+        for seq, (stype, flags, raw, _) in enumerate(sections):
+            if len(raw) > L.MAX_SECTION_LENGTH:
+                raise InputError(f"section {stype} exceeds {L.MAX_SECTION_LENGTH} bytes (disk too large "
+                                 "for this chunk size: choose a larger --chunk-size)")
+            encoded.append((stype, flags, raw, z.compress(raw)))
+        # The volume table is the last section: its own volume's size must include everything after it,
+        # so find the final layout first (sections never straddle volumes).
+        n_sections = len(encoded) + 1
+        tag = L.AEAD_TAG_SIZE if self.sealer else 0
+        tail = (sum(len(e[3]) + tag for e in encoded) + 8 * (len(self._volumes) + 1) + tag
+                + L.DIRECTORY_HEAD_SIZE + n_sections * L.DIRECTORY_ENTRY_SIZE + L.TRAILER_SIZE)
+        if self.split_size and tail + L.HEADER_SIZE > self.split_size:
+            raise InputError(f"split size {self.split_size} cannot hold the image's index ({tail} bytes)",
+                             hint="choose a larger split size or chunk size")
+        self._room_for(tail)
+        count = len(self._volumes)
+        directory: list[L.SectionEntry] = []
+
+        def put_section(stype: int, flags: int, raw_len: int, stored: bytes) -> None:
+            seq = len(directory)
+            if self.sealer:
+                stored = self.sealer.seal_section(stype, seq, stored)
+            offset = self._write(stored)
+            directory.append(L.SectionEntry(stype, flags, offset, len(stored), raw_len,
+                                            L.digest(stored, self.mac_key)))
+
+        for stype, flags, raw, packed in encoded:
+            put_section(stype, flags, len(raw), packed)
+        # The last volume's final size is now known: this section's size + directory + trailer.
+        dir_len = L.DIRECTORY_HEAD_SIZE + n_sections * L.DIRECTORY_ENTRY_SIZE
+        final_last = self._sizes[-1] + 8 * count + tag + dir_len + L.TRAILER_SIZE
+        sizes = self._sizes[:-1] + [final_last]
+        put_section(L.SECTION_VOLUMES, L.SECTION_FLAG_REQUIRED, 8 * count, L.encode_volume_table(sizes))
+        dir_raw = L.encode_directory(directory)
+        dir_offset = self._write(dir_raw)
+        self.header.volume_count = count
+        trailer = L.Trailer(self.header.image_id, dir_offset, len(dir_raw), count,
+                            self.header.core_digest(), L.digest(dir_raw, self.mac_key))
+        self._write(trailer.encode(self.mac_key))
+        assert self._sizes[-1] == final_last
+        # Every header now learns the volume count; then durability, then names.
+        for number, (tmp, fd) in enumerate(self._volumes, start=1):
+            self.header.volume_number = number
+            os.pwrite(fd, self.header.encode(), 0)
+            os.fsync(fd)  # a failed fsync raises and is fatal: never retried
+        finals = [volume_path(self.path, n) for n in range(1, count + 1)]
+        order = list(range(1, count)) + [0]  # volume 1, the name users open, appears last
+        for i in order:
+            os.rename(self._volumes[i][0], finals[i])
+        dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._close_fds()
+        self._committed = True
+        return finals
+
+    def _close_fds(self) -> None:
+        for i, (tmp, fd) in enumerate(self._volumes):
+            if fd >= 0:
+                os.close(fd)
+                self._volumes[i] = (tmp, -1)
+
+    def abort(self) -> None:
+        """Remove every temporary volume (called on error or Ctrl-C)."""
+        if self._committed:
+            return
+        self._close_fds()
+        for tmp, _ in self._volumes:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass

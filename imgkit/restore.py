@@ -1,0 +1,205 @@
+"""Restore: an image (any Stream, usually an ImageReader) onto a block device or into a file.
+
+Files: written under a temporary name as a sparse file, renamed when complete. Devices: opened with
+O_EXCL after the mount/holder checks; zero chunks are zeroed (BLKZEROOUT, or BLKDISCARD on request),
+free chunks are left alone. Every chunk is verified as it is read (ImageReader does that).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import ImgkitError, InputError, Interrupted, OperationFailed, RefusedTarget
+from .formats.imgk_layout import digest as sha256_digest
+from .parallel import ordered_map
+from .progress import NullProgress, Progress
+from .sources import BLKGETSIZE64
+from .stream import DATA, FREE, ZERO, Stream
+from .targets import check_block_target_free, refuse_image_on_target
+from .units import format_size
+
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+WRITE_PIECE = 4 << 20
+
+
+@dataclass
+class RestoreResult:
+    target: str
+    bytes_written: int
+    seconds: float
+    verified: bool
+
+
+def _zero_range(fd: int, offset: int, length: int, discard: bool) -> None:
+    """Make [offset, offset+length) of a block device read as zeros, fast where the device can."""
+    req = BLKDISCARD if discard else BLKZEROOUT
+    try:
+        fcntl.ioctl(fd, req, struct.pack("QQ", offset, length))
+        if not discard:
+            return
+    except OSError:
+        pass
+    zeros = bytes(min(length, WRITE_PIECE))
+    end = offset + length
+    while offset < end:  # discard does not promise zeros on every device: write them
+        n = os.pwrite(fd, zeros[:min(len(zeros), end - offset)], offset)
+        offset += n
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def plan_text(image: Stream, target: str, target_size: int | None, is_block: bool) -> str:
+    what = "block device" if is_block else "file"
+    size = f" ({format_size(target_size)})" if target_size else ""
+    return (f"This will overwrite {what} {target}{size} with an image of {format_size(image.size)}. "
+            "Everything on it will be lost.")
+
+
+def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
+                   confirm: Callable[[str], bool] | None = None, verify: bool = False,
+                   discard: bool = False, progress: Progress | None = None,
+                   workers: int | None = None) -> RestoreResult:
+    """Restore `image` to `target`. `confirm(message)` is asked before anything existing is
+    overwritten; None means the caller already agreed (--yes)."""
+    progress = progress or NullProgress()
+    started = time.monotonic()
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except PermissionError:
+        raise InputError(f"{target}: permission denied") from None
+    is_block = st is not None and stat.S_ISBLK(st.st_mode)
+    if st is not None and not is_block and not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{target}: not a block device or regular file")
+    if is_block:
+        refuse_image_on_target(list(image_paths), target, st.st_rdev)
+        check_block_target_free(target, st.st_rdev)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as e:
+            raise RefusedTarget(f"{target}: cannot open exclusively ({e.strerror}): in use?") from None
+        try:
+            target_size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
+            if target_size < image.size:
+                raise RefusedTarget(f"{target} is {format_size(target_size)} ({target_size} bytes), smaller "
+                                    f"than the image's {format_size(image.size)} ({image.size} bytes)")
+            if confirm is not None and not confirm(plan_text(image, target, target_size, True)):
+                raise InputError("restore cancelled: nothing was written")
+            written = _restore_into(image, fd, True, discard, progress, workers)
+            os.fsync(fd)
+            if verify:
+                _verify_target(image, target, progress)
+        except KeyboardInterrupt:
+            raise Interrupted(f"restore interrupted: {target} is partially written") from None
+        finally:
+            os.close(fd)
+        return RestoreResult(target, written, time.monotonic() - started, verify)
+
+    # A file target: write a temporary sibling, rename over the target when complete.
+    for p in image_paths:
+        if st is not None and os.path.samefile(p, target):
+            raise RefusedTarget(f"{target} is the image being read")
+    if st is not None and confirm is not None and not confirm(plan_text(image, target, st.st_size, False)):
+        raise InputError("restore cancelled: nothing was written")
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise InputError(f"{directory}: no such directory")
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.imgkit-partial-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise InputError(f"{target}: cannot write ({e.strerror})") from None
+    try:
+        os.ftruncate(fd, image.size)  # holes everywhere; only data is written
+        written = _restore_into(image, fd, False, discard, progress, workers)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        if verify:
+            _verify_target(image, tmp, progress)
+        os.rename(tmp, target)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except KeyboardInterrupt:
+        _cleanup(fd, tmp)
+        raise Interrupted(f"restore interrupted: {target} was not written") from None
+    except OSError as e:
+        _cleanup(fd, tmp)
+        raise InputError(f"{target}: write failed ({e.strerror})") from None
+    except BaseException:
+        _cleanup(fd, tmp)
+        raise
+    return RestoreResult(target, written, time.monotonic() - started, verify)
+
+
+def _cleanup(fd: int, tmp: str) -> None:
+    if fd >= 0:
+        os.close(fd)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def _pieces(image: Stream, kinds: set[str], piece: int):
+    """(offset, length) pieces of at most `piece` bytes covering the runs of the given kinds,
+    aligned to `piece` so they match the image's chunks."""
+    for run in image.runs():
+        if run.kind not in kinds:
+            continue
+        pos = run.offset
+        while pos < run.end:
+            n = min(run.end, (pos // piece + 1) * piece) - pos
+            yield pos, n
+            pos += n
+
+
+def _restore_into(image: Stream, fd: int, is_block: bool, discard: bool, progress: Progress,
+                  workers: int | None) -> int:
+    piece = getattr(image, "chunk_size", WRITE_PIECE)
+    written = 0
+    progress.total = image.size
+    for run in image.runs():
+        if run.kind == DATA:
+            continue
+        if run.kind == ZERO and is_block:
+            _zero_range(fd, run.offset, run.length, discard)
+        progress.advance(run.length)  # FREE runs and file holes cost nothing
+    for (offset, length), data in ordered_map(lambda p: (p, image.read(*p)), _pieces(image, {DATA}, piece),
+                                              workers):
+        _pwrite_all(fd, data, offset)
+        written += length
+        progress.advance(length)
+    return written
+
+
+def _verify_target(image: Stream, target: str, progress: Progress) -> None:
+    """Read the target back and compare it with the image, chunk by chunk (hash compare)."""
+    piece = getattr(image, "chunk_size", WRITE_PIECE)
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        def check(p):
+            offset, length = p
+            want = sha256_digest(image.read(offset, length))
+            got = os.pread(fd, length, offset)
+            return offset, sha256_digest(got) == want
+        for offset, ok in ordered_map(check, _pieces(image, {DATA, ZERO}, piece)):
+            if not ok:
+                raise OperationFailed(f"verify after restore: {target} differs from the image at offset {offset}")
+    finally:
+        os.close(fd)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The demo: build a small GPT disk with an ext4 filesystem holding files, capture it, inspect it,
+# verify it, restore it and check the restored disk is identical.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+"$here/scripts/setup.sh"
+export PATH="$here/.venv/bin:$PATH"
+work=$(mktemp -d /tmp/imgkit-demo.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "build a 256 MiB GPT disk: an ext4 partition with files, and a swap partition"
+mkdir content && cp -r /usr/share/doc/zstd content/ && head -c 8M /dev/urandom > content/random.bin
+echo "hello from imgkit" > content/hello.txt
+truncate -s 256M disk.raw
+sfdisk -q disk.raw <<'PT'
+label: gpt
+start=2048, size=393216, name=root
+start=395264, type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F, name=swap
+PT
+truncate -s 192M root.ext4 && mkfs.ext4 -q -L demo-root -d content root.ext4
+dd if=root.ext4 of=disk.raw bs=1M seek=1 conv=notrunc,sparse status=none && rm root.ext4
+sha256sum disk.raw | tee disk.sha256
+
+step "imgkit capture disk.raw demo.imgk"
+imgkit capture disk.raw demo.imgk
+step "imgkit info demo.imgk"
+imgkit info demo.imgk
+step "imgkit verify demo.imgk"
+imgkit verify demo.imgk
+step "imgkit restore demo.imgk restored.raw --verify"
+imgkit restore demo.imgk restored.raw --verify --yes
+step "compare"
+[ "$(sha256sum < restored.raw | cut -d' ' -f1)" = "$(cut -d' ' -f1 disk.sha256)" ] && echo "restored disk is identical to the source"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh Debian 12 machine (as root): the system packages imgkit drives and a
+# virtualenv built from Debian's /usr/bin/python3, because the libguestfs binding (python3-guestfs)
+# exists only for that interpreter. Idempotent: a second run only checks.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${IMGKIT_VENV:-$here/.venv}
+
+apt_pkgs=(
+  python3 python3-venv python3-dev python3-guestfs
+  qemu-utils qemu-system-x86 ovmf
+  libguestfs-tools linux-image-amd64
+  fuse3 libfuse3-dev pkg-config gcc
+  fdisk gdisk util-linux e2fsprogs dosfstools mtools ntfs-3g xfsprogs btrfs-progs
+  partclone zstd nbdkit xorriso
+  busybox-static extlinux syslinux-common isolinux grub-pc-bin grub-efi-amd64-bin cpio
+)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libguestfs needs a readable kernel to build its appliance (Debian installs them 0600).
+chmod 0644 /boot/vmlinuz-* 2>/dev/null || true
+
+if [ ! -x "$venv/bin/python" ]; then
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+stamp="$venv/.imgkit-installed"
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+  "$venv/bin/pip" install -q --upgrade pip >/dev/null
+  "$venv/bin/pip" install -q -e "$here[test]"
+  touch "$stamp"
+fi
