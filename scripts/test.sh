@@ -5,5 +5,6 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/setup.sh"
 cd "$here"
 # No working KVM on the CI machines: libguestfs and QEMU use TCG (imgkit detects KVM for real users).
+export PATH="$here/.venv/bin:$PATH"
 export LIBGUESTFS_BACKEND=${LIBGUESTFS_BACKEND:-direct}
 exec "$here/.venv/bin/python" -m pytest -q -rs "$@"
