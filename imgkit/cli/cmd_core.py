@@ -1,0 +1,140 @@
+"""The core commands: capture, restore, info, verify."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import api
+from ..errors import BadImage, InputError
+from ..formats.imgk_writer import LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
+from ..units import format_size
+from .main import cli
+from .options import (SIZE, json_option, make_progress, new_password, password_options,
+                      progress_option, reading_password)
+from .output import emit_json, render_info
+
+
+def confirm_or_refuse(yes: bool):
+    """The confirmation policy of every overwriting command: --yes, a terminal question, or refusal."""
+    if yes:
+        return None
+
+    def ask(text: str) -> bool:
+        if not sys.stdin.isatty():
+            raise InputError(text.split(". ")[0] + ": refusing without --yes (no terminal to ask)",
+                             hint="add --yes to confirm")
+        click.echo(text, err=True)
+        return click.confirm("Continue?", default=False, err=True)
+    return ask
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.argument("image", type=click.Path())
+@click.option("--level", type=click.IntRange(MIN_LEVEL, MAX_LEVEL), help=f"zstd level (default {LEVEL_DEFAULT}).")
+@click.option("--fast", "preset", flag_value="fast", help=f"zstd level {LEVEL_FAST}.")
+@click.option("--high", "preset", flag_value="high", help=f"zstd level {LEVEL_HIGH}.")
+@click.option("--no-compress", "preset", flag_value="none", help="Store chunks uncompressed.")
+@click.option("--chunk-size", type=SIZE, default="1M", show_default=True, help="Chunk size (64K..64M, power of two).")
+@click.option("--split-size", type=SIZE, help="Split into volumes of at most SIZE.")
+@click.option("--encrypt", is_flag=True, help="Encrypt with a password (prompted twice).")
+@password_options
+@click.option("--force", is_flag=True, help="Replace an existing image.")
+@progress_option
+@json_option
+def capture(source, image, level, preset, chunk_size, split_size, encrypt, password_file, force,
+            progress_mode, as_json):
+    """Capture a disk, raw image or ISO into an imgk image.
+
+    Example: imgkit capture /dev/sdb backup.imgk --high
+    """
+    if level is not None and preset:
+        raise click.UsageError("--level and --fast/--high/--no-compress exclude each other")
+    if level is None:
+        level = {"fast": LEVEL_FAST, "high": LEVEL_HIGH, "none": LEVEL_NONE}.get(preset, LEVEL_DEFAULT)
+    password = new_password(password_file) if encrypt else None
+    result = api.capture(source, image, level=level, chunk_size=chunk_size, split_size=split_size,
+                         password=password, force=force, progress=make_progress("capture", progress_mode))
+    doc = {"image": result.paths[0], "volumes": result.paths, "logical_size": result.logical_size,
+           "stored_size": result.stored_bytes, "data_chunks": result.data_chunks,
+           "zero_chunks": result.zero_chunks, "free_chunks": result.free_chunks,
+           "deduplicated_chunks": result.deduplicated, "seconds": round(result.seconds, 3)}
+    if as_json:
+        emit_json(doc)
+    else:
+        ratio = result.logical_size / result.stored_bytes if result.stored_bytes else 0
+        click.echo(f"captured {format_size(result.logical_size)} into {format_size(result.stored_bytes)} "
+                   f"({ratio:.2f}x) in {result.seconds:.1f} s: {result.paths[0]}"
+                   + (f" (+{len(result.paths) - 1} volumes)" if len(result.paths) > 1 else ""))
+
+
+@cli.command()
+@click.argument("image", type=click.Path())
+@click.argument("target", type=click.Path())
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before overwriting the target.")
+@click.option("--verify", "verify_after", is_flag=True, help="Read the target back and compare hashes.")
+@click.option("--discard", is_flag=True, help="Discard (TRIM) zero ranges on a device instead of writing zeros.")
+@password_options
+@progress_option
+@json_option
+def restore(image, target, yes, verify_after, discard, password_file, progress_mode, as_json):
+    """Restore an image to a block device or a file (sparse).
+
+    Example: imgkit restore backup.imgk /dev/sdc --verify
+    """
+    result = api.restore(image, target, password=reading_password(password_file), confirm=confirm_or_refuse(yes),
+                         verify=verify_after, discard=discard, progress=make_progress("restore", progress_mode))
+    if as_json:
+        emit_json({"target": result.target, "bytes_written": result.bytes_written,
+                   "seconds": round(result.seconds, 3), "verified": result.verified})
+    else:
+        click.echo(f"restored {image} to {target}: {format_size(result.bytes_written)} of data written "
+                   f"in {result.seconds:.1f} s" + (", verified" if result.verified else ""))
+
+
+@cli.command()
+@click.argument("image", type=click.Path())
+@password_options
+@json_option
+def info(image, password_file, as_json):
+    """Show what an image holds: size, stored size, partitions, filesystems.
+
+    Example: imgkit info backup.imgk --json
+    """
+    with api.open_image(image, reading_password(password_file)) as img:
+        doc = api.image_info(img)
+    emit_json(doc) if as_json else click.echo(render_info(doc))
+
+
+@cli.command()
+@click.argument("image", type=click.Path())
+@password_options
+@progress_option
+@json_option
+def verify(image, password_file, progress_mode, as_json):
+    """Decompress and check every chunk. Exit 0 if intact, 1 if damaged.
+
+    Example: imgkit verify backup.imgk
+    """
+    try:
+        report = api.verify(image, password=reading_password(password_file),
+                            progress=make_progress("verify", progress_mode))
+    except BadImage as e:
+        if not api.is_imgk(image) and os.path.exists(image):
+            raise
+        doc = {"ok": False, "error": str(e), "first_bad_offset": getattr(e, "offset", None)}
+        emit_json(doc) if as_json else click.echo(f"DAMAGED: {e}", err=True)
+        sys.exit(1)
+    doc = {"ok": report.ok, "chunks": report.chunks, "data_chunks": report.data_chunks,
+           "bytes_checked": report.bytes_checked, "bad_chunks": report.bad_count, "bad": report.bad,
+           "first_bad_offset": report.first_bad_offset, "seconds": round(report.seconds, 3)}
+    if as_json:
+        emit_json(doc)
+    elif report.ok:
+        click.echo(f"OK: {report.data_chunks} stored chunks ({format_size(report.bytes_checked)}) verified")
+    else:
+        click.echo(f"DAMAGED: {report.bad_count} bad chunk(s); first at offset {report.first_bad_offset}: "
+                   f"{report.bad[0]['error']}", err=True)
+    sys.exit(0 if report.ok else 1)
