@@ -205,6 +205,11 @@ class ImageReader(Stream):
                 self._cache.popitem(last=False)
         return data
 
+    def clear_cache(self) -> None:
+        """Drop cached chunks (long-lived readers such as the mount keep their own bounded cache)."""
+        with self._cache_lock:
+            self._cache.clear()
+
     # -- Stream ---------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:

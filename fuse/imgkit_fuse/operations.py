@@ -1,0 +1,198 @@
+"""The pyfuse3 Operations over imgkit.vfs.ImageTree: a thin protocol adapter.
+
+Everything about names and contents is decided in imgkit.vfs; this module only translates: inode
+tables and handles, errno values (here and only here: CorruptChunk -> EIO, logged with its offset),
+and scheduling. pyfuse3 runs every request on one trio thread, so anything that may block
+(decompression, the appliance) runs in a worker thread, and sequential reads of disk-backed files
+prefetch the next chunks in the background.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from imgkit.errors import CorruptChunk, ImgkitError
+from imgkit.vfs import Attr, ImageTree, NoSuchEntry, NotADirectory
+
+log = logging.getLogger("imgkit.mount")
+
+TIMEOUT = 3600.0  # the image never changes while mounted: the kernel may cache names and attributes
+READ_AHEAD_BYTES = 4 << 20  # how far past a sequential read the next chunks are decompressed
+
+
+class _Handle:
+    __slots__ = ("ino", "next_offset", "sequential")
+
+    def __init__(self, ino: int):
+        self.ino = ino
+        self.next_offset = 0
+        self.sequential = 0  # consecutive reads that started where the previous one ended
+
+
+class ImageOperations(pyfuse3.Operations):
+    def __init__(self, tree: ImageTree, workers: int = 2):
+        super().__init__()
+        self.tree = tree
+        self._handles: dict[int, _Handle] = {}
+        self._dir_handles: dict[int, list] = {}
+        self._next_fh = 1
+        # Decompression uses the cores: bounded, and prefetch gets fewer threads than reads. Calls
+        # into the appliance get their own pool: they wait on the appliance, which itself reads
+        # disk.raw through this very filesystem, so they must never hold the threads disk reads need.
+        self._limiter = trio.CapacityLimiter(workers)
+        self._prefetch_limiter = trio.CapacityLimiter(max(1, workers - 1))
+        self._files_limiter = trio.CapacityLimiter(8)
+        self._nursery: trio.Nursery | None = None
+
+    def set_nursery(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    # helpers ----------------------------------------------------------------------------------
+    async def _run(self, ino: int, fn, *args):
+        try:
+            kind = self.tree.blocking(ino)
+            if kind is None:
+                return fn(*args)
+            limiter = self._limiter if kind == "disk" else self._files_limiter
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except NoSuchEntry:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except NotADirectory:
+            raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+        except CorruptChunk as e:
+            log.error("EIO: corrupt chunk at disk offset %d (%s)", e.offset, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except ImgkitError as e:
+            log.error("EIO: %s", e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    @staticmethod
+    def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = 0
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = TIMEOUT
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        e.st_size = attr.size
+        e.st_blksize = 1 << 20
+        e.st_blocks = attr.blocks
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    # metadata ---------------------------------------------------------------------------------
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self._run(inode, self.tree.getattr, inode))
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if name == b".":
+            return await self.getattr(parent_inode)
+        if name == b"..":
+            return await self.getattr(self.tree.node(parent_inode).parent)
+        return self._entry(await self._run(parent_inode, self.tree.lookup, parent_inode, name))
+
+    async def readlink(self, inode, ctx):
+        return await self._run(inode, self.tree.readlink, inode)
+
+    async def opendir(self, inode, ctx):
+        entries = await self._run(inode, self.tree.listdir, inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = entries
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        entries = self._dir_handles.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for i in range(start_id, len(entries)):
+            name, attr = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        self._dir_handles.pop(fh, None)
+
+    async def statfs(self, ctx):
+        facts = self.tree.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = facts["bsize"]
+        s.f_blocks = facts["blocks"]
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = facts["files"]
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        return []
+
+    # files ------------------------------------------------------------------------------------
+    async def open(self, inode, flags, ctx):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        attr = await self.getattr(inode)
+        if not stat.S_ISREG(attr.st_mode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(inode)
+        info = pyfuse3.FileInfo(fh=fh)
+        if self.tree.disk_range(inode) is not None:
+            # The disk views bypass the page cache: every read reaches us with the caller's size
+            # (up to max_read), so a corrupt chunk fails exactly the reads that touch it, and our own
+            # chunk cache + read-ahead do the caching.
+            info.direct_io = True
+        else:
+            info.keep_cache = True  # guest files and info.json never change while mounted
+        return info
+
+    async def read(self, fh, off, size):
+        h = self._handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if off == h.next_offset and off:
+            h.sequential += 1
+        else:
+            h.sequential = 0
+        h.next_offset = off + size
+        data = await self._run(h.ino, self.tree.read, h.ino, off, size)
+        if h.sequential >= 1 and self._nursery is not None:
+            self._start_read_ahead(h.ino, off + len(data))
+        return data
+
+    def _start_read_ahead(self, ino: int, next_offset: int) -> None:
+        rng = self.tree.disk_range(ino)
+        if rng is None:
+            return
+        start, size = rng
+        if next_offset >= size:
+            return
+        window = min(READ_AHEAD_BYTES, size - next_offset)
+        for i in self.tree.disk.chunks_to_prefetch(start + next_offset, window):
+            self._nursery.start_soon(self._prefetch, i)
+
+    async def _prefetch(self, i: int) -> None:
+        if i in self.tree.disk.cache:
+            return
+        await trio.to_thread.run_sync(self.tree.disk.prefetch, i, limiter=self._prefetch_limiter)
+
+    async def release(self, fh):
+        self._handles.pop(fh, None)
+
+    async def forget(self, inode_list):
+        pass  # inodes live as long as the mount: the tree is small and immutable
