@@ -70,4 +70,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m imgkit.cli.main`: this file is then __main__, not imgkit.cli.main, on whose
+    # `cli` group the command modules register, so call the real module's main.
+    from imgkit.cli.main import main as _main
+    _main()
