@@ -70,4 +70,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m imgkit.cli.main` (tests/conftest.py run_imgkit) runs this file as __main__, a second
+    # copy of the module; the command modules register on imgkit.cli.main.cli, so run that copy.
+    from imgkit.cli.main import main as _main
+    _main()
