@@ -121,3 +121,55 @@ def regions(path: str, password: bytes | None = PASSWORD) -> dict:
         out["chunks"] = [(i, volume_path(path, e.volume), e.offset, e.offset + e.stored_length, e.object)
                          for i, e in chunks]
     return out
+
+
+def run_on_tty(argv: list[str], answers: list[str], timeout: float = 60.0, env: dict | None = None):
+    """Run a command with a pseudo-terminal as its controlling terminal (so getpass prompts, as for
+    a user at a terminal). Each answer is typed after the next prompt ending in ': ' appears.
+    Returns (exit code, everything the terminal showed)."""
+    import fcntl
+    import select
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = os.openpty()
+
+    def become_session_leader():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    full_env = dict(os.environ)
+    full_env.pop("IMGKIT_PASSWORD", None)
+    full_env.update(env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "imgkit.cli.main", *argv], stdin=slave, stdout=slave,
+                            stderr=slave, preexec_fn=become_session_leader, env=full_env, close_fds=True)
+    os.close(slave)
+    shown = b""
+    pending = list(answers)
+    prompts_seen = 0
+    import time
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                shown += data
+            if pending and shown.count(b": ") > prompts_seen and shown.rstrip(b" ").endswith(b":"):
+                prompts_seen = shown.count(b": ")
+                os.write(master, pending.pop(0).encode() + b"\n")
+            if proc.poll() is not None and not ready:
+                break
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, shown.decode(errors="replace")
