@@ -53,10 +53,12 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None) 
 def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
             split_size: int | None = None, password: Password = None, force: bool = False,
             plan: CapturePlan | None = None, progress: Progress | None = None,
-            source_format: str | None = None) -> CaptureResult:
-    """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image."""
+            source_format: str | None = None, source_password: Password = None) -> CaptureResult:
+    """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image.
+    `password` encrypts the new image; `source_password` opens an encrypted imgk source (default:
+    the same password)."""
     refuse_output_on_source(source, output) if os.path.exists(source) else None
-    src = open_image(source, password, fmt=source_format)
+    src = open_image(source, source_password if source_password is not None else password, fmt=source_format)
     try:
         info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
                                                                  "kind": "image", "size": src.size}

@@ -60,7 +60,8 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
         raise click.UsageError("--password-file without --encrypt: add --encrypt to encrypt the image")
     password = new_password(password_file) if encrypt else None
     result = api.capture(source, image, level=level, chunk_size=chunk_size, split_size=split_size,
-                         password=password, force=force, progress=make_progress("capture", progress_mode))
+                         password=password, force=force, progress=make_progress("capture", progress_mode),
+                         source_password=reading_password(password_file))
     doc = {"image": result.paths[0], "volumes": result.paths, "logical_size": result.logical_size,
            "stored_size": result.stored_bytes, "data_chunks": result.data_chunks,
            "zero_chunks": result.zero_chunks, "free_chunks": result.free_chunks,

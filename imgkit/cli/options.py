@@ -42,9 +42,9 @@ def password_from_env_or_file(password_file: str | None, env_var: str = "IMGKIT_
         if not line:
             raise InputError(f"{password_file}: the password file is empty")
         return line
-    env = os.environ.get(env_var)
+    env = os.environb.get(env_var.encode())  # raw bytes: no decoding error on odd locales
     if env:
-        return env.encode()
+        return env
     return None
 
 
