@@ -127,3 +127,28 @@ def test_interrupted_capture_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
     assert sorted(os.listdir(tmp_path)) == ["big.raw"]
+
+
+def test_kill_9_during_capture_never_leaves_a_complete_looking_image(tmp_path):
+    """kill -9 at several points: the image name never appears; only a hidden partial file may stay."""
+    import signal
+    import sys
+    import time
+    src = tmp_path / "big.raw"
+    with open(src, "wb") as f:
+        for _ in range(128):
+            f.write(os.urandom(1 << 20))
+    for delay in (0.3, 0.8, 1.5):
+        img = tmp_path / "k.imgk"
+        proc = subprocess.Popen([sys.executable, "-m", "imgkit", "capture", str(src), str(img), "--high",
+                                 "--force", "--progress", "none"], stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if img.exists():  # it finished before the kill: then it must verify
+            assert run_imgkit("verify", img).returncode == 0
+            img.unlink()
+        leftovers = [p for p in os.listdir(tmp_path) if p not in ("big.raw",)]
+        assert all(p.startswith(".k.imgk.imgkit-partial-") for p in leftovers), leftovers
+        for p in leftovers:
+            os.unlink(tmp_path / p)
