@@ -142,7 +142,7 @@ def run_on_tty(argv: list[str], answers: list[str], timeout: float = 60.0, env: 
     full_env = dict(os.environ)
     full_env.pop("IMGKIT_PASSWORD", None)
     full_env.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "imgkit.cli.main", *argv], stdin=slave, stdout=slave,
+    proc = subprocess.Popen([sys.executable, "-m", "imgkit", *argv], stdin=slave, stdout=slave,
                             stderr=slave, preexec_fn=become_session_leader, env=full_env, close_fds=True)
     os.close(slave)
     shown = b""

@@ -9,8 +9,8 @@ import pytest
 
 from imgkit.formats import imgk_layout as L
 
-from .conftest import assert_one_line_error, run_imgkit
-from .crypto_volumes_support import (OTHER_PASSWORD, PASSWORD, capture_in_process, copy_image, make_source,
+from conftest import assert_one_line_error, run_imgkit
+from crypto_volumes_support import (OTHER_PASSWORD, PASSWORD, capture_in_process, copy_image, make_source,
                                      read_all, run_on_tty)
 
 

@@ -14,8 +14,8 @@ from imgkit.errors import BadImage, WrongPassword
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
 
-from .conftest import assert_one_line_error, run_imgkit
-from .crypto_volumes_support import OTHER_PASSWORD, PASSWORD, make_source, read_all, run_on_tty
+from conftest import assert_one_line_error, run_imgkit
+from crypto_volumes_support import OTHER_PASSWORD, PASSWORD, make_source, read_all, run_on_tty
 
 TOKEN = "zq-secret-hostname-7731"  # lands in the metadata (source path) only
 

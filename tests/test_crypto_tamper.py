@@ -14,8 +14,8 @@ from imgkit.errors import BadImage, CorruptChunk, ImgkitError, WrongPassword
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
 
-from .conftest import assert_one_line_error, run_imgkit
-from .crypto_volumes_support import (CHUNK, PASSWORD, capture_in_process, make_source, outcome, read_all,
+from conftest import assert_one_line_error, run_imgkit
+from crypto_volumes_support import (CHUNK, PASSWORD, capture_in_process, make_source, outcome, read_all,
                                      regions, xor_byte)
 
 COUNTS: dict[str, list[int]] = {}

@@ -12,8 +12,8 @@ from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
 from imgkit.formats.imgk_writer import volume_path
 
-from .conftest import assert_one_line_error, run_imgkit
-from .crypto_volumes_support import (OTHER_PASSWORD, PASSWORD, capture_in_process, copy_image, make_source,
+from conftest import assert_one_line_error, run_imgkit
+from crypto_volumes_support import (OTHER_PASSWORD, PASSWORD, capture_in_process, copy_image, make_source,
                                      xor_byte)
 
 ENV = {"IMGKIT_PASSWORD": PASSWORD.decode()}

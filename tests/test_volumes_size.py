@@ -7,8 +7,8 @@ from imgkit.errors import InputError
 from imgkit.formats import imgk_layout as L
 from imgkit.units import SPLIT_PRESETS, parse_split_size
 
-from .conftest import run_imgkit
-from .crypto_volumes_support import make_source
+from conftest import run_imgkit
+from crypto_volumes_support import make_source
 
 
 @pytest.mark.parametrize("text,value", [

@@ -67,10 +67,3 @@ def main(argv=None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"imgkit: error: {where}{e.strerror or e}", err=True)
         sys.exit(3)
-
-
-if __name__ == "__main__":
-    # `python -m imgkit.cli.main` (tests/conftest.py run_imgkit) runs this file as __main__, a second
-    # copy of the module; the command modules register on imgkit.cli.main.cli, so run that copy.
-    from imgkit.cli.main import main as _main
-    _main()
