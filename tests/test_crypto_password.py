@@ -180,3 +180,13 @@ def test_metadata_and_content_not_in_clear(images):
     assert snippet in plain and snippet not in enc
     for needle in (b"imgkit_version", b"partition_table", b'"source"', b"zstd"):
         assert needle not in enc
+
+
+def test_capture_from_encrypted_image_asks_its_password(images, tmp_path):
+    """An encrypted imgk image as the *source* of a capture is opened with the reading password."""
+    out = tmp_path / "plain-copy.imgk"
+    bad = run_imgkit("capture", images["enc"], out, "--chunk-size", "64K", input="")
+    assert_one_line_error(bad, 3, "encrypted")
+    run_imgkit("capture", images["enc"], out, "--chunk-size", "64K", env={"IMGKIT_PASSWORD": PASSWORD.decode()},
+               check=True)
+    assert read_all(str(out), None) == images["expected"]
