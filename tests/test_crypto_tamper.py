@@ -107,6 +107,31 @@ def test_every_bit_flip_in_wrapped_key_detected_even_with_fixed_header_checksum(
     assert reasons.get("WrongPassword", 0) > 8 * 60  # salt, nonce and wrapped key read as a wrong password
 
 
+def test_every_bit_flip_in_header_fields_detected_even_with_fixed_header_checksum(work):
+    """Every bit of the header's fields (bytes 0..79 but the 2 reserved bytes 70..71), with the
+    header checksum recomputed as a forger would: the core is bound into the trailer, sections and
+    chunks; volume number and count are checked against the files and the trailer."""
+    path, expected = work
+    with open(path, "rb") as f:
+        raw = f.read(L.HEADER_SIZE)
+    fields = [o for o in range(80) if o not in (70, 71)]
+    results = []
+    with open(path, "r+b") as f:
+        for off in fields:
+            for bit in range(8):
+                buf = bytearray(raw)
+                buf[off] ^= 1 << bit
+                buf[L.HEADER_CHECKSUM_OFFSET:] = L.digest(bytes(buf[:L.HEADER_CHECKSUM_OFFSET]))
+                f.seek(0)
+                f.write(buf)
+                f.flush()
+                results.append(outcome(path, expected))
+        f.seek(0)
+        f.write(raw)
+    _tally("header fields (header checksum recomputed)", results)
+    assert results.count("detected") == len(results) == 8 * len(fields)
+
+
 def test_every_bit_flip_in_a_chunk_detected(work):
     """Exhaustive on the two smallest stored chunks (one per distinct content), one flip per byte
     position class on every other chunk. Uses one open reader: read_chunk re-reads the file."""

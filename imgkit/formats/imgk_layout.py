@@ -201,8 +201,10 @@ class Header:
             raise NewerFormat(f"{where}: unknown hash algorithm {hash_algo}")
         if not (1 <= vol_no <= vol_count <= MAX_VOLUMES):
             raise BadImage(f"{where}: volume {vol_no} of {vol_count} is out of range")
-        if vol_count > 1 and not required & FEATURE_MULTI_VOLUME:
-            raise BadImage(f"{where}: {vol_count} volumes without the multi-volume feature")
+        if (vol_count > 1) != bool(required & FEATURE_MULTI_VOLUME):
+            # The bit is outside the core (split/join change it), so it must agree with the count.
+            raise BadImage(f"{where}: {vol_count} volume(s) but the multi-volume feature is "
+                           f"{'off' if vol_count > 1 else 'on'}")
         encrypted = bool(required & FEATURE_ENCRYPTED)
         if encrypted != (cipher == CIPHER_AES_256_GCM) or cipher not in (CIPHER_NONE, CIPHER_AES_256_GCM):
             raise BadImage(f"{where}: cipher {cipher} does not match the encryption feature bit")
