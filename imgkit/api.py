@@ -118,6 +118,7 @@ def image_info(img: Stream) -> dict:
             "chunk_size": img.chunk_size,
             "chunks": counts,
             "encrypted": img.header.encrypted,
+            "stray_volume": img.stray_volume,  # a file named like volume count+1: a mix-up to report
             "created": meta.get("created"),
             "imgkit_version": meta.get("imgkit_version"),
             "source": meta.get("source"),

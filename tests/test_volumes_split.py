@@ -136,3 +136,16 @@ def test_info_and_verify_name_the_volume_too(split_images, tmp_path):
 def test_opening_a_later_volume_says_so(split_images):
     proc = run_imgkit("info", split_images["plain"][1])
     assert_one_line_error(proc, 3, "volume 2", "not its first volume")
+
+
+def test_extra_volume_reported_by_info(split_images, tmp_path):
+    """A file named like one volume too many (an extra copy, a leftover) does not stop reading,
+    but info points at it."""
+    vols = copy_image(split_images["plain"], str(tmp_path / "img.imgk"))
+    extra = volume_path(vols[0], len(vols) + 1)
+    shutil.copyfile(vols[-1], extra)
+    proc = run_imgkit("info", vols[0], check=True)
+    assert "warning" in proc.stdout and os.path.basename(extra) in proc.stdout
+    import json
+    doc = json.loads(run_imgkit("info", vols[0], "--json", check=True).stdout)
+    assert doc["stray_volume"] == extra

@@ -25,6 +25,9 @@ def render_info(info: dict) -> str:
         lines.append(f"encrypted:    {'yes' if info.get('encrypted') else 'no'}")
         if len(info.get("volumes", [])) > 1:
             lines.append(f"volumes:      {len(info['volumes'])}")
+        if info.get("stray_volume"):
+            lines.append(f"  warning: {info['stray_volume']} is not a volume of this image "
+                         f"(it has {len(info['volumes'])}); left over from another image?")
         lines.append(f"created:      {info.get('created')} by imgkit {info.get('imgkit_version')}")
         src = info.get("source") or {}
         lines.append(f"source:       {src.get('path')} ({src.get('kind')}"
