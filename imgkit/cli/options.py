@@ -92,6 +92,9 @@ class SplitSizeType(click.ParamType):
     """A volume size for --split-size: 650M, 4000M, or a preset (fat32, dvd)."""
     name = "SIZE|fat32|dvd"
 
+    def get_metavar(self, param, ctx=None):  # click would upper-case the preset names
+        return self.name
+
     def convert(self, value, param, ctx):
         try:
             return parse_split_size(value)
