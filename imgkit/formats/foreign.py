@@ -403,7 +403,7 @@ def _inspect_vmdk(r: _Reader) -> ForeignImage:
         r.refuse(f"VMDK descriptor names {len(extents)} extents; a monolithic VMDK has exactly one")
     ext = extents[0]
     name = ext.group(4) or ""
-    if ext.group(3) != "SPARSE" or "/" in name or "\\" in name or name.startswith(("json:", ".")) or ":" in name:
+    if ext.group(3) != "SPARSE" or "/" in name or "\\" in name or name in ("", ".", "..") or ":" in name:
         r.refuse(f"VMDK extent line {ext.group(0)!r} names something other than this file itself")
     if int(ext.group(2)) != capacity:
         r.refuse("VMDK extent size does not match the header capacity")
