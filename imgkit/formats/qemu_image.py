@@ -112,7 +112,7 @@ class QemuImage(Stream):
         except self._nbd.Error as e:
             raise BadImage(f"{self.path}: qemu could not read {self.format_name} data at offset {offset}: "
                            f"{e} (damaged image?)") from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # libnbd hands out bytearrays
 
     def runs(self) -> Iterator[Run]:
         if self._runs is None:
