@@ -132,3 +132,21 @@ def sparse(tmp_path_factory):
     api.capture(raw, imgk)
     assert os.path.getsize(imgk) < 16 * MiB
     return {"dir": d, "raw": raw, "imgk": imgk, "sha": None}
+
+
+def test_foreign_reads_take_the_file_fast_path_only_where_qemu_maps_raw_data(gpt, tmp_path):
+    """Uncompressed qcow2 data is read straight from the file at qemu-img map's offsets; zstd
+    clusters (no offset) go through qemu; qemu-img -c stores incompressible clusters uncompressed,
+    so the zstd image is partly mapped. Both read the same bytes."""
+    plain, packed = str(tmp_path / "p.qcow2"), str(tmp_path / "z.qcow2")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", gpt["raw"], plain)
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", gpt["raw"], packed)
+    with open(gpt["raw"], "rb") as f:
+        want = f.read()
+    mapped = {}
+    for path in (plain, packed):
+        with api.open_image(path) as img:
+            mapped[path] = sum(e - s for s, e in zip(img.host_map.starts, img.host_map.ends))
+            for off in (0, 1 * MiB - 512, 21 * MiB + 12345, 64 * MiB - 4096):
+                assert img.read(off, 3 * MiB) == want[off:off + 3 * MiB]
+    assert mapped[plain] > 8 * MiB and mapped[packed] < mapped[plain] - 2 * MiB
