@@ -5,7 +5,7 @@ import os
 from typing import Callable
 
 from .capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
-from .errors import InputError
+from .errors import BadImage, InputError
 from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader
 from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
@@ -38,25 +38,43 @@ def is_imgk(path: str) -> bool:
         return False
 
 
-def open_image(path: str, password: Password = None, *, fmt: str | None = None) -> Stream:
-    """Open any image imgkit reads as a Stream: imgk (by its magic) or raw (a file or block device).
-    `fmt` forces the format ("imgk", "raw"); it is never guessed by anything but imgkit."""
+def open_image(path: str, password: Password = None, *, fmt: str | None = None,
+               allow_raw: bool = True) -> Stream:
+    """Open any image imgkit reads as a Stream: imgk, raw (a file or block device), ISO, or a foreign
+    qcow2/vhd/vhdx/vmdk image read through qemu. The format is `fmt` if given ("raw" always takes the
+    bytes as they are), else imgkit's own reading of the header, never qemu's guess. A foreign image
+    is inspected and refused (RefusedImage) before qemu opens it if it is hostile or malformed. With
+    allow_raw=False, a file in no recognised format is refused instead of being taken as raw bytes."""
+    from .formats import foreign
+    foreign.refuse_json_name(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or device")
-    if fmt == "imgk" or (fmt is None and is_imgk(path)):
+    explicit = fmt is not None
+    if fmt is None:
+        fmt = foreign.detect_format(path) if os.path.isfile(path) else "raw"
+    if fmt == "imgk":
         return ImageReader(path, _password_provider(password))
-    if fmt in (None, "raw", "iso"):
+    if fmt in ("raw", "iso") and not allow_raw and not explicit:
+        raise BadImage(f"{path}: not an imgk image (no imgk magic at offset 0)")
+    if fmt in ("raw", "iso"):
         return RawSource(path)
-    raise InputError(f"unknown image format {fmt!r}")
+    if fmt in foreign.QEMU_FORMATS:
+        inspected = foreign.inspect(path, fmt)
+        from .formats.qemu_image import QemuImage
+        return QemuImage(path, fmt, inspected)
+    raise InputError(f"unknown image format {fmt!r}", hint="formats: " + ", ".join(foreign.FORMATS))
 
 
 def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
             split_size: int | None = None, password: Password = None, force: bool = False,
             plan: CapturePlan | None = None, progress: Progress | None = None,
-            source_format: str | None = None) -> CaptureResult:
-    """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image."""
-    refuse_output_on_source(source, output) if os.path.exists(source) else None
-    src = open_image(source, password, fmt=source_format)
+            source_format: str | None = None, source_password: Password = None) -> CaptureResult:
+    """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image.
+    `password` encrypts the new image; `source_password` opens an encrypted imgk source (default:
+    the same password)."""
+    if os.path.exists(source):
+        refuse_output_on_source(source, output)
+    src = open_image(source, source_password if source_password is not None else password, fmt=source_format)
     try:
         info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
                                                                  "kind": "image", "size": src.size}
@@ -80,7 +98,7 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
             discard: bool = False, progress: Progress | None = None) -> RestoreResult:
     """Restore a whole image to a block device or file. `confirm(text) -> bool` is asked before an
     existing target is overwritten; pass None only when the user already agreed (--yes)."""
-    with open_image(image, password) as img:
+    with open_image(image, password, allow_raw=False) as img:
         paths = getattr(img, "volume_paths", [image])
         return restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
                               discard=discard, progress=progress)
@@ -95,10 +113,9 @@ def image_info(img: Stream) -> dict:
     """What `imgkit info --json` prints."""
     if isinstance(img, ImageReader):
         meta = img.metadata
-        counts = {"data": 0, "zero": 0, "free": 0}
-        names = {L.KIND_DATA: "data", L.KIND_ZERO: "zero", L.KIND_FREE: "free"}
-        for e in img.index:
-            counts[names[e.kind]] += 1
+        kinds = img.index.kinds()
+        counts = {"data": kinds.count(L.KIND_DATA), "zero": kinds.count(L.KIND_ZERO),
+                  "free": kinds.count(L.KIND_FREE)}
         stored = img.stored_size()
         return {
             "format": "imgk",
@@ -112,6 +129,7 @@ def image_info(img: Stream) -> dict:
             "chunk_size": img.chunk_size,
             "chunks": counts,
             "encrypted": img.header.encrypted,
+            "stray_volume": img.stray_volume,  # a file named like volume count+1: a mix-up to report
             "created": meta.get("created"),
             "imgkit_version": meta.get("imgkit_version"),
             "source": meta.get("source"),
@@ -123,6 +141,11 @@ def image_info(img: Stream) -> dict:
         }
     from .capture import build_metadata  # a raw or foreign disk: describe it on the fly
     meta = build_metadata(img, {"path": getattr(img, "path", None), "size": img.size}, 0, CapturePlan())
-    return {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
-            "virtual_size": img.size, "partition_table": meta["partition_table"],
-            "optical": meta.get("optical")}
+    doc = {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
+           "virtual_size": img.size, "partition_table": meta["partition_table"],
+           "optical": meta.get("optical")}
+    inspected = getattr(img, "inspected", None)  # a foreign image: what its own header says
+    if inspected is not None:
+        doc.update({"subformat": inspected.subformat, "file_size": inspected.file_size,
+                    "format_details": inspected.details})
+    return doc

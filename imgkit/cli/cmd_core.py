@@ -11,7 +11,7 @@ from ..errors import BadImage, InputError
 from ..formats.imgk_writer import LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
-from .options import (SIZE, json_option, make_progress, new_password, password_options,
+from .options import (SIZE, SPLIT_SIZE, json_option, make_progress, new_password, password_options,
                       progress_option, reading_password)
 from .output import emit_json, render_info
 
@@ -38,7 +38,9 @@ def confirm_or_refuse(yes: bool):
 @click.option("--high", "preset", flag_value="high", help=f"zstd level {LEVEL_HIGH}.")
 @click.option("--no-compress", "preset", flag_value="none", help="Store chunks uncompressed.")
 @click.option("--chunk-size", type=SIZE, default="1M", show_default=True, help="Chunk size (64K..64M, power of two).")
-@click.option("--split-size", type=SIZE, help="Split into volumes of at most SIZE.")
+@click.option("--split-size", type=SPLIT_SIZE,
+              help="Split into volumes of at most SIZE (650M, 4000M) or a preset: fat32 (4 GiB - 1 byte), "
+                   "dvd (single-layer DVD, 4,692 MB).")
 @click.option("--encrypt", is_flag=True, help="Encrypt with a password (prompted twice).")
 @password_options
 @click.option("--force", is_flag=True, help="Replace an existing image.")
@@ -54,9 +56,12 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
         raise click.UsageError("--level and --fast/--high/--no-compress exclude each other")
     if level is None:
         level = {"fast": LEVEL_FAST, "high": LEVEL_HIGH, "none": LEVEL_NONE}.get(preset, LEVEL_DEFAULT)
+    if password_file and not encrypt:  # the user meant an encrypted image: never write it in clear
+        raise click.UsageError("--password-file without --encrypt: add --encrypt to encrypt the image")
     password = new_password(password_file) if encrypt else None
     result = api.capture(source, image, level=level, chunk_size=chunk_size, split_size=split_size,
-                         password=password, force=force, progress=make_progress("capture", progress_mode))
+                         password=password, force=force, progress=make_progress("capture", progress_mode),
+                         source_password=reading_password(password_file))
     doc = {"image": result.paths[0], "volumes": result.paths, "logical_size": result.logical_size,
            "stored_size": result.stored_bytes, "data_chunks": result.data_chunks,
            "zero_chunks": result.zero_chunks, "free_chunks": result.free_chunks,

@@ -30,6 +30,8 @@ def cli(ctx, debug):
 # Each module registers its commands on `cli`; a new command family is one new module and one line here.
 COMMAND_MODULES = (
     "cmd_core",
+    "cmd_volumes",
+    "cmd_convert",
     "cmd_mount",
 )
 
@@ -67,10 +69,3 @@ def main(argv=None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"imgkit: error: {where}{e.strerror or e}", err=True)
         sys.exit(3)
-
-
-if __name__ == "__main__":
-    # Run as `python -m imgkit.cli.main`: this file is then __main__, not imgkit.cli.main, on whose
-    # `cli` group the command modules register, so call the real module's main.
-    from imgkit.cli.main import main as _main
-    _main()
