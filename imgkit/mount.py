@@ -5,6 +5,7 @@ stale mount a killed daemon leaves behind."""
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -130,6 +131,19 @@ def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageT
         raise
 
 
+def _opens_in_process(image: str) -> bool:
+    from .formats import foreign
+    return not os.path.isfile(image) or foreign.detect_format(image) in ("imgk", "raw", "iso")
+
+
+def _build_foreign_tree(image: str, path: str, password, cache_size: int) -> ImageTree:
+    tree = build_tree(image, path, password, cache_size)
+    timer = getattr(tree.disk.stream, "_timer", None)
+    if timer is not None:
+        timer.cancel()  # its wall-clock limit is meant for batch reads; a mount lives until unmounted
+    return tree
+
+
 def _setup_logging(log_file: str | None, foreground: bool, debug: bool) -> None:
     root = logging.getLogger("imgkit")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -168,8 +182,16 @@ def mount(image: str, mountpoint: str, *, password=None, foreground: bool = Fals
     check_fuse()
     if log_file:
         log_file = os.path.abspath(log_file)
-    tree = build_tree(image, path, password, cache_size)
+    image = os.path.abspath(image)
+    if _opens_in_process(image):
+        tree = build_tree(image, path, password, cache_size)  # errors and the password prompt: here
+    else:
+        # A foreign image is read through a qemu-storage-daemon child with worker threads: it must
+        # be started by the process that serves it, after the fork. Check it opens first.
+        build_tree(image, path, password, cache_size).disk.stream.close()
+        tree = functools.partial(_build_foreign_tree, image, path, password, cache_size)
     if foreground:
+        tree = tree() if callable(tree) else tree
         _setup_logging(log_file, True, debug)
         runtime = _write_runtime_file(path, image)
         try:
@@ -196,13 +218,12 @@ def _remove(path: str) -> None:
         pass
 
 
-def _daemonize(tree: ImageTree, image: str, path: str, allow_other: bool, log_file: str | None,
+def _daemonize(tree, image: str, path: str, allow_other: bool, log_file: str | None,
                debug: bool) -> int:
     # Fork before any thread exists (trio, worker threads and the appliance all start in the child)
     # and report back through a pipe, so `imgkit mount` returns only when the mount is live.
     sys.stdout.flush()
     sys.stderr.flush()
-    image = os.path.abspath(image)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -216,6 +237,8 @@ def _daemonize(tree: ImageTree, image: str, path: str, allow_other: bool, log_fi
             os.dup2(devnull, 0)
             _setup_logging(log_file, False, debug)
             runtime = _write_runtime_file(path, image)
+            if callable(tree):
+                tree = tree()
 
             def ready():
                 os.write(w, b"OK\n")
@@ -240,7 +263,8 @@ def _daemonize(tree: ImageTree, image: str, path: str, allow_other: bool, log_fi
                 _remove(runtime)
             os._exit(code)
     os.close(w)
-    tree.disk.stream.close()  # the daemon owns the image now
+    if not callable(tree):
+        tree.disk.stream.close()  # the daemon owns the image now
     chunks = []
     while True:
         data = os.read(r, 4096)
