@@ -67,11 +67,20 @@ def test_corrupt_chunk_gives_eio_on_exactly_its_range(tmp_path):
                 def good(off, n):
                     src.seek(off)
                     assert os.pread(fd, n, off) == src.read(n), (off, n)
-                for off, n in ((bad * cs, 1), (bad * cs + 5000, 4096), ((bad - 1) * cs + cs - 1, 2),
-                               ((bad - 1) * cs, 3 * cs)):
+                for off, n in ((bad * cs, 1), (bad * cs + 5000, 4096), (bad * cs + cs - 4096, 8192)):
                     with pytest.raises(OSError) as err:
                         os.pread(fd, n, off)
                     assert err.value.errno == errno.EIO
+                # A read that starts before the bad chunk returns the good bytes and stops where the
+                # damage starts (a short read, as read(2) does), or fails outright: never bad bytes.
+                for off, n in (((bad - 1) * cs + cs - 1, 2), ((bad - 1) * cs, 3 * cs)):
+                    try:
+                        got = os.pread(fd, n, off)
+                    except OSError as err:
+                        assert err.errno == errno.EIO
+                    else:
+                        src.seek(off)
+                        assert got == src.read(bad * cs - off), (off, n, len(got))
                 good((bad - 1) * cs, cs)  # the chunk before, up to its last byte
                 good((bad + 1) * cs, cs)  # the chunk after
                 good(0, 1 << 20)

@@ -22,7 +22,8 @@ from imgkit.vfs import Attr, ImageTree, NoSuchEntry, NotADirectory
 log = logging.getLogger("imgkit.mount")
 
 TIMEOUT = 3600.0  # the image never changes while mounted: the kernel may cache names and attributes
-READ_AHEAD_BYTES = 4 << 20  # how far past a sequential read the next chunks are decompressed
+READ_AHEAD_BYTES = 4 << 20
+DIRECT_IO = os.environ.get("IMGKIT_MOUNT_DIRECT_IO") == "1"  # how far past a sequential read the next chunks are decompressed
 
 
 class _Handle:
@@ -152,13 +153,14 @@ class ImageOperations(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = _Handle(inode)
         info = pyfuse3.FileInfo(fh=fh)
-        if self.tree.disk_range(inode) is not None:
-            # The disk views bypass the page cache: every read reaches us with the caller's size
-            # (up to max_read), so a corrupt chunk fails exactly the reads that touch it, and our own
-            # chunk cache + read-ahead do the caching.
+        # The image never changes while mounted, so the kernel's page cache may keep what it read:
+        # warm reads never reach this process, and mmap works. A corrupt chunk still fails only its
+        # own pages: when a read-ahead batch fails, the kernel re-reads each wanted page alone.
+        # IMGKIT_MOUNT_DIRECT_IO=1 sends every read here instead (measured in bench/bench_mount.py).
+        if DIRECT_IO and self.tree.disk_range(inode) is not None:
             info.direct_io = True
         else:
-            info.keep_cache = True  # guest files and info.json never change while mounted
+            info.keep_cache = True
         return info
 
     async def read(self, fh, off, size):
