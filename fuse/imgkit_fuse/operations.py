@@ -49,6 +49,11 @@ class ImageOperations(pyfuse3.Operations):
         self._prefetch_limiter = trio.CapacityLimiter(max(1, workers - 1))
         self._files_limiter = trio.CapacityLimiter(8)
         self._nursery: trio.Nursery | None = None
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        self.initialized = trio.Event()
+
+    def init(self):
+        self.initialized.set()
 
     def set_nursery(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -172,6 +177,8 @@ class ImageOperations(pyfuse3.Operations):
         else:
             h.sequential = 0
         h.next_offset = off + size
+        if self._debug:
+            log.debug("read ino %d off %d size %d seq %d", h.ino, off, size, h.sequential)
         data = await self._run(h.ino, self.tree.read, h.ino, off, size)
         if h.sequential >= 1 and self._nursery is not None:
             self._start_read_ahead(h.ino, off + len(data))

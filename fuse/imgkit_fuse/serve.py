@@ -17,7 +17,7 @@ from .operations import ImageOperations
 
 log = logging.getLogger("imgkit.mount")
 MAX_READ = 1 << 20
-BDI_READ_AHEAD_KB = 1024
+BDI_READ_AHEAD_KB = 4096
 
 
 def mount_options(allow_other: bool = False) -> set[str]:
@@ -29,7 +29,7 @@ def mount_options(allow_other: bool = False) -> set[str]:
 
 
 def _tune_read_ahead(mountpoint: str) -> None:
-    """Buffered reads (guest files) come in read_ahead_kb pieces: raise it from 128 KiB. Found via
+    """Buffered reads come in read_ahead_kb pieces (up to max_pages): raise it from 128 KiB. Found via
     mountinfo, never by stat()ing the mount (that would wait for this very loop)."""
     import os
     target = os.path.abspath(mountpoint)  # realpath would lstat the mount: a request to ourselves
@@ -79,9 +79,16 @@ async def _main(ops: ImageOperations, tree: ImageTree, mountpoint: str, on_ready
                     pyfuse3.terminate()
                     return
 
+        async def tune_read_ahead():
+            # The kernel sets the mount's read-ahead when it gets the reply to FUSE_INIT; this
+            # runs after that (INIT is the first request, answered before any other).
+            await ops.initialized.wait()
+            await trio.sleep(0.05)
+            _tune_read_ahead(mountpoint)
+
         nursery.start_soon(fuse_loop)
         nursery.start_soon(stop_on_signal)
+        nursery.start_soon(tune_read_ahead)
         await trio.sleep(0)
-        _tune_read_ahead(mountpoint)
         if on_ready is not None:
             on_ready()

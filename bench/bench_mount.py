@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""imgkit mount vs qemu-storage-daemon's FUSE export of the same disk as a zstd-compressed qcow2
+(the same job: a compressed image shown as a raw file), side by side, alternating, median ratios
+(../shared/guides/benchmarks.md). Input F of bench/inputs.py (a whole GPT disk: ESP + ext4 + swap).
+
+  seq   cold `dd bs=1M` of the whole disk: page cache dropped and both daemons restarted before each run
+  rand  4 KiB reads at seeded random offsets, latency p50/p99, cold (fresh daemon, caches dropped)
+        then warm (the same offsets again)
+  rss   peak RSS (VmHWM) of each daemon over a session
+  find  `find` over the ext4 partition's files: imgkit files/p2 vs `guestmount --ro` of the qcow2
+        (both start a libguestfs appliance: its start is reported apart)
+
+Usage: python bench/bench_mount.py [--quick] [--runs N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
+from inputs import WORK, build  # noqa: E402
+
+IMGKIT = [sys.executable, "-m", "imgkit"]
+ENV = {**os.environ, "IMGKIT_ACCEL": os.environ.get("IMGKIT_ACCEL", "tcg"),
+       "LIBGUESTFS_BACKEND": "direct"}
+CACHE = "64M"
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV, **kw)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+class ImgkitMount:
+    name = "imgkit mount"
+
+    def __init__(self, image: str, work: str):
+        self.image, self.mp = image, os.path.join(work, "imgkit-mnt")
+        os.makedirs(self.mp, exist_ok=True)
+        self.file = os.path.join(self.mp, "disk.raw")
+
+    def start(self):
+        sh(IMGKIT + ["mount", self.image, self.mp, "--cache-size", CACHE])
+        from imgkit.mount import _runtime_file
+        with open(_runtime_file(self.mp)) as f:
+            self.pid = json.load(f)["pid"]
+
+    def rss(self) -> int:
+        return vm_hwm_kib(self.pid)
+
+    def stop(self):
+        sh(IMGKIT + ["umount", self.mp])
+
+
+class QsdMount:
+    name = "qemu-storage-daemon fuse"
+
+    def __init__(self, qcow: str, work: str):
+        self.qcow, self.file = qcow, os.path.join(work, "qsd-export.raw")
+
+    def start(self):
+        open(self.file, "a").close()
+        self.proc = subprocess.Popen(
+            ["qemu-storage-daemon",
+             "--blockdev", json.dumps({"driver": "file", "node-name": "f0", "filename": self.qcow, "read-only": True}),
+             "--blockdev", json.dumps({"driver": "qcow2", "node-name": "fmt0", "file": "f0", "read-only": True}),
+             "--export", json.dumps({"type": "fuse", "id": "e0", "node-name": "fmt0", "mountpoint": self.file,
+                                     "writable": False})],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not mounted(self.file):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("qemu-storage-daemon did not export: " + self.proc.stderr.read().decode())
+            time.sleep(0.05)
+        self.pid = self.proc.pid
+
+    def rss(self) -> int:
+        return vm_hwm_kib(self.pid)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.proc.stderr.close()
+
+
+def seq_read(path: str) -> float:
+    start = time.monotonic()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"], check=True)
+    return time.monotonic() - start
+
+
+def rand_reads(path: str, offsets: list[int]) -> list[float]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        lat = []
+        for off in offsets:
+            t = time.perf_counter()
+            os.pread(fd, 4096, off)
+            lat.append(time.perf_counter() - t)
+        return lat
+    finally:
+        os.close(fd)
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def find_count(path: str) -> tuple[float, int]:
+    start = time.monotonic()
+    out = subprocess.run(["find", path], check=True, capture_output=True).stdout
+    return time.monotonic() - start, out.count(b"\n")
+
+
+def bench_find(imgk: str, qcow: str, work: str) -> dict:
+    res = {}
+    mp = os.path.join(work, "imgkit-mnt")
+    sh(IMGKIT + ["mount", imgk, mp, "--cache-size", CACHE])
+    try:
+        t = time.monotonic()
+        os.listdir(os.path.join(mp, "files", "p2"))  # starts the appliance
+        res["imgkit_start"] = time.monotonic() - t
+        res["imgkit_find"], res["imgkit_entries"] = find_count(os.path.join(mp, "files", "p2"))
+        res["imgkit_find_again"], _ = find_count(os.path.join(mp, "files", "p2"))
+    finally:
+        sh(IMGKIT + ["umount", mp])
+    gm = os.path.join(work, "guestmount-mnt")
+    os.makedirs(gm, exist_ok=True)
+    env = {**ENV}
+    if env.get("IMGKIT_ACCEL") == "tcg":
+        env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
+    t = time.monotonic()
+    subprocess.run(["guestmount", "--ro", "--format=qcow2", "-a", qcow, "-m", "/dev/sda2", gm], check=True, env=env)
+    res["guestmount_start"] = time.monotonic() - t
+    try:
+        res["guestmount_find"], res["guestmount_entries"] = find_count(gm)
+        res["guestmount_find_again"], _ = find_count(gm)
+    finally:
+        subprocess.run(["guestunmount", gm], check=False)
+        if mounted(gm):
+            subprocess.run(["fusermount3", "-uz", gm], check=False)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int)
+    ap.add_argument("--reads", type=int)
+    ap.add_argument("--no-find", action="store_true")
+    args = ap.parse_args()
+    runs = args.runs or (3 if args.quick else 5)
+    nreads = args.reads or (300 if args.quick else 1000)
+    raw = build("F", args.quick)
+    tag = "quick" if args.quick else "full"
+    imgk = os.path.join(WORK, f"mount-F-{tag}.imgk")
+    qcow = os.path.join(WORK, f"mount-F-{tag}.qcow2")
+    if not os.path.exists(imgk):
+        sh(IMGKIT + ["capture", raw, imgk, "--progress", "none", "--force"])
+    if not os.path.exists(qcow):
+        sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", raw, qcow + ".tmp"])
+        os.rename(qcow + ".tmp", qcow)
+    size = os.path.getsize(raw)
+    print(f"input F ({tag}): {size >> 20} MiB raw; imgk {os.path.getsize(imgk) >> 20} MiB; "
+          f"qcow2 zstd {os.path.getsize(qcow) >> 20} MiB; {runs} runs, {nreads} random reads per run")
+    work = tempfile.mkdtemp(prefix="bench-mount-", dir=WORK)
+    tools = [ImgkitMount(imgk, work), QsdMount(qcow, work)]
+    seq = {t.name: [] for t in tools}
+    rand = {t.name: {"cold": [], "warm": []} for t in tools}
+    rss = {t.name: [] for t in tools}
+    checked = {}
+    rng = random.Random(20261126)
+    for r in range(runs):
+        offsets = [rng.randrange(size // 4096) * 4096 for _ in range(nreads)]
+        for t in tools:
+            t.start()
+            try:
+                drop_caches()
+                seq[t.name].append(seq_read(t.file))
+            finally:
+                t.stop()
+            t.start()
+            try:
+                drop_caches()
+                rand[t.name]["cold"].extend(rand_reads(t.file, offsets))
+                rand[t.name]["warm"].extend(rand_reads(t.file, offsets))
+                if r == 0:
+                    fd = os.open(t.file, os.O_RDONLY)
+                    with open(raw, "rb") as src:
+                        ok = all(os.pread(fd, 4096, o) == (src.seek(o), src.read(4096))[1] for o in offsets[:50])
+                    os.close(fd)
+                    checked[t.name] = ok
+                rss[t.name].append(t.rss())
+            finally:
+                t.stop()
+    a, b = tools[0].name, tools[1].name
+    print(f"\n{'':28}{a:>22}{b:>28}{'ratio':>10}")
+    ta, tb = statistics.median(seq[a]), statistics.median(seq[b])
+    print(f"{'seq dd bs=1M cold MB/s':28}{size / ta / 1e6:>22.0f}{size / tb / 1e6:>28.0f}{tb / ta:>9.2f}x")
+    for phase in ("cold", "warm"):
+        for p in (50, 99):
+            la, lb = pct(rand[a][phase], p) * 1e6, pct(rand[b][phase], p) * 1e6
+            print(f"{f'4K random {phase} p{p} (us)':28}{la:>22.0f}{lb:>28.0f}{la / lb:>9.2f}x")
+    print(f"{'daemon peak RSS (MiB)':28}{max(rss[a]) / 1024:>22.1f}{max(rss[b]) / 1024:>28.1f}")
+    print(f"{'reads match the raw disk':28}{str(checked.get(a)):>22}{str(checked.get(b)):>28}")
+    print(f"(seq ratio = imgkit throughput / qsd throughput; latency ratio = imgkit / qsd, lower is better;"
+          f" imgkit cache {CACHE})")
+    if not args.no_find:
+        f = bench_find(imgk, qcow, work)
+        print(f"\nfiles view of the ext4 partition ({f['imgkit_entries']} vs {f['guestmount_entries']} entries):")
+        print(f"  appliance start: imgkit {f['imgkit_start']:.1f} s, guestmount {f['guestmount_start']:.1f} s")
+        print(f"  find (first):    imgkit {f['imgkit_find']:.2f} s, guestmount {f['guestmount_find']:.2f} s "
+              f"(ratio {f['guestmount_find'] / f['imgkit_find']:.2f}x)")
+        print(f"  find (again):    imgkit {f['imgkit_find_again']:.3f} s, guestmount {f['guestmount_find_again']:.3f} s")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
