@@ -61,10 +61,9 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 class ImgkitMount:
-    name = "imgkit mount"
-
-    def __init__(self, image: str, work: str):
-        self.image, self.mp = image, os.path.join(work, "imgkit-mnt")
+    def __init__(self, image: str, work: str, name: str = "imgkit mount"):
+        self.name = name
+        self.image, self.mp = image, os.path.join(work, "imgkit-mnt-" + name.split()[-1].strip("()"))
         os.makedirs(self.mp, exist_ok=True)
         self.file = os.path.join(self.mp, "disk.raw")
 
@@ -144,7 +143,8 @@ def find_count(path: str) -> tuple[float, int]:
 
 def bench_find(imgk: str, qcow: str, work: str) -> dict:
     res = {}
-    mp = os.path.join(work, "imgkit-mnt")
+    mp = os.path.join(work, "imgkit-mnt-find")
+    os.makedirs(mp, exist_ok=True)
     sh(IMGKIT + ["mount", imgk, mp, "--cache-size", CACHE])
     try:
         t = time.monotonic()
@@ -185,16 +185,20 @@ def main() -> None:
     tag = "quick" if args.quick else "full"
     imgk = os.path.join(WORK, f"mount-F-{tag}.imgk")
     qcow = os.path.join(WORK, f"mount-F-{tag}.qcow2")
+    imgk64 = os.path.join(WORK, f"mount-F-{tag}-64K.imgk")
     if not os.path.exists(imgk):
         sh(IMGKIT + ["capture", raw, imgk, "--progress", "none", "--force"])
+    if not os.path.exists(imgk64):
+        sh(IMGKIT + ["capture", raw, imgk64, "--progress", "none", "--force", "--chunk-size", "64K"])
     if not os.path.exists(qcow):
         sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", raw, qcow + ".tmp"])
         os.rename(qcow + ".tmp", qcow)
     size = os.path.getsize(raw)
     print(f"input F ({tag}): {size >> 20} MiB raw; imgk {os.path.getsize(imgk) >> 20} MiB; "
-          f"qcow2 zstd {os.path.getsize(qcow) >> 20} MiB; {runs} runs, {nreads} random reads per run")
+          f"imgk 64K chunks {os.path.getsize(imgk64) >> 20} MiB; qcow2 zstd {os.path.getsize(qcow) >> 20} MiB; {runs} runs, {nreads} random reads per run")
     work = tempfile.mkdtemp(prefix="bench-mount-", dir=WORK)
-    tools = [ImgkitMount(imgk, work), QsdMount(qcow, work)]
+    tools = [ImgkitMount(imgk, work, "imgkit (1M chunks)"), ImgkitMount(imgk64, work, "imgkit (64K chunks)"),
+             QsdMount(qcow, work)]
     seq = {t.name: [] for t in tools}
     rand = {t.name: {"cold": [], "warm": []} for t in tools}
     rss = {t.name: [] for t in tools}
@@ -223,18 +227,20 @@ def main() -> None:
                 rss[t.name].append(t.rss())
             finally:
                 t.stop()
-    a, b = tools[0].name, tools[1].name
-    print(f"\n{'':28}{a:>22}{b:>28}{'ratio':>10}")
-    ta, tb = statistics.median(seq[a]), statistics.median(seq[b])
-    print(f"{'seq dd bs=1M cold MB/s':28}{size / ta / 1e6:>22.0f}{size / tb / 1e6:>28.0f}{tb / ta:>9.2f}x")
+    names = [t.name for t in tools]
+    q = names[-1]
+    print("\n" + f"{'':28}" + "".join(f"{n:>26}" for n in names))
+    print(f"{'seq dd bs=1M cold MB/s':28}" + "".join(f"{size / statistics.median(seq[n]) / 1e6:>26.0f}" for n in names))
+    print(f"{'  ratio to qsd':28}" + "".join(f"{statistics.median(seq[q]) / statistics.median(seq[n]):>25.2f}x"
+                                             for n in names))
     for phase in ("cold", "warm"):
         for p in (50, 99):
-            la, lb = pct(rand[a][phase], p) * 1e6, pct(rand[b][phase], p) * 1e6
-            print(f"{f'4K random {phase} p{p} (us)':28}{la:>22.0f}{lb:>28.0f}{la / lb:>9.2f}x")
-    print(f"{'daemon peak RSS (MiB)':28}{max(rss[a]) / 1024:>22.1f}{max(rss[b]) / 1024:>28.1f}")
-    print(f"{'reads match the raw disk':28}{str(checked.get(a)):>22}{str(checked.get(b)):>28}")
-    print(f"(seq ratio = imgkit throughput / qsd throughput; latency ratio = imgkit / qsd, lower is better;"
-          f" imgkit cache {CACHE})")
+            print(f"{f'4K random {phase} p{p} (us)':28}" + "".join(f"{pct(rand[n][phase], p) * 1e6:>26.0f}" for n in names))
+            print(f"{'  ratio to qsd':28}" + "".join(f"{pct(rand[n][phase], p) / pct(rand[q][phase], p):>25.2f}x"
+                                                     for n in names))
+    print(f"{'daemon peak RSS (MiB)':28}" + "".join(f"{max(rss[n]) / 1024:>26.1f}" for n in names))
+    print(f"{'reads match the raw disk':28}" + "".join(f"{str(checked.get(n)):>26}" for n in names))
+    print(f"(seq ratio: throughput / qsd's; latency ratio: latency / qsd's, lower is better; imgkit cache {CACHE})")
     if not args.no_find:
         f = bench_find(imgk, qcow, work)
         print(f"\nfiles view of the ext4 partition ({f['imgkit_entries']} vs {f['guestmount_entries']} entries):")

@@ -285,11 +285,22 @@ def _daemonize(tree, image: str, path: str, allow_other: bool, log_file: str | N
 
 
 # -- unmount ------------------------------------------------------------------------------------
-def _wait_unmounted(path: str, timeout: float) -> bool:
+def _pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_unmounted(path: str, timeout: float, pid: int | None = None) -> bool:
+    """Until the mount is gone, or its daemon exited without removing it (e.g. the mount was busy)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if find_mount(path) is None:
             return True
+        if pid is not None and _pid_gone(pid):
+            break
         time.sleep(0.05)
     return find_mount(path) is None
 
@@ -320,7 +331,7 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
     if pid is not None:
         try:
             os.kill(pid, signal.SIGTERM)
-            if _wait_unmounted(path, timeout):
+            if _wait_unmounted(path, timeout, pid):
                 how = "daemon"
         except ProcessLookupError:
             pass

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .errors import ImgkitError, InputError
+from .formats.imgk_layout import KIND_DATA as _KIND_DATA
 from .stream import Stream
 
 ROOT_INO = 1
@@ -163,8 +164,7 @@ class DiskReader:
         self._lock = None if safe else threading.Lock()
 
     def _is_data(self, i: int) -> bool:
-        from .formats import imgk_layout as L
-        return self.stream.index[i].kind == L.KIND_DATA
+        return self.stream.index[i].kind == _KIND_DATA
 
     def read(self, offset: int, size: int) -> bytes:
         if offset >= self.size or size <= 0:
@@ -189,6 +189,25 @@ class DiskReader:
                 parts.append(data[pos - base:stop - base])
             pos = stop
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    INLINE_STORED = 96 << 10  # decompressing this much takes tens of microseconds: less than a thread hop
+
+    def is_cheap(self, offset: int, size: int) -> bool:
+        """Whether read(offset, size) is only cache hits, zeros and small chunks, so doing it on the
+        caller's thread costs less than handing it to a worker."""
+        if size <= 0 or offset >= self.size:
+            return True
+        if not self.chunked:
+            return False
+        cs = self.chunk_size
+        first, last = offset // cs, (min(self.size, offset + size) - 1) // cs
+        if last - first > 1:
+            return False
+        index = self.stream.index
+        for i in range(first, last + 1):
+            if self._is_data(i) and i not in self.cache and index[i].stored_length > self.INLINE_STORED:
+                return False
+        return True
 
     def chunks_to_prefetch(self, offset: int, window: int) -> list[int]:
         """Stored chunks in [offset, offset+window) that are neither cached nor being loaded."""
@@ -399,6 +418,12 @@ class ImageTree:
         if node.kind == "guest" and stat.S_ISREG(node.attr.mode):
             return self._read_guest(node, offset, size)
         raise InputError("not a regular file")
+
+    def read_is_cheap(self, ino: int, offset: int, size: int) -> bool:
+        node = self.nodes.get(ino)
+        if node is None or node.kind != "disk":
+            return node is not None and node.kind == "bytes"
+        return self.disk.is_cheap(node.start + offset, min(size, max(0, node.attr.size - offset)))
 
     def disk_range(self, ino: int) -> tuple[int, int] | None:
         """(start on the disk, size) of a disk-backed file, for read-ahead planning."""

@@ -42,11 +42,11 @@ class ImageOperations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, list] = {}
         self._next_fh = 1
-        # Decompression uses the cores: bounded, and prefetch gets fewer threads than reads. Calls
+        # Decompression uses the cores: bounded, reads and prefetch one thread per core each. Calls
         # into the appliance get their own pool: they wait on the appliance, which itself reads
         # disk.raw through this very filesystem, so they must never hold the threads disk reads need.
         self._limiter = trio.CapacityLimiter(workers)
-        self._prefetch_limiter = trio.CapacityLimiter(max(1, workers - 1))
+        self._prefetch_limiter = trio.CapacityLimiter(workers)
         self._files_limiter = trio.CapacityLimiter(8)
         self._nursery: trio.Nursery | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -59,9 +59,9 @@ class ImageOperations(pyfuse3.Operations):
         self._nursery = nursery
 
     # helpers ----------------------------------------------------------------------------------
-    async def _run(self, ino: int, fn, *args):
+    async def _run(self, ino: int, fn, *args, inline: bool = False):
         try:
-            kind = self.tree.blocking(ino)
+            kind = None if inline else self.tree.blocking(ino)
             if kind is None:
                 return fn(*args)
             limiter = self._limiter if kind == "disk" else self._files_limiter
@@ -179,7 +179,8 @@ class ImageOperations(pyfuse3.Operations):
         h.next_offset = off + size
         if self._debug:
             log.debug("read ino %d off %d size %d seq %d", h.ino, off, size, h.sequential)
-        data = await self._run(h.ino, self.tree.read, h.ino, off, size)
+        data = await self._run(h.ino, self.tree.read, h.ino, off, size,
+                               inline=self.tree.read_is_cheap(h.ino, off, size))
         if h.sequential >= 1 and self._nursery is not None:
             self._start_read_ahead(h.ino, off + len(data))
         return data
