@@ -142,3 +142,11 @@ def test_missing_dev_fuse_is_an_environment_problem(monkeypatch):
     with pytest.raises(EnvironmentProblem) as e:
         m.check_fuse()
     assert e.value.exit_code == 4 and "/dev/fuse" in str(e.value)
+
+
+def test_allow_other_adds_default_permissions(tmp_path):
+    mp = str(tmp_path / "m")
+    with mounted(captured(), mp, "--allow-other"):
+        with open("/proc/self/mountinfo") as f:
+            line = next(l for l in f if l.split()[4] == mp)
+        assert "allow_other" in line and "default_permissions" in line, line

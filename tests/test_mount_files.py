@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import needs_root
 from tests.mount.helpers import built_disk, captured, mounted, mounted_here
-from imgkit.vfs import _GUEST_BASE  # noqa: F401  (the files view allocates inodes from here)
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.fuse, pytest.mark.guestfs, pytest.mark.slow]
 
