@@ -98,3 +98,20 @@ def test_no_writes_into_the_image(files_mount):
         os.stat(os.path.join(files_mount, "p1", "no-such-file"))
     with pytest.raises(NotADirectoryError):
         os.listdir(os.path.join(files_mount, "p1", "hello.txt"))
+
+
+def test_iso_without_partition_table_is_files_disk(tmp_path):
+    """A bare filesystem (here an ISO 9660 image) has no partitions: its files are under files/disk."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.txt").write_bytes(b"iso hello\n")
+    (src / "r.bin").write_bytes(os.urandom(200_000))
+    iso = str(tmp_path / "t.iso")
+    subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-R", "-V", "MYISO", "-o", iso, str(src)],
+                   check=True, capture_output=True)
+    mp = str(tmp_path / "m")
+    with mounted(iso, mp):
+        assert os.listdir(os.path.join(mp, "files")) == ["disk"]
+        assert os.listdir(os.path.join(mp, "partitions")) == []
+        assert _read(os.path.join(mp, "files", "disk", "sub", "a.txt")) == b"iso hello\n"
+        assert _read(os.path.join(mp, "files", "disk", "r.bin")) == (src / "r.bin").read_bytes()
