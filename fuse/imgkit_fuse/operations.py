@@ -51,6 +51,7 @@ class ImageOperations(pyfuse3.Operations):
         self._nursery: trio.Nursery | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.initialized = trio.Event()
+        self._queued: set[int] = set()  # chunks a prefetch job is waiting to load
 
     def init(self):
         self.initialized.set()
@@ -193,13 +194,25 @@ class ImageOperations(pyfuse3.Operations):
         if next_offset >= size:
             return
         window = min(READ_AHEAD_BYTES, size - next_offset)
-        for i in self.tree.disk.chunks_to_prefetch(start + next_offset, window):
-            self._nursery.start_soon(self._prefetch, i)
+        wanted = [i for i in self.tree.disk.chunks_to_prefetch(start + next_offset, window)
+                  if i not in self._queued]
+        self._queued.update(wanted)
+        # One worker job per ~1 MiB of chunks: small chunks would otherwise cost a thread hop each.
+        per_job = max(1, (1 << 20) // max(1, self.tree.disk.chunk_size))
+        for k in range(0, len(wanted), per_job):
+            self._nursery.start_soon(self._prefetch, wanted[k:k + per_job])
 
-    async def _prefetch(self, i: int) -> None:
-        if i in self.tree.disk.cache:
-            return
-        await trio.to_thread.run_sync(self.tree.disk.prefetch, i, limiter=self._prefetch_limiter)
+    async def _prefetch(self, chunks: list[int]) -> None:
+        try:
+            todo = [i for i in chunks if i not in self.tree.disk.cache]
+            if todo:
+                await trio.to_thread.run_sync(self._prefetch_sync, todo, limiter=self._prefetch_limiter)
+        finally:
+            self._queued.difference_update(chunks)
+
+    def _prefetch_sync(self, chunks: list[int]) -> None:
+        for i in chunks:
+            self.tree.disk.prefetch(i)
 
     async def release(self, fh):
         self._handles.pop(fh, None)
