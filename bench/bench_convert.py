@@ -4,9 +4,10 @@
   qcow2 -> imgk            <= 1.3x  `qemu-img convert -f qcow2 -O raw`
   peak extra disk space during any imgkit conversion <= 64 MiB beyond the output.
 
-Peak extra disk: while each imgkit run goes, a sampler adds up the allocated bytes of every file in
-the output directory and of imgkit's private temp directories in /tmp, every 20 ms; "extra" is the
-peak minus the finished output's own allocation (the destination's temp name counts as output).
+Peak extra disk: each imgkit run gets its own TMPDIR inside the output directory (so other
+processes' temp files on a shared machine do not count), and a sampler adds up the allocated bytes
+of every file in the output directory every 20 ms; "extra" is the peak minus the allocation once
+the run is done (the destination's temp name counts as output).
 
 Usage: bench/bench_convert.py [--quick] [--runs N] [--inputs F A]
 Run as root from the repo root with the venv's python (./.venv/bin/python bench/bench_convert.py).
@@ -14,7 +15,6 @@ Run as root from the repo root with the venv's python (./.venv/bin/python bench/
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import subprocess
@@ -52,17 +52,20 @@ def _allocated_under(paths) -> int:
 
 
 def peak_extra_disk(cmd: str, out_dir: str, output: str) -> int:
-    """Run cmd once, sampling the allocation of out_dir and imgkit's /tmp dirs; peak minus output."""
+    """Run cmd once with TMPDIR inside out_dir, sampling the allocation under out_dir; peak minus
+    what is left when it is done."""
     peak, stop = [0], threading.Event()
+    tmp = os.path.join(out_dir, "tmp")
+    os.makedirs(tmp, exist_ok=True)
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _allocated_under([out_dir, *glob.glob("/tmp/imgkit-*")]))
+            peak[0] = max(peak[0], _allocated_under([out_dir]))
             time.sleep(0.02)
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     try:
-        run_measured(cmd, output)
+        run_measured(cmd, output, env=dict(os.environ, TMPDIR=tmp))
     finally:
         stop.set()
         t.join()
