@@ -90,6 +90,8 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
                                            o("a.qcow2"), rm(o("a.qcow2"))),
             "qemu-img convert raw->qcow2": (f"qemu-img convert -f raw -O qcow2 -o compat=1.1 {src} {o('b.qcow2')}",
                                             o("b.qcow2"), rm(o("b.qcow2"))),
+            # The floor under imgk -> anything: decompressing and hashing every stored chunk.
+            "(info) imgkit verify of the imgk": (f"{IMGKIT} verify --progress none {src_imgk}", None, None),
         }, "qemu-img convert raw->qcow2", 1.3),
         ("imgk -> qcow2 (zstd)", {
             "imgkit convert --compress": (f"{IMGKIT} convert --progress none --force --compress {src_imgk} "
@@ -113,9 +115,10 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
     for title, rows, baseline, target in sections:
         result = alternate(rows, runs)
         for row_name, (cmd, out, _clean) in rows.items():
-            result[row_name].check = check(out, src)
+            result[row_name].check = check(out, src) if out else "exit 0"
         for _, out, clean in rows.values():
-            clean()
+            if clean:
+                clean()
         for ours in (r for r in result.values() if r.name.startswith("imgkit")):
             ratio = ours.median("wall") / result[baseline].median("wall")
             extra = peak_extra_disk(rows[ours.name][0], out_dir, rows[ours.name][1])
