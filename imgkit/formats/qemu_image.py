@@ -132,7 +132,7 @@ class QemuImage(Stream):
             h = self._handle()
             self.size = h.get_size()
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.host_map = HostMap.build(path, fmt, os.fstat(self._fd).st_size, self.size)
+            self.host_map, self._host_map_built = HostMap([]), False
         except BaseException:
             self.close()
             raise
@@ -162,6 +162,14 @@ class QemuImage(Stream):
                 self._handles.append(h)
             self._local.h = h
         return h
+
+    def _build_host_map(self) -> None:
+        """Built when a consumer asks for runs() (capture, convert): a bulk read is coming. Small
+        readers (info's partition probing) go through NBD and never pay for qemu-img map."""
+        with self._lock:
+            if not self._host_map_built:
+                self.host_map = HostMap.build(self.path, self.format_name, os.fstat(self._fd).st_size, self.size)
+                self._host_map_built = True
 
     def describe(self) -> dict:
         return {"path": os.path.abspath(self.path), "kind": "image", "size": self.size,
@@ -195,6 +203,7 @@ class QemuImage(Stream):
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # libnbd hands out bytearrays
 
     def runs(self) -> Iterator[Run]:
+        self._build_host_map()
         if self._runs is None:
             self._runs = list(merge_runs(self._allocation()))
         return iter(self._runs)
