@@ -90,6 +90,10 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
                                            o("a.qcow2"), rm(o("a.qcow2"))),
             "qemu-img convert raw->qcow2": (f"qemu-img convert -f raw -O qcow2 -o compat=1.1 {src} {o('b.qcow2')}",
                                             o("b.qcow2"), rm(o("b.qcow2"))),
+            # imgkit fsyncs what it writes before renaming it into place; qemu-img does not.
+            "(info) qemu-img convert raw->qcow2 + sync": (f"qemu-img convert -f raw -O qcow2 -o compat=1.1 {src} "
+                                                          f"{o('i.qcow2')} && sync {o('i.qcow2')}", o("i.qcow2"),
+                                                          rm(o("i.qcow2"))),
             # The floor under imgk -> anything: decompressing and hashing every stored chunk.
             "(info) imgkit verify of the imgk": (f"{IMGKIT} verify --progress none {src_imgk}", None, None),
         }, "qemu-img convert raw->qcow2", 1.3),
@@ -109,6 +113,9 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
                                                      f"{src_qcow2} {o('g.imgk')}", o("g.imgk"), rm(o("g.imgk"))),
             "qemu-img convert qcow2->raw": (f"qemu-img convert -f qcow2 -O raw {src_qcow2} {o('f.raw')}",
                                             o("f.raw"), rm(o("f.raw"))),
+            "(info) qemu-img convert qcow2->raw + sync": (f"qemu-img convert -f qcow2 -O raw {src_qcow2} "
+                                                          f"{o('j.raw')} && sync {o('j.raw')}", o("j.raw"),
+                                                          rm(o("j.raw"))),
         }, "qemu-img convert qcow2->raw", 1.3),
     ]
     summary = []
