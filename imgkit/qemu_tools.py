@@ -99,11 +99,14 @@ def describe_failure(returncode: int, stderr: str) -> str:
     return lines[-1] if lines else f"exit status {returncode}"
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+def wait_for_socket(path: str, proc: subprocess.Popen, log_path: str | None = None, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if proc.poll() is not None:
-            err = proc.stderr.read() if proc.stderr else ""
+            err = ""
+            if log_path:
+                with open(log_path, errors="replace") as f:
+                    err = f.read(65536)
             raise OperationFailed(f"qemu-storage-daemon exited: {describe_failure(proc.returncode, err)}")
         if time.monotonic() > deadline:
             kill_group(proc)

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from typing import Iterator
 
-from ..errors import BadImage, EnvironmentProblem
+from ..errors import BadImage, EnvironmentProblem, OperationFailed
 from ..errors import ImgkitError
 from ..qemu_tools import INFO_LIMITS, Limits, kill_group, limits_for_size, popen, run, wait_for_socket
 from ..stream import DATA, ZERO, Run, Stream, merge_runs
@@ -142,8 +142,19 @@ class QemuImage(Stream):
                 "--nbd-server", json.dumps({"addr": {"type": "unix", "path": self.socket_path}}),
                 "--export", json.dumps({"type": "nbd", "id": "exp0", "node-name": "fmt0",
                                         "name": EXPORT_NAME, "writable": False})]
-        self._proc = popen(argv, limits, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_for_socket(self.socket_path, self._proc)
+        # stderr to a file, not a pipe: nobody drains a pipe during a long capture, and a full pipe
+        # would stall qemu.
+        log_path = os.path.join(self._dir, "qsd.log")
+        with open(log_path, "w") as log:
+            self._proc = popen(argv, limits, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_for_socket(self.socket_path, self._proc, log_path)
+        except OperationFailed as e:
+            if self._proc.poll() is None:
+                raise
+            # qemu refused the file: damaged beyond what imgkit's inspection checks (e.g. checksums)
+            reason = str(e).split(": ", 1)[-1].rsplit(": ", 1)[-1]
+            raise BadImage(f"{self.path}: qemu could not open it as {self.format_name}: {reason}") from None
         self._timer = threading.Timer(limits.wall_seconds, kill_group, args=(self._proc,))
         self._timer.daemon = True
         self._timer.start()
@@ -251,7 +262,5 @@ class QemuImage(Stream):
             self._timer.cancel()
         if self._proc is not None:
             kill_group(self._proc)
-            if self._proc.stderr:
-                self._proc.stderr.close()
             self._proc = None
         shutil.rmtree(self._dir, ignore_errors=True)
