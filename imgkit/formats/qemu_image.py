@@ -178,9 +178,18 @@ class QemuImage(Stream):
         """Built when a consumer asks for runs() (capture, convert): a bulk read is coming. Small
         readers (info's partition probing) go through NBD and never pay for qemu-img map."""
         with self._lock:
-            if not self._host_map_built:
-                self.host_map = HostMap.build(self.path, self.format_name, os.fstat(self._fd).st_size, self.size)
-                self._host_map_built = True
+            if self._host_map_built:
+                return
+            if self.format_name == "vhdx":  # qemu's VHDX driver has no block status: read the BAT
+                from .vhdx_map import read_layout
+                layout = read_layout(self.path, self.size)
+                if layout is not None:
+                    self._runs, extents = layout
+                    self.host_map = HostMap(extents)
+                    self._host_map_built = True
+                    return
+            self.host_map = HostMap.build(self.path, self.format_name, os.fstat(self._fd).st_size, self.size)
+            self._host_map_built = True
 
     def describe(self) -> dict:
         return {"path": os.path.abspath(self.path), "kind": "image", "size": self.size,
