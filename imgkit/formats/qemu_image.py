@@ -131,6 +131,10 @@ class QemuImage(Stream):
             self._start(limits or limits_for_size(inspected.virtual_size))
             h = self._handle()
             self.size = h.get_size()
+            try:
+                self._align = max(1, min(4096, h.get_block_size(self._nbd.SIZE_MINIMUM) or 1))
+            except (self._nbd.Error, AttributeError):
+                self._align = 512
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self.host_map, self._host_map_built = HostMap([]), False
         except BaseException:
@@ -212,15 +216,20 @@ class QemuImage(Stream):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _nbd_read(self, offset: int, length: int) -> bytes:
+        """Through qemu; its export wants requests aligned to its minimum block size (512)."""
         h = self._handle()
+        align = self._align
+        lo = offset - offset % align
+        hi = min(self.size, -(-(offset + length) // align) * align)
         parts = []
         try:
-            for pos in range(offset, offset + length, MAX_NBD_READ):
-                parts.append(h.pread(min(MAX_NBD_READ, offset + length - pos), pos))
+            for pos in range(lo, hi, MAX_NBD_READ):
+                parts.append(h.pread(min(MAX_NBD_READ, hi - pos), pos))
         except self._nbd.Error as e:
             raise BadImage(f"{self.path}: qemu could not read {self.format_name} data at offset {offset}: "
                            f"{e} (damaged image?)") from None
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # libnbd hands out bytearrays
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return bytes(data[offset - lo:offset - lo + length])  # libnbd hands out bytearrays
 
     def runs(self) -> Iterator[Run]:
         self._build_host_map()
