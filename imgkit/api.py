@@ -53,11 +53,24 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None) 
 def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
             split_size: int | None = None, password: Password = None, force: bool = False,
             plan: CapturePlan | None = None, progress: Progress | None = None,
-            source_format: str | None = None) -> CaptureResult:
-    """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image."""
+            source_format: str | None = None, sector_by_sector: bool = False,
+            partitions: str | None = None) -> CaptureResult:
+    """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image.
+    Filesystem-aware by default: only the blocks each filesystem uses are stored (see fsaware.py);
+    `sector_by_sector` keeps every byte; `partitions` ("1,3" or names/labels) selects partitions.
+    The result's `warnings` say what a partition selection leaves out that the disk needs to boot."""
+    if sector_by_sector and partitions:
+        raise InputError("--sector-by-sector and --partitions exclude each other",
+                         hint="a partition selection is filesystem-aware; drop one of them")
     refuse_output_on_source(source, output) if os.path.exists(source) else None
     src = open_image(source, password, fmt=source_format)
     try:
+        warnings: list[str] = []
+        if plan is None and not sector_by_sector:
+            from .fsaware import build_plan
+            fs_plan = build_plan(src, partitions=partitions, chunk_size=chunk_size,
+                                 path=source if isinstance(src, RawSource) else None)
+            plan, warnings = fs_plan.plan, fs_plan.warnings
         info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
                                                                  "kind": "image", "size": src.size}
         sealer_factory = None
@@ -69,9 +82,11 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
                 data_key = os.urandom(32)
                 slot = new_key_slot(secret, data_key, core_digest)
                 return Sealer(ImageKeys.from_data_key(data_key, image_id), core_digest), slot
-        return capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
-                              split_size=split_size, sealer_factory=sealer_factory, plan=plan,
-                              force=force, progress=progress)
+        result = capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
+                                split_size=split_size, sealer_factory=sealer_factory, plan=plan,
+                                force=force, progress=progress)
+        result.warnings = warnings
+        return result
     finally:
         src.close()
 

@@ -37,6 +37,7 @@ class CaptureResult:
     free_chunks: int
     deduplicated: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # e.g. a partition selection that cannot boot
 
 
 def _device_of_path(path: str) -> int:

@@ -42,13 +42,21 @@ def confirm_or_refuse(yes: bool):
 @click.option("--encrypt", is_flag=True, help="Encrypt with a password (prompted twice).")
 @password_options
 @click.option("--force", is_flag=True, help="Replace an existing image.")
+@click.option("--sector-by-sector", is_flag=True,
+              help="Keep every byte, free space too (forensics, unknown layouts). Default: only used blocks.")
+@click.option("--partitions", metavar="LIST",
+              help="Capture only these partitions (numbers, GPT names or labels, e.g. 1,3 or EFI,root), "
+                   "plus the partition table and boot code.")
 @progress_option
 @json_option
 def capture(source, image, level, preset, chunk_size, split_size, encrypt, password_file, force,
-            progress_mode, as_json):
+            sector_by_sector, partitions, progress_mode, as_json):
     """Capture a disk, raw image or ISO into an imgk image.
 
-    Example: imgkit capture /dev/sdb backup.imgk --high
+    Filesystem-aware by default: ext2/3/4, FAT, exFAT, NTFS, XFS, btrfs and swap partitions store only
+    their used blocks; other partitions and the space outside partitions are kept whole.
+
+    Example: imgkit capture /dev/sdb backup.imgk --high --partitions 1,2
     """
     if level is not None and preset:
         raise click.UsageError("--level and --fast/--high/--no-compress exclude each other")
@@ -56,8 +64,11 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
         level = {"fast": LEVEL_FAST, "high": LEVEL_HIGH, "none": LEVEL_NONE}.get(preset, LEVEL_DEFAULT)
     password = new_password(password_file) if encrypt else None
     result = api.capture(source, image, level=level, chunk_size=chunk_size, split_size=split_size,
-                         password=password, force=force, progress=make_progress("capture", progress_mode))
-    doc = {"image": result.paths[0], "volumes": result.paths, "logical_size": result.logical_size,
+                         password=password, force=force, progress=make_progress("capture", progress_mode),
+                         sector_by_sector=sector_by_sector, partitions=partitions)
+    for w in result.warnings:
+        click.echo(f"imgkit: warning: {w}", err=True)
+    doc = {"warnings": result.warnings, "image": result.paths[0], "volumes": result.paths, "logical_size": result.logical_size,
            "stored_size": result.stored_bytes, "data_chunks": result.data_chunks,
            "zero_chunks": result.zero_chunks, "free_chunks": result.free_chunks,
            "deduplicated_chunks": result.deduplicated, "seconds": round(result.seconds, 3)}
