@@ -97,13 +97,40 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
 
 
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
-            discard: bool = False, progress: Progress | None = None) -> RestoreResult:
+            discard: bool = False, progress: Progress | None = None, grow: bool = False) -> RestoreResult:
     """Restore a whole image to a block device or file. `confirm(text) -> bool` is asked before an
-    existing target is overwritten; pass None only when the user already agreed (--yes)."""
-    with open_image(image, password, allow_raw=False) as img:
+    existing target is overwritten; pass None only when the user already agreed (--yes).
+    On a larger target, the backup GPT is moved to the end; `grow` also grows the last partition and
+    its filesystem to fill the disk (grow.py)."""
+    with open_image(image, password) as img:
         paths = getattr(img, "volume_paths", [image])
-        return restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
-                              discard=discard, progress=progress)
+        result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
+                                discard=discard, progress=progress)
+        size = img.size
+    from .grow import fit_to_disk
+    with RawSource(target) as written:
+        larger = written.size > size
+    if larger or grow:
+        result.grow = fit_to_disk(target, size, grow).to_dict()
+    return result
+
+
+def plan_partition_restore(image: str, target: str, number: int, *, to_partition: int | None = None,
+                           password: Password = None):
+    """Where partition `number` of the image would go on `target` (partition_restore.py has the rules)."""
+    from .partition_restore import plan_partition_restore as make_plan
+    with open_image(image, password) as img:
+        return make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+
+
+def restore_partition(image: str, target: str, number: int, *, to_partition: int | None = None,
+                      password: Password = None, confirm=None, progress: Progress | None = None):
+    """Restore one partition of an image; returns (plan, RestoreResult)."""
+    from .partition_restore import plan_partition_restore as make_plan, restore_partition as run
+    with open_image(image, password) as img:
+        plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+        return plan, run(img, plan, image_paths=getattr(img, "volume_paths", [image]), confirm=confirm,
+                         progress=progress)
 
 
 def verify(image: str, *, password: Password = None, progress: Progress | None = None) -> VerifyReport:
