@@ -85,9 +85,13 @@ def build_plan(source: Stream, *, partitions: str | None = None, path: str | Non
     table, described = describe_partitions(source)
     entries = {e["number"]: e for e in described["partitions"]}
     parts = [p for p in table.partitions if p.type.lower() not in EXTENDED_TYPES]
-    if table.type == "none" and described.get("filesystem"):
-        parts = [Partition(0, 0, source.size, "none", "whole disk")]  # a superfloppy
-        entries = {0: described}
+    if not parts:  # no partitions: a superfloppy (a FAT boot sector can pass for an empty MBR)
+        from .filesystems.probe import probe
+        whole = probe(source)
+        if whole.type:
+            described.update(filesystem=whole.type, label=whole.label)
+            parts = [Partition(0, 0, source.size, "none", "whole disk")]
+            entries = {0: described}
     selected = _parse_selection(partitions, parts, described) if partitions else None
     result = FsAwarePlan(CapturePlan(), selected=selected)
     from .filesystems.boot_files import holds_boot_files
@@ -138,8 +142,6 @@ def build_plan(source: Stream, *, partitions: str | None = None, path: str | Non
     capture = {"mode": mode, "partitions": selected if selected is not None else [p.number for p in parts]}
     if result.warnings:
         capture["warnings"] = result.warnings
-    if table.type == "none":
-        described.update({k: v for k, v in entries.get(0, {}).items() if k in ("used_bytes", "capture_mode")})
     result.plan.metadata = {"partition_table": described, "capture": capture}
     return result
 

@@ -47,7 +47,7 @@ def render_info(info: dict) -> str:
         lines.append(f"  {p['number']:>3}  start {p['start']:>14}  {format_size(p['size']):>10}  "
                      f"{p['type_name']:<22} {p.get('filesystem') or '-':<8}{label}{used}"
                      + (" *" if p.get("bootable") else ""))
-    if pt.get("type") == "none" and pt.get("capture_mode"):
+    if not pt.get("partitions") and pt.get("capture_mode"):
         lines.append(f"  whole disk: {pt.get('filesystem') or '-'} used {format_size(pt.get('used_bytes') or 0)}"
                      f" [{pt['capture_mode']}]")
     for problem in pt.get("problems", []):

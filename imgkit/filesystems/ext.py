@@ -91,12 +91,16 @@ def used_blocks(part: Stream) -> UsedBlocks:
     meta_bg = bool(incompat & INCOMPAT_META_BG)
     # Where each descriptor block lives (meta_bg spreads them over the first group of each meta group).
     desc_block_locations = []
+    # The superblock is at byte 1024: block 1 with 1 KiB blocks (also under bigalloc, where the first
+    # data block is 0), else block 0; the descriptors follow it (ext2fs_descriptor_block_loc2).
+    sb_block = 1024 // bs
     for i in range(gdt_blocks):
         if meta_bg and i >= first_meta_bg:
             g0 = i * descs_per_block
-            desc_block_locations.append(group_start(g0) + (1 if has_super(g0) else 0))
+            adjust = 1 if g0 == 0 and sb_block == 1 and first_data_block == 0 else 0
+            desc_block_locations.append(group_start(g0) + (1 if has_super(g0) else 0) + adjust)
         else:
-            desc_block_locations.append(first_data_block + 1 + i)
+            desc_block_locations.append(sb_block + 1 + i)
     raw_desc = bytearray()
     for loc in desc_block_locations:
         if loc >= blocks:
@@ -143,7 +147,7 @@ def used_blocks(part: Stream) -> UsedBlocks:
             raise NotUsable(f"ext: block bitmap of group {g} is truncated")
         _or_bits(bitmap, start, raw, count)
     # The superblock and primary descriptors (and block 0 with 1 KiB blocks) are kept by first_byte.
-    mark_blocks(first_data_block, 1 + gdt_blocks)
+    mark_blocks(first_data_block, sb_block + 1 + gdt_blocks - first_data_block)
     kind = "ext4" if incompat & 0x2C0 or ro_compat & 0x78 else ("ext3" if compat & 0x4 else "ext2")
     return UsedBlocks(kind, bs * ratio, first_data_block * bs, clusters, bitmap)
 
