@@ -142,10 +142,9 @@ def image_info(img: Stream) -> dict:
     """What `imgkit info --json` prints."""
     if isinstance(img, ImageReader):
         meta = img.metadata
-        counts = {"data": 0, "zero": 0, "free": 0}
-        names = {L.KIND_DATA: "data", L.KIND_ZERO: "zero", L.KIND_FREE: "free"}
-        for e in img.index:
-            counts[names[e.kind]] += 1
+        kinds = img.index.kinds()
+        counts = {"data": kinds.count(L.KIND_DATA), "zero": kinds.count(L.KIND_ZERO),
+                  "free": kinds.count(L.KIND_FREE)}
         stored = img.stored_size()
         return {
             "format": "imgk",

@@ -226,35 +226,65 @@ ZERO_ENTRY = IndexEntry(KIND_ZERO)
 FREE_ENTRY = IndexEntry(KIND_FREE)
 
 
-def decode_index(raw: bytes, header: Header, volume_sizes: list[int]) -> list[IndexEntry]:
+class IndexTable:
+    """The decoded index: a read-only sequence of IndexEntry. Every entry is bound-checked once when
+    the table is built; entries are kept as their 56 encoded bytes and decoded on access, so a
+    reader holds 56 bytes per chunk (a 1 TiB disk in 1 MiB chunks: 56 MiB), not Python objects."""
+
+    def __init__(self, raw: bytes, header: Header, volume_sizes: list[int]):
+        count = header.chunk_count
+        if len(raw) != count * INDEX_ENTRY_SIZE:
+            raise BadImage(f"index holds {len(raw)} bytes, expected {count} entries of {INDEX_ENTRY_SIZE}")
+        max_stored = header.chunk_size + MAX_STORED_OVERHEAD
+        for i, (kind, encoding, volume, stored, offset, obj, _digest) in enumerate(_INDEX_ENTRY.iter_unpack(raw)):
+            if kind in (KIND_ZERO, KIND_FREE):
+                if encoding or volume or stored or offset or obj:
+                    raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): a {KIND_NAMES[kind]} "
+                                   "entry with a stored place")
+                continue
+            if kind != KIND_DATA:
+                raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): unknown kind {kind}")
+            if encoding not in KNOWN_ENCODINGS:
+                raise BadImage(f"index entry {i}: unknown encoding {encoding}")
+            if not 1 <= volume <= len(volume_sizes):
+                raise BadImage(f"index entry {i}: volume {volume} of {len(volume_sizes)}")
+            if stored == 0 or stored > max_stored or offset < HEADER_SIZE or offset + stored > volume_sizes[volume - 1]:
+                raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): stored chunk at "
+                               f"{offset}+{stored} lies outside volume {volume}")
+            if obj >= count:
+                raise BadImage(f"index entry {i}: object {obj} is not a chunk index")
+        self._raw = bytes(raw)
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> IndexEntry:
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        pos = i * INDEX_ENTRY_SIZE
+        kind = self._raw[pos]
+        if kind == KIND_ZERO:
+            return ZERO_ENTRY
+        if kind == KIND_FREE:
+            return FREE_ENTRY
+        return IndexEntry(*_INDEX_ENTRY.unpack_from(self._raw, pos))
+
+    def __iter__(self):
+        for fields in _INDEX_ENTRY.iter_unpack(self._raw):
+            kind = fields[0]
+            yield ZERO_ENTRY if kind == KIND_ZERO else FREE_ENTRY if kind == KIND_FREE else IndexEntry(*fields)
+
+    def kinds(self) -> bytes:
+        """One byte per chunk: its kind (cheap scans for runs and counts)."""
+        return self._raw[::INDEX_ENTRY_SIZE]
+
+
+def decode_index(raw: bytes, header: Header, volume_sizes: list[int]) -> IndexTable:
     """Decode and bound-check every entry (FORMAT.md, *Index entry*)."""
-    count = header.chunk_count
-    if len(raw) != count * INDEX_ENTRY_SIZE:
-        raise BadImage(f"index holds {len(raw)} bytes, expected {count} entries of {INDEX_ENTRY_SIZE}")
-    max_stored = header.chunk_size + MAX_STORED_OVERHEAD
-    entries: list[IndexEntry] = []
-    zero = ZERO_ENTRY
-    free = FREE_ENTRY
-    for i, fields in enumerate(_INDEX_ENTRY.iter_unpack(raw)):
-        kind = fields[0]
-        if kind == KIND_ZERO and fields[1:6] == (0, 0, 0, 0, 0):
-            entries.append(zero)
-            continue
-        if kind == KIND_FREE and fields[1:6] == (0, 0, 0, 0, 0):
-            entries.append(free)
-            continue
-        if kind != KIND_DATA:
-            raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): unknown kind {kind}")
-        _, encoding, volume, stored, offset, obj, digest = fields
-        if encoding not in KNOWN_ENCODINGS:
-            raise BadImage(f"index entry {i}: unknown encoding {encoding}")
-        if not 1 <= volume <= len(volume_sizes):
-            raise BadImage(f"index entry {i}: volume {volume} of {len(volume_sizes)}")
-        if stored == 0 or stored > max_stored or offset < HEADER_SIZE or offset + stored > volume_sizes[volume - 1]:
-            raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): stored chunk at "
-                           f"{offset}+{stored} lies outside volume {volume}")
-        entries.append(IndexEntry(kind, encoding, volume, stored, offset, obj, digest))
-    return entries
+    return IndexTable(raw, header, volume_sizes)
 
 
 @dataclass(frozen=True)

@@ -228,8 +228,8 @@ class ImageReader(Stream):
 
     def runs(self) -> Iterator[Run]:
         kinds = {L.KIND_DATA: DATA, L.KIND_ZERO: ZERO, L.KIND_FREE: FREE}
-        return merge_runs(Run(kinds[e.kind], i * self.chunk_size, self.chunk_length(i))
-                          for i, e in enumerate(self.index))
+        return merge_runs(Run(kinds[k], i * self.chunk_size, self.chunk_length(i))
+                          for i, k in enumerate(self.index.kinds()))
 
     def close(self) -> None:
         for fd in self._fds:

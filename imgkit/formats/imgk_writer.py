@@ -21,7 +21,9 @@ LEVEL_DEFAULT = 3
 LEVEL_HIGH = 19
 MIN_LEVEL, MAX_LEVEL = -7, 22
 DEFAULT_CHUNK_SIZE = 1 << 20
-DEDUP_TABLE_LIMIT = 1 << 20  # identical chunks are found among the last million stored (bounded memory)
+# Identical chunks are found among the first 256K stored ones (~50 MiB of table): memory stays bounded
+# on any disk size, and the duplicates that matter (zero-like, repeated files) appear early anyway.
+DEDUP_TABLE_LIMIT = 1 << 18
 
 
 _ZERO_CACHE: dict[int, bytes] = {}
@@ -104,7 +106,7 @@ class ImageWriter:
             self.sealer, self.header.key_slot = sealer_factory(self.header.image_id, self.header.core_digest())
         self.mac_key = self.sealer.mac_key if self.sealer else b""
         self._index = bytearray(self.header.chunk_count * L.INDEX_ENTRY_SIZE)  # all ZERO entries
-        self._dedup: dict[bytes, L.IndexEntry] = {}
+        self._dedup: dict[bytes, bytes] = {}  # digest -> encoded index entry
         self._volumes: list[tuple[str, int]] = []  # (temporary path, fd)
         self._sizes: list[int] = []
         self._used_maps: list[L.UsedMap] = []
@@ -151,21 +153,21 @@ class ImageWriter:
         if chunk.kind == L.KIND_ZERO:
             return  # the index is pre-filled with ZERO entries
         if chunk.kind == L.KIND_FREE:
-            entry = L.FREE_ENTRY
+            encoded = L.FREE_ENTRY.encode()
         else:
-            entry = self._dedup.get(chunk.digest)
-            if entry is None:
+            encoded = self._dedup.get(chunk.digest)
+            if encoded is None:
                 self._room_for(len(chunk.stored))
                 offset = self._write(chunk.stored)
                 self.stored_bytes += len(chunk.stored)
-                entry = L.IndexEntry(L.KIND_DATA, chunk.encoding, len(self._volumes), len(chunk.stored),
-                                     offset, chunk.index, chunk.digest)
+                encoded = L.IndexEntry(L.KIND_DATA, chunk.encoding, len(self._volumes), len(chunk.stored),
+                                       offset, chunk.index, chunk.digest).encode()
                 if len(self._dedup) < DEDUP_TABLE_LIMIT:
-                    self._dedup[chunk.digest] = entry
+                    self._dedup[chunk.digest] = encoded
             else:
                 self.deduplicated += 1
         pos = chunk.index * L.INDEX_ENTRY_SIZE
-        self._index[pos:pos + L.INDEX_ENTRY_SIZE] = entry.encode()
+        self._index[pos:pos + L.INDEX_ENTRY_SIZE] = encoded
 
     def add_used_map(self, used_map: L.UsedMap) -> None:
         self._used_maps.append(used_map)
