@@ -102,7 +102,7 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
     existing target is overwritten; pass None only when the user already agreed (--yes).
     On a larger target, the backup GPT is moved to the end; `grow` also grows the last partition and
     its filesystem to fill the disk (grow.py)."""
-    with open_image(image, password) as img:
+    with open_image(image, password, allow_raw=False) as img:
         paths = getattr(img, "volume_paths", [image])
         result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
                                 discard=discard, progress=progress)
@@ -119,7 +119,7 @@ def plan_partition_restore(image: str, target: str, number: int, *, to_partition
                            password: Password = None):
     """Where partition `number` of the image would go on `target` (partition_restore.py has the rules)."""
     from .partition_restore import plan_partition_restore as make_plan
-    with open_image(image, password) as img:
+    with open_image(image, password, allow_raw=False) as img:
         return make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
 
 
@@ -127,7 +127,7 @@ def restore_partition(image: str, target: str, number: int, *, to_partition: int
                       password: Password = None, confirm=None, progress: Progress | None = None):
     """Restore one partition of an image; returns (plan, RestoreResult)."""
     from .partition_restore import plan_partition_restore as make_plan, restore_partition as run
-    with open_image(image, password) as img:
+    with open_image(image, password, allow_raw=False) as img:
         plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
         return plan, run(img, plan, image_paths=getattr(img, "volume_paths", [image]), confirm=confirm,
                          progress=progress)
