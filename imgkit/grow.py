@@ -84,14 +84,26 @@ def fit_to_disk(target: str, image_size: int, grow: bool = False) -> GrowReport:
         raise OperationFailed(f"sfdisk could not grow partition {last.number}: {proc.stderr.strip()[:300]}")
     with RawSource(target) as disk:
         grown = read_partition_table(disk).get(last.number)
-        fs = probe(SliceStream(disk, grown.start, grown.size)).type if grown else None
+        found = probe(SliceStream(disk, grown.start, grown.size)) if grown else None
+        fs, label = (found.type, found.label) if found else (None, None)
+    if grown is None:
+        raise OperationFailed(f"partition {last.number} is gone after sfdisk grew it: check {target}")
     report.grown_partition, report.new_size, report.filesystem = last.number, grown.size, fs
     report.notes.append(f"partition {last.number} grown from {format_size(last.size)} to {format_size(grown.size)}")
-    grow_filesystem(target, grown.start, grown.size, fs, report)
+    grow_filesystem(target, grown.start, grown.size, fs, report, label)
     return report
 
 
-def grow_filesystem(target: str, start: int, size: int, fs: str | None, report: GrowReport) -> None:
+def _restore_fat_label(target: str, start: int, label: str | None) -> None:
+    """fatresize (libparted) rewrites the boot sector without the volume label, which fsck.fat then
+    reports; write it back with mtools (both the boot sector and the root directory entry)."""
+    if label and shutil.which("mlabel"):
+        subprocess.run(["mlabel", "-i", f"{target}@@{start}", f"::{label}"], capture_output=True,
+                       env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, timeout=TOOL_TIMEOUT)
+
+
+def grow_filesystem(target: str, start: int, size: int, fs: str | None, report: GrowReport,
+                    label: str | None = None) -> None:
     if fs in ("xfs", "btrfs"):
         report.notes.append(f"{fs} grows only while mounted, and imgkit does not mount image filesystems: "
                             f"run xfs_growfs/btrfs filesystem resize after booting the restored system")
@@ -104,6 +116,23 @@ def grow_filesystem(target: str, start: int, size: int, fs: str | None, report: 
         if shutil.which("fatresize") is None:
             report.notes.append("growing FAT needs fatresize (apt install fatresize): the filesystem keeps its size")
             return
+        # fatresize (libparted) works on the disk and a partition number; "-s max" and the exact
+        # partition size both land "outside the device" (libparted's range rounding), so the size is
+        # given in bytes with 1 MiB of slack. libparted cannot resize every FAT layout (small FAT32s):
+        # then the partition is grown and the filesystem keeps its size, with a note.
+        proc = _run(["fatresize", "-f", "-n", str(report.grown_partition), "-s", str(size - (1 << 20)), target],
+                    "grow the FAT filesystem")
+        if proc.returncode == 0:
+            report.filesystem_grown = True
+            report.notes.append(f"vfat filesystem grown to fill partition {report.grown_partition}")
+            _restore_fat_label(target, start, label)
+        else:
+            said = (proc.stderr + proc.stdout).strip().splitlines()
+            reason = next((line for line in said if "parted" in line.lower() or "error" in line.lower()),
+                          said[-1] if said else "no reason given")
+            report.notes.append(f"warning: fatresize could not grow this FAT filesystem ({reason[:200]}): "
+                                "the partition was grown, the filesystem keeps its size")
+        return
     if os.geteuid() != 0:
         raise EnvironmentProblem("growing a filesystem needs root (a loop device over the partition)")
     loop = _run(["losetup", "-f", "--show", "-o", str(start), "--sizelimit", str(size), target],
@@ -118,10 +147,8 @@ def grow_filesystem(target: str, start: int, size: int, fs: str | None, report: 
                 raise OperationFailed(f"e2fsck found problems it could not fix on partition "
                                       f"{report.grown_partition} (exit {check.returncode}): not resized")
             proc = _run(["resize2fs", dev], "grow the ext filesystem")
-        elif fs == "ntfs":
-            proc = _run(["ntfsresize", "--force", "--no-progress-bar", dev], "grow the NTFS filesystem", input="y\n")
         else:
-            proc = _run(["fatresize", "-s", "max", dev], "grow the FAT filesystem")
+            proc = _run(["ntfsresize", "--force", "--no-progress-bar", dev], "grow the NTFS filesystem", input="y\n")
         if proc.returncode != 0:
             raise OperationFailed(f"growing the {fs} filesystem failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
         report.filesystem_grown = True
