@@ -90,7 +90,7 @@ def bench_b(quick, runs, out_dir):
     imgk, pcz = os.path.join(out_dir, "B.imgk"), os.path.join(out_dir, "B.pc.zst")
     rows = alternate({
         "imgkit capture (fs-aware, L3)": (f"{IMGKIT} capture --progress none --force {src} {imgk}", imgk, rm(imgk)),
-        "partclone.ext4 -c | zstd -T2 -3": (f"partclone.ext4 -q -c -s {src} -o - 2>/dev/null | zstd -q -T2 -3 > {pcz}",
+        "partclone.ext4 -c, piped to zstd -T2 -3": (f"partclone.ext4 -q -c -s {src} -o - 2>/dev/null | zstd -q -T2 -3 > {pcz}",
                                             pcz, rm(pcz)),
     }, runs, before=drop_caches)
     r1 = os.path.join(out_dir, "B.restored")
@@ -101,11 +101,11 @@ def bench_b(quick, runs, out_dir):
     with open(r2, "wb") as f:
         f.truncate(os.path.getsize(src))
     subprocess.run(f"zstd -q -dc {pcz} | partclone.ext4 -q -r -s - -O {r2} -C 2>/dev/null", shell=True, check=True)
-    rows["partclone.ext4 -c | zstd -T2 -3"].check = "e2fsck clean" if e2fsck_clean(r2) else "E2FSCK FAILED"
+    rows["partclone.ext4 -c, piped to zstd -T2 -3"].check = "e2fsck clean" if e2fsck_clean(r2) else "E2FSCK FAILED"
     os.unlink(r2)
-    a, p = rows["imgkit capture (fs-aware, L3)"], rows["partclone.ext4 -c | zstd -T2 -3"]
+    a, p = rows["imgkit capture (fs-aware, L3)"], rows["partclone.ext4 -c, piped to zstd -T2 -3"]
     text = f"## input B: ext4 with stale free space ({os.path.getsize(src) / 2**30:.2f} GiB)\n\n"
-    text += table("capture of one ext4 partition", [a, p], "partclone.ext4 -c | zstd -T2 -3")
+    text += table("capture of one ext4 partition", [a, p], "partclone.ext4 -c, piped to zstd -T2 -3")
     text += (f"\ntime ratio imgkit/partclone+zstd: {a.median('wall') / p.median('wall'):.2f} (target <= 0.5); "
              f"size ratio: {a.median('out_bytes') / p.median('out_bytes'):.3f} (target <= 1.05)\n\n")
     return text
