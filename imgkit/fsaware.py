@@ -9,6 +9,7 @@ any partition whose map cannot be read or trusted (then with zero-skipping only,
 from __future__ import annotations
 
 import bisect
+import struct
 from dataclasses import dataclass, field
 
 from .capture import CapturePlan
@@ -123,6 +124,9 @@ def build_plan(source: Stream, *, partitions: str | None = None, path: str | Non
             used = read_used_blocks(fs, SliceStream(source, p.start, p.size), path, p.start)
         except NotUsable as e:
             entry.update(used_bytes=p.size, capture_mode=f"full: {e}")
+            continue
+        except (struct.error, ValueError, IndexError, OverflowError) as e:  # a parser bug: be safe, keep all
+            entry.update(used_bytes=p.size, capture_mode=f"full: {fs}: could not parse the allocation map ({e})")
             continue
         entry.update(used_bytes=used.used_bytes(p.size), capture_mode=f"used-blocks ({used.fs})")
         regions.append(Region(p.start, p.end, used, p.start + used.first_byte))
