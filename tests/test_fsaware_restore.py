@@ -153,3 +153,17 @@ def test_whole_disk_to_larger_disk_without_grow_keeps_gpt_valid(image):
     parts = json.loads(D.run("sfdisk", "-J", backing).stdout)["partitiontable"]["partitions"]
     assert parts[-1]["size"] == 64 * 2048  # not grown
     os.unlink(backing)
+
+
+def test_encrypted_fs_aware_capture_and_partition_restore(image):
+    """Filesystem awareness and encryption together: blanked chunks are sealed like any other."""
+    img = os.path.join(image["work"], "enc.imgk")
+    env = {"IMGKIT_PASSWORD": "correct horse"}
+    run_imgkit("capture", "--progress", "none", "--encrypt", "--partitions", "rootfs", image["disk"], img,
+               env=env, check=True)
+    out = os.path.join(image["work"], "enc-root.ext4")
+    run_imgkit("restore", "--progress", "none", "--partition", "5", img, out, env=env, check=True)
+    check_root(out, image["facts"])
+    proc = run_imgkit("restore", "--partition", "5", img, out + "2", env={"IMGKIT_PASSWORD": "wrong"})
+    assert proc.returncode == 3 and not os.path.exists(out + "2")
+    os.unlink(out), os.unlink(img)
