@@ -80,6 +80,51 @@ def boot_warnings(parts: list[Partition], selected: list[int], boot_holders: set
     return out
 
 
+def mounted_rw(path: str | None) -> dict[int, str]:
+    """Partition number (0: the device itself) -> mount point, for a block-device source whose
+    partitions are mounted read-write: their allocation maps can change while they are read."""
+    import os
+    import stat
+    if not path:
+        return {}
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {}
+    if not stat.S_ISBLK(st.st_mode):
+        return {}
+    rw: dict[int, str] = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and "rw" in fields[5].split(","):
+                    major, minor = fields[2].split(":")
+                    rw.setdefault(os.makedev(int(major), int(minor)), fields[4])
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    if st.st_rdev in rw:
+        out[0] = rw[st.st_rdev]
+    base = os.path.realpath(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+    try:
+        children = os.listdir(base)
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            with open(os.path.join(base, child, "partition")) as f:
+                number = int(f.read().strip())
+            with open(os.path.join(base, child, "dev")) as f:
+                major, minor = f.read().strip().split(":")
+        except (OSError, ValueError):
+            continue
+        dev = os.makedev(int(major), int(minor))
+        if dev in rw:
+            out[number] = rw[dev]
+    return out
+
+
 def build_plan(source: Stream, *, partitions: str | None = None, path: str | None = None,
                chunk_size: int = DEFAULT_CHUNK_SIZE) -> FsAwarePlan:
     """The plan of a filesystem-aware capture of `source` (`path`: its file or device, for partclone)."""
@@ -102,6 +147,7 @@ def build_plan(source: Stream, *, partitions: str | None = None, path: str | Non
     if selected is not None:
         result.warnings = boot_warnings(parts, selected, boot_holders)
 
+    live = mounted_rw(path)
     regions: list[Region] = []
     ordered = sorted(parts, key=lambda p: p.start)
     overlapping = {b.number for a, b in zip(ordered, ordered[1:]) if b.start < a.end}
@@ -119,6 +165,11 @@ def build_plan(source: Stream, *, partitions: str | None = None, path: str | Non
         if selected is not None and p.number not in selected:
             entry.update(used_bytes=0, capture_mode="not selected")
             regions.append(Region(p.start, p.end))
+            continue
+        where = live.get(p.number) or live.get(0)
+        if where:
+            entry.update(used_bytes=p.size, capture_mode=f"full: mounted read-write on {where}, its allocation "
+                                                        "map may change while it is read")
             continue
         try:
             used = read_used_blocks(fs, SliceStream(source, p.start, p.size), path, p.start)

@@ -167,3 +167,24 @@ def test_encrypted_fs_aware_capture_and_partition_restore(image):
     proc = run_imgkit("restore", "--partition", "5", img, out + "2", env={"IMGKIT_PASSWORD": "wrong"})
     assert proc.returncode == 3 and not os.path.exists(out + "2")
     os.unlink(out), os.unlink(img)
+
+
+@needs_root
+@pytest.mark.root
+def test_mounted_read_write_source_kept_whole(tmp_path):
+    """A test-made ext4 (never an image's filesystem) is mounted read-write to play a live disk: its
+    bitmaps may change while read, so it is captured whole; mounted read-only, the map is used."""
+    fs = str(tmp_path / "live.raw")
+    D.build_ext4(fs, 24 * MiB, str(tmp_path))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    img = str(tmp_path / "live.imgk")
+    with loop(fs) as dev:
+        for opts, expect in (("rw", "full: mounted read-write on"), ("ro", "used-blocks (ext4)")):
+            subprocess.run(["mount", "-o", opts, dev, str(mnt)], check=True)
+            try:
+                run_imgkit("capture", "--progress", "none", "--force", dev, img, check=True)
+            finally:
+                subprocess.run(["umount", str(mnt)], check=True)
+            table = json.loads(run_imgkit("info", "--json", img, check=True).stdout)["partition_table"]
+            assert table["capture_mode"].startswith(expect), table["capture_mode"]
