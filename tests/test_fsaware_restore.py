@@ -188,3 +188,28 @@ def test_mounted_read_write_source_kept_whole(tmp_path):
                 subprocess.run(["umount", str(mnt)], check=True)
             table = json.loads(run_imgkit("info", "--json", img, check=True).stdout)["partition_table"]
             assert table["capture_mode"].startswith(expect), table["capture_mode"]
+
+
+@needs_root
+@pytest.mark.root
+def test_grow_xfs_last_partition_is_reported_unsupported(tmp_path):
+    """XFS grows only while mounted: the partition grows, the filesystem stays, and the notes say why."""
+    disk = str(tmp_path / "xfs-disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(322 * MiB)
+    D.run("sgdisk", "-n", "1:2048:+320M", "-t", "1:8300", disk)
+    part = str(tmp_path / "p1.xfs")
+    with open(part, "wb") as f:
+        f.truncate(320 * MiB)
+    D.run("mkfs.xfs", "-q", "-f", part)
+    D.put(disk, MiB, part)
+    img = str(tmp_path / "xfs.imgk")
+    run_imgkit("capture", "--progress", "none", disk, img, check=True)
+    backing = str(tmp_path / "bigger.img")
+    with open(backing, "wb") as f:
+        f.truncate(400 * MiB)
+    with loop(backing) as dev:
+        proc = run_imgkit("restore", "--yes", "--progress", "none", "--grow", img, dev, check=True)
+    assert "xfs grows only while mounted" in proc.stdout and "partition 1 grown" in proc.stdout
+    grown = D.extract(backing, MiB, 320 * MiB, str(tmp_path / "g.xfs"))
+    assert D.run("xfs_repair", "-n", "-f", grown, check=False).returncode == 0
