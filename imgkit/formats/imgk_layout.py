@@ -38,6 +38,9 @@ CIPHER_NONE = 0
 CIPHER_AES_256_GCM = 1
 KDF_ARGON2ID = 1
 AEAD_TAG_SIZE = 16
+AEAD_NONCE_SIZE = 12
+# A sealed section is nonce (12, random) || ciphertext || tag (16): FORMAT.md, *Sections*.
+SECTION_SEAL_OVERHEAD = AEAD_NONCE_SIZE + AEAD_TAG_SIZE
 
 # required_features bits
 FEATURE_ENCRYPTED = 1 << 0
@@ -116,9 +119,9 @@ class KeySlot:
         if kdf != KDF_ARGON2ID:
             raise NewerFormat(f"key slot uses unknown key derivation {kdf}", hint="made by a newer imgkit?")
         if not (1 <= t <= KDF_MAX_ITERATIONS and KDF_MIN_MEMORY_KIB <= m <= KDF_MAX_MEMORY_KIB
-                and 1 <= p <= KDF_MAX_LANES):
+                and 1 <= p <= KDF_MAX_LANES and m >= 8 * p):
             raise BadImage(f"key slot asks for Argon2id t={t} m={m} KiB p={p}, beyond the caps "
-                           f"(t<={KDF_MAX_ITERATIONS}, m<={KDF_MAX_MEMORY_KIB} KiB, p<={KDF_MAX_LANES}): "
+                           f"(t<={KDF_MAX_ITERATIONS}, m<={KDF_MAX_MEMORY_KIB} KiB, p<={KDF_MAX_LANES}, m>=8p): "
                            "refusing a hostile or damaged header")
         return cls(kdf, t, m, p, salt, nonce, wrapped)
 
@@ -154,9 +157,12 @@ class Header:
                                   self.chunk_size, self.hash_algo, self.cipher, 0, self.created)
 
     def core(self) -> bytes:
-        """The bytes that never change after capture (FORMAT.md, *Header*: the core)."""
-        fixed = self._fixed()
-        return fixed[:48] + fixed[56:80]
+        """The bytes that never change after capture (FORMAT.md, *Header*: the core). The
+        MULTI_VOLUME bit reads as 0 here: it describes the volume layout, which split/join change
+        without re-encrypting the chunks that the core is bound into."""
+        fixed = bytearray(self._fixed())
+        fixed[16:24] = struct.pack("<Q", self.required_features & ~FEATURE_MULTI_VOLUME)
+        return bytes(fixed[:48] + fixed[56:80])
 
     def core_digest(self) -> bytes:
         return digest(self.core())
@@ -195,8 +201,10 @@ class Header:
             raise NewerFormat(f"{where}: unknown hash algorithm {hash_algo}")
         if not (1 <= vol_no <= vol_count <= MAX_VOLUMES):
             raise BadImage(f"{where}: volume {vol_no} of {vol_count} is out of range")
-        if vol_count > 1 and not required & FEATURE_MULTI_VOLUME:
-            raise BadImage(f"{where}: {vol_count} volumes without the multi-volume feature")
+        if (vol_count > 1) != bool(required & FEATURE_MULTI_VOLUME):
+            # The bit is outside the core (split/join change it), so it must agree with the count.
+            raise BadImage(f"{where}: {vol_count} volume(s) but the multi-volume feature is "
+                           f"{'off' if vol_count > 1 else 'on'}")
         encrypted = bool(required & FEATURE_ENCRYPTED)
         if encrypted != (cipher == CIPHER_AES_256_GCM) or cipher not in (CIPHER_NONE, CIPHER_AES_256_GCM):
             raise BadImage(f"{where}: cipher {cipher} does not match the encryption feature bit")
@@ -399,8 +407,14 @@ def chunk_ad(core_digest: bytes, obj: int, length: int, encoding: int) -> bytes:
     return b"imgkit-chunk-v1" + core_digest + struct.pack("<QIB", obj, length, encoding)
 
 
-def section_nonce(seq: int) -> bytes:
-    return b"\1\0\0\0" + struct.pack("<Q", seq)
+def replace_key_slot(raw_header: bytes, slot: KeySlot) -> bytes:
+    """A volume's header with a new key slot and checksum, every other byte as it was (`passwd`)."""
+    if len(raw_header) != HEADER_SIZE:
+        raise BadImage("header is truncated")
+    buf = bytearray(raw_header)
+    buf[KEY_SLOT_OFFSET:KEY_SLOT_OFFSET + KEY_SLOT_SIZE] = slot.encode()
+    buf[HEADER_CHECKSUM_OFFSET:] = digest(bytes(buf[:HEADER_CHECKSUM_OFFSET]))
+    return bytes(buf)
 
 
 def section_ad(core_digest: bytes, section_type: int, seq: int) -> bytes:
