@@ -23,7 +23,7 @@ def small(tmp_path_factory):
         f.write(pattern_bytes(2 * MiB, seed=3))
         f.truncate(20 * MiB + 4096)
     imgk = str(d / "odd.imgk")
-    api.capture(raw, imgk)
+    api.capture(raw, imgk, sector_by_sector=True)
     return {"dir": d, "raw": raw, "imgk": imgk}
 
 
