@@ -170,3 +170,33 @@ def test_vhdx_allocation_from_its_own_bat(gpt, tmp_path, sub):
         for off in (0, 1 * MiB - 512, 21 * MiB + 12345, 64 * MiB - 4096):
             assert img.read(off, 3 * MiB) == want[off:off + 3 * MiB]
             assert img._nbd_read(off, min(3 * MiB, 64 * MiB - off)) == want[off:off + 3 * MiB]
+
+
+@pytest.mark.parametrize("how", ["exit without close", "SIGKILL"])
+def test_qemu_daemon_does_not_outlive_imgkit(gpt, tmp_path, how):
+    """A foreign image left open (or an imgkit killed with SIGKILL) leaves no qemu-storage-daemon."""
+    import signal
+    import subprocess
+    import sys
+    q = str(tmp_path / "d.qcow2")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", gpt["raw"], q)
+    code = ("import os, sys, time; from imgkit import api; img = api.open_image(sys.argv[1]); "
+            "print(img._proc.pid, flush=True); "
+            + ("time.sleep(60)" if how == "SIGKILL" else "sys.exit(0)"))
+    proc = subprocess.Popen([sys.executable, "-c", code, q], stdout=subprocess.PIPE, text=True)
+    daemon = int(proc.stdout.readline())
+    if how == "SIGKILL":
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{daemon}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":  # dead, waiting for a reaper
+            return
+        time.sleep(0.1)
+    os.kill(daemon, signal.SIGKILL)  # ours: do not leave it behind even when the test fails
+    raise AssertionError(f"qemu-storage-daemon {daemon} outlived imgkit ({how})")

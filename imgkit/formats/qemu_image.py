@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from typing import Iterator
 
 from ..errors import BadImage, EnvironmentProblem, OperationFailed
@@ -113,6 +114,14 @@ class HostMap:
             pos = stop
 
 
+def _stop_daemon(proc, timer, directory: str) -> None:
+    if timer is not None:
+        timer.cancel()
+    if proc is not None:
+        kill_group(proc)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 class QemuImage(Stream):
     def __init__(self, path: str, fmt: str, inspected: ForeignImage, limits: Limits | None = None):
         self.path, self.format_name, self.inspected = path, fmt, inspected
@@ -162,6 +171,9 @@ class QemuImage(Stream):
         self._timer = threading.Timer(limits.wall_seconds, kill_group, args=(self._proc,))
         self._timer.daemon = True
         self._timer.start()
+        # A stream nobody closed must not leave qemu-storage-daemon running: stop it when this
+        # object is collected or the interpreter exits.
+        self._finalizer = weakref.finalize(self, _stop_daemon, self._proc, self._timer, self._dir)
 
     def _handle(self):
         h = getattr(self._local, "h", None)
@@ -276,9 +288,8 @@ class QemuImage(Stream):
                 pass
         self._handles = []
         self._local = threading.local()
-        if self._timer:
-            self._timer.cancel()
-        if self._proc is not None:
-            kill_group(self._proc)
-            self._proc = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer()
+        else:
+            _stop_daemon(self._proc, self._timer, self._dir)
+        self._proc = None
