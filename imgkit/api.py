@@ -40,31 +40,55 @@ def is_imgk(path: str) -> bool:
 
 def open_image(path: str, password: Password = None, *, fmt: str | None = None,
                allow_raw: bool = True) -> Stream:
-    """Open any image imgkit reads as a Stream: imgk (by its magic) or raw (a file or block device).
-    `fmt` forces the format ("imgk", "raw"); it is never guessed by anything but imgkit. With
+    """Open any image imgkit reads as a Stream: imgk, raw (a file or block device), ISO, or a foreign
+    qcow2/vhd/vhdx/vmdk image read through qemu. The format is `fmt` if given ("raw" always takes the
+    bytes as they are), else imgkit's own reading of the header, never qemu's guess. A foreign image
+    is inspected and refused (RefusedImage) before qemu opens it if it is hostile or malformed. With
     allow_raw=False, a file in no recognised format is refused instead of being taken as raw bytes."""
+    from .formats import foreign
+    foreign.refuse_json_name(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or device")
-    if fmt == "imgk" or (fmt is None and is_imgk(path)):
+    explicit = fmt is not None
+    if fmt is None:
+        fmt = foreign.detect_format(path) if os.path.isfile(path) else "raw"
+    if fmt == "imgk":
         return ImageReader(path, _password_provider(password))
-    if fmt is None and not allow_raw:
+    if fmt in ("raw", "iso") and not allow_raw and not explicit:
         raise BadImage(f"{path}: not an imgk image (no imgk magic at offset 0)")
-    if fmt in (None, "raw", "iso"):
+    if fmt in ("raw", "iso"):
         return RawSource(path)
-    raise InputError(f"unknown image format {fmt!r}")
+    if fmt in foreign.QEMU_FORMATS:
+        inspected = foreign.inspect(path, fmt)
+        from .formats.qemu_image import QemuImage
+        return QemuImage(path, fmt, inspected)
+    raise InputError(f"unknown image format {fmt!r}", hint="formats: " + ", ".join(foreign.FORMATS))
 
 
 def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
             split_size: int | None = None, password: Password = None, force: bool = False,
             plan: CapturePlan | None = None, progress: Progress | None = None,
-            source_format: str | None = None, source_password: Password = None) -> CaptureResult:
+            source_format: str | None = None, source_password: Password = None,
+            sector_by_sector: bool = False, partitions: str | None = None) -> CaptureResult:
     """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image.
     `password` encrypts the new image; `source_password` opens an encrypted imgk source (default:
-    the same password)."""
+    the same password). Filesystem-aware by default: only the blocks each filesystem uses are
+    stored (see fsaware.py); `sector_by_sector` keeps every byte; `partitions` ("1,3" or
+    names/labels) selects partitions. The result's `warnings` say what a partition selection leaves
+    out that the disk needs to boot."""
+    if sector_by_sector and partitions:
+        raise InputError("--sector-by-sector and --partitions exclude each other",
+                         hint="a partition selection is filesystem-aware; drop one of them")
     if os.path.exists(source):
         refuse_output_on_source(source, output)
     src = open_image(source, source_password if source_password is not None else password, fmt=source_format)
     try:
+        warnings: list[str] = []
+        if plan is None and not sector_by_sector:
+            from .fsaware import build_plan
+            fs_plan = build_plan(src, partitions=partitions, chunk_size=chunk_size,
+                                 path=source if isinstance(src, RawSource) else None)
+            plan, warnings = fs_plan.plan, fs_plan.warnings
         info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
                                                                  "kind": "image", "size": src.size}
         sealer_factory = None
@@ -76,21 +100,50 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
                 data_key = os.urandom(32)
                 slot = new_key_slot(secret, data_key, core_digest)
                 return Sealer(ImageKeys.from_data_key(data_key, image_id), core_digest), slot
-        return capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
-                              split_size=split_size, sealer_factory=sealer_factory, plan=plan,
-                              force=force, progress=progress)
+        result = capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
+                                split_size=split_size, sealer_factory=sealer_factory, plan=plan,
+                                force=force, progress=progress)
+        result.warnings = warnings
+        return result
     finally:
         src.close()
 
 
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
-            discard: bool = False, progress: Progress | None = None) -> RestoreResult:
+            discard: bool = False, progress: Progress | None = None, grow: bool = False) -> RestoreResult:
     """Restore a whole image to a block device or file. `confirm(text) -> bool` is asked before an
-    existing target is overwritten; pass None only when the user already agreed (--yes)."""
+    existing target is overwritten; pass None only when the user already agreed (--yes).
+    On a larger target, the backup GPT is moved to the end; `grow` also grows the last partition and
+    its filesystem to fill the disk (grow.py)."""
     with open_image(image, password, allow_raw=False) as img:
         paths = getattr(img, "volume_paths", [image])
-        return restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
-                              discard=discard, progress=progress)
+        result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
+                                discard=discard, progress=progress)
+        size = img.size
+    from .grow import fit_to_disk
+    with RawSource(target) as written:
+        larger = written.size > size
+    if larger or grow:
+        result.grow = fit_to_disk(target, size, grow).to_dict()
+    return result
+
+
+def plan_partition_restore(image: str, target: str, number: int, *, to_partition: int | None = None,
+                           password: Password = None):
+    """Where partition `number` of the image would go on `target` (partition_restore.py has the rules)."""
+    from .partition_restore import plan_partition_restore as make_plan
+    with open_image(image, password, allow_raw=False) as img:
+        return make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+
+
+def restore_partition(image: str, target: str, number: int, *, to_partition: int | None = None,
+                      password: Password = None, confirm=None, progress: Progress | None = None):
+    """Restore one partition of an image; returns (plan, RestoreResult)."""
+    from .partition_restore import plan_partition_restore as make_plan, restore_partition as run
+    with open_image(image, password, allow_raw=False) as img:
+        plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+        return plan, run(img, plan, image_paths=getattr(img, "volume_paths", [image]), confirm=confirm,
+                         progress=progress)
 
 
 def verify(image: str, *, password: Password = None, progress: Progress | None = None) -> VerifyReport:
@@ -130,6 +183,11 @@ def image_info(img: Stream) -> dict:
         }
     from .capture import build_metadata  # a raw or foreign disk: describe it on the fly
     meta = build_metadata(img, {"path": getattr(img, "path", None), "size": img.size}, 0, CapturePlan())
-    return {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
-            "virtual_size": img.size, "partition_table": meta["partition_table"],
-            "optical": meta.get("optical")}
+    doc = {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
+           "virtual_size": img.size, "partition_table": meta["partition_table"],
+           "optical": meta.get("optical")}
+    inspected = getattr(img, "inspected", None)  # a foreign image: what its own header says
+    if inspected is not None:
+        doc.update({"subformat": inspected.subformat, "file_size": inspected.file_size,
+                    "format_details": inspected.details})
+    return doc

@@ -31,6 +31,7 @@ def cli(ctx, debug):
 COMMAND_MODULES = (
     "cmd_core",
     "cmd_volumes",
+    "cmd_convert",
 )
 
 
