@@ -5,7 +5,7 @@ import os
 from typing import Callable
 
 from .capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
-from .errors import InputError
+from .errors import BadImage, InputError
 from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader
 from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
@@ -38,13 +38,17 @@ def is_imgk(path: str) -> bool:
         return False
 
 
-def open_image(path: str, password: Password = None, *, fmt: str | None = None) -> Stream:
+def open_image(path: str, password: Password = None, *, fmt: str | None = None,
+               allow_raw: bool = True) -> Stream:
     """Open any image imgkit reads as a Stream: imgk (by its magic) or raw (a file or block device).
-    `fmt` forces the format ("imgk", "raw"); it is never guessed by anything but imgkit."""
+    `fmt` forces the format ("imgk", "raw"); it is never guessed by anything but imgkit. With
+    allow_raw=False, a file in no recognised format is refused instead of being taken as raw bytes."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or device")
     if fmt == "imgk" or (fmt is None and is_imgk(path)):
         return ImageReader(path, _password_provider(password))
+    if fmt is None and not allow_raw:
+        raise BadImage(f"{path}: not an imgk image (no imgk magic at offset 0)")
     if fmt in (None, "raw", "iso"):
         return RawSource(path)
     raise InputError(f"unknown image format {fmt!r}")
@@ -55,7 +59,8 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
             plan: CapturePlan | None = None, progress: Progress | None = None,
             source_format: str | None = None) -> CaptureResult:
     """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image."""
-    refuse_output_on_source(source, output) if os.path.exists(source) else None
+    if os.path.exists(source):
+        refuse_output_on_source(source, output)
     src = open_image(source, password, fmt=source_format)
     try:
         info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
@@ -80,7 +85,7 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
             discard: bool = False, progress: Progress | None = None) -> RestoreResult:
     """Restore a whole image to a block device or file. `confirm(text) -> bool` is asked before an
     existing target is overwritten; pass None only when the user already agreed (--yes)."""
-    with open_image(image, password) as img:
+    with open_image(image, password, allow_raw=False) as img:
         paths = getattr(img, "volume_paths", [image])
         return restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
                               discard=discard, progress=progress)

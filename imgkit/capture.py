@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -11,7 +12,8 @@ from . import __version__
 from .disk_info import describe_partitions, optical_facts
 from .errors import InputError, Interrupted, RefusedTarget
 from .formats import imgk_layout as L
-from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, ChunkEncoder, ImageWriter, volume_path
+from .formats.imgk_writer import (DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, ChunkEncoder, ImageWriter, PreparedChunk,
+                                  volume_path)
 from .parallel import default_workers, ordered_map
 from .progress import NullProgress, Progress
 from .stream import DATA, Stream
@@ -94,8 +96,6 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
                    chunk_size: int = DEFAULT_CHUNK_SIZE, split_size: int | None = None,
                    sealer_factory=None, plan: CapturePlan | None = None, force: bool = False,
                    progress: Progress | None = None, workers: int | None = None) -> CaptureResult:
-    import time
-
     plan = plan or CapturePlan()
     progress = progress or NullProgress()
     if not force:
@@ -120,21 +120,17 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
         if 0 <= i < count:
             has_data[i] = 2
 
-    def work(i: int):
+    def work(i: int) -> PreparedChunk:  # runs in a worker thread: read, blank, hash, compress, seal
         offset = i * chunk_size
         length = min(chunk_size, source.size - offset)
         if has_data[i] == 2:
-            return encoder_free(i, length)
+            return PreparedChunk(i, length, L.KIND_FREE)
         if not has_data[i]:
             return encoder.prepare(i, None, length)
         data = source.read(offset, length)
         if plan.blank:
             data = plan.blank(offset, data)
         return encoder.prepare(i, data, length)
-
-    def encoder_free(i: int, length: int):
-        from .formats.imgk_writer import PreparedChunk
-        return PreparedChunk(i, length, L.KIND_FREE)
 
     counts = {L.KIND_DATA: 0, L.KIND_ZERO: 0, L.KIND_FREE: 0}
     try:

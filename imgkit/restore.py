@@ -59,6 +59,27 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+SPARSE_GRAIN = 64 << 10
+_ZERO_GRAIN = bytes(SPARSE_GRAIN)
+
+
+def _pwrite_sparse(fd: int, data: bytes, offset: int) -> None:
+    """Write data into a file that is all holes, leaving zero 64 KiB pieces as holes (as
+    `zstd --sparse` does): blanked free blocks of a filesystem-aware image stay unallocated."""
+    view = memoryview(data)
+    start = None
+    for pos in range(0, len(data), SPARSE_GRAIN):
+        piece = view[pos:pos + SPARSE_GRAIN]
+        if piece == _ZERO_GRAIN[:len(piece)]:
+            if start is not None:
+                _pwrite_all(fd, view[start:pos], offset + start)
+                start = None
+        elif start is None:
+            start = pos
+    if start is not None:
+        _pwrite_all(fd, view[start:], offset + start)
+
+
 def plan_text(image: Stream, target: str, target_size: int | None, is_block: bool) -> str:
     what = "block device" if is_block else "file"
     size = f" ({format_size(target_size)})" if target_size else ""
@@ -180,9 +201,10 @@ def _restore_into(image: Stream, fd: int, is_block: bool, discard: bool, progres
         if run.kind == ZERO and is_block:
             _zero_range(fd, run.offset, run.length, discard)
         progress.advance(run.length)  # FREE runs and file holes cost nothing
+    write = _pwrite_all if is_block else _pwrite_sparse
     for (offset, length), data in ordered_map(lambda p: (p, image.read(*p)), _pieces(image, {DATA}, piece),
                                               workers):
-        _pwrite_all(fd, data, offset)
+        write(fd, data, offset)
         written += length
         progress.advance(length)
     return written

@@ -7,4 +7,5 @@ cd "$here"
 # No working KVM on the CI machines: libguestfs and QEMU use TCG (imgkit detects KVM for real users).
 export PATH="$here/.venv/bin:$PATH"
 export LIBGUESTFS_BACKEND=${LIBGUESTFS_BACKEND:-direct}
+export LIBGUESTFS_BACKEND_SETTINGS=${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}
 exec "$here/.venv/bin/python" -m pytest -q -rs "$@"

@@ -16,7 +16,7 @@ def run_imgkit(*args, input=None, env=None, check=False, timeout=600) -> subproc
     full_env.pop("IMGKIT_PASSWORD", None)
     if env:
         full_env.update(env)
-    proc = subprocess.run([sys.executable, "-m", "imgkit.cli.main", *map(str, args)], input=input,
+    proc = subprocess.run([sys.executable, "-m", "imgkit", *map(str, args)], input=input,
                           capture_output=True, text=True, env=full_env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"imgkit {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")

@@ -67,6 +67,3 @@ def main(argv=None) -> None:
         click.echo(f"imgkit: error: {where}{e.strerror or e}", err=True)
         sys.exit(3)
 
-
-if __name__ == "__main__":
-    main()

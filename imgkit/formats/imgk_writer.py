@@ -21,7 +21,21 @@ LEVEL_DEFAULT = 3
 LEVEL_HIGH = 19
 MIN_LEVEL, MAX_LEVEL = -7, 22
 DEFAULT_CHUNK_SIZE = 1 << 20
-DEDUP_TABLE_LIMIT = 1 << 20  # identical chunks are found among the last million stored (bounded memory)
+# Identical chunks are found among the first 256K stored ones (~50 MiB of table): memory stays bounded
+# on any disk size, and the duplicates that matter (zero-like, repeated files) appear early anyway.
+DEDUP_TABLE_LIMIT = 1 << 18
+
+
+_ZERO_CACHE: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    z = _ZERO_CACHE.get(n)
+    if z is None:
+        if len(_ZERO_CACHE) > 8:
+            _ZERO_CACHE.clear()
+        z = _ZERO_CACHE[n] = bytes(n)
+    return z
 
 
 def volume_path(path: str, number: int) -> str:
@@ -55,7 +69,8 @@ class ChunkEncoder:
         return c
 
     def prepare(self, index: int, data: bytes | None, length: int) -> PreparedChunk:
-        if data is None or data.count(0) == len(data):
+        # Comparing with a zero buffer is a memcmp (~20x faster than bytes.count(0) here).
+        if data is None or data == _zeros(len(data)):
             return PreparedChunk(index, length, L.KIND_ZERO)
         digest = L.digest(data, self.mac_key)
         encoding, payload = L.ENCODING_RAW, data
@@ -91,7 +106,7 @@ class ImageWriter:
             self.sealer, self.header.key_slot = sealer_factory(self.header.image_id, self.header.core_digest())
         self.mac_key = self.sealer.mac_key if self.sealer else b""
         self._index = bytearray(self.header.chunk_count * L.INDEX_ENTRY_SIZE)  # all ZERO entries
-        self._dedup: dict[bytes, L.IndexEntry] = {}
+        self._dedup: dict[bytes, bytes] = {}  # digest -> encoded index entry
         self._volumes: list[tuple[str, int]] = []  # (temporary path, fd)
         self._sizes: list[int] = []
         self._used_maps: list[L.UsedMap] = []
@@ -138,21 +153,21 @@ class ImageWriter:
         if chunk.kind == L.KIND_ZERO:
             return  # the index is pre-filled with ZERO entries
         if chunk.kind == L.KIND_FREE:
-            entry = L.FREE_ENTRY
+            encoded = L.FREE_ENTRY.encode()
         else:
-            entry = self._dedup.get(chunk.digest)
-            if entry is None:
+            encoded = self._dedup.get(chunk.digest)
+            if encoded is None:
                 self._room_for(len(chunk.stored))
                 offset = self._write(chunk.stored)
                 self.stored_bytes += len(chunk.stored)
-                entry = L.IndexEntry(L.KIND_DATA, chunk.encoding, len(self._volumes), len(chunk.stored),
-                                     offset, chunk.index, chunk.digest)
+                encoded = L.IndexEntry(L.KIND_DATA, chunk.encoding, len(self._volumes), len(chunk.stored),
+                                       offset, chunk.index, chunk.digest).encode()
                 if len(self._dedup) < DEDUP_TABLE_LIMIT:
-                    self._dedup[chunk.digest] = entry
+                    self._dedup[chunk.digest] = encoded
             else:
                 self.deduplicated += 1
         pos = chunk.index * L.INDEX_ENTRY_SIZE
-        self._index[pos:pos + L.INDEX_ENTRY_SIZE] = entry.encode()
+        self._index[pos:pos + L.INDEX_ENTRY_SIZE] = encoded
 
     def add_used_map(self, used_map: L.UsedMap) -> None:
         self._used_maps.append(used_map)

@@ -1,0 +1,85 @@
+"""Capture and restore of raw disks, side by side with `zstd -T2 -3` and `qemu-img convert -c`
+(qcow2, zstd). Targets (issue 2): capture time <= 1.0x zstd and size <= 1.05x its output while
+hashing every chunk; time <= 0.6x qemu-img; restore <= 1.0x `zstd -d --sparse`; peak RSS <= 300 MiB.
+
+Usage: bench/bench_capture.py [--quick] [--runs N] [--inputs A B F]
+Run as root from the repo root with the venv's python (./.venv/bin/python bench/bench_capture.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import alternate, sha256_of, table  # noqa: E402
+from inputs import WORK, build  # noqa: E402
+
+IMGKIT = [sys.executable, "-m", "imgkit"]
+
+
+def rm(*paths):
+    def clean():
+        for p in paths:
+            if os.path.exists(p):
+                os.unlink(p)
+    return clean
+
+
+def bench_input(name: str, quick: bool, runs: int) -> str:
+    src = build(name, quick)
+    out_dir = os.path.join(WORK, "out")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    imgk, zst, qcow = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("imgk", "zst", "qcow2"))
+    imgkit_cmd = " ".join(IMGKIT) + f" capture --progress none --force {src} {imgk}"
+    capture = alternate({
+        "imgkit capture (level 3)": (imgkit_cmd, imgk, rm(imgk)),
+        "zstd -T2 -3": (f"zstd -q -T2 -3 -f {src} -o {zst}", zst, rm(zst)),
+        "qemu-img convert -c zstd": (f"qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd {src} {qcow}",
+                                     qcow, rm(qcow)),
+    }, runs)
+    import subprocess
+    ok = subprocess.run(IMGKIT + ["verify", imgk], capture_output=True).returncode == 0
+    capture["imgkit capture (level 3)"].check = "verify ok" if ok else "VERIFY FAILED"
+    capture["zstd -T2 -3"].check = "zstd -t ok" if subprocess.run(["zstd", "-q", "-t", zst]).returncode == 0 else "BAD"
+    capture["qemu-img convert -c zstd"].check = "qemu-img check ok" if subprocess.run(
+        ["qemu-img", "check", "-q", "-f", "qcow2", qcow]).returncode == 0 else "BAD"
+    r_imgk, r_zstd, r_qemu = (os.path.join(out_dir, f"restored-{t}.raw") for t in ("imgk", "zstd", "qemu"))
+    restore = alternate({
+        "imgkit restore (sparse file)": (" ".join(IMGKIT) + f" restore --yes --progress none {imgk} {r_imgk}",
+                                         None, rm(r_imgk)),
+        "zstd -d --sparse": (f"zstd -q -d --sparse -f {zst} -o {r_zstd}", None, rm(r_zstd)),
+        "qemu-img convert qcow2->raw": (f"qemu-img convert -f qcow2 -O raw {qcow} {r_qemu}", None, rm(r_qemu)),
+    }, runs)
+    want = sha256_of(src)
+    for row, path in zip(restore.values(), (r_imgk, r_zstd, r_qemu)):
+        row.check = "sha256 ok" if sha256_of(path) == want else "SHA256 MISMATCH"
+    size = os.path.getsize(src)
+    text = f"## input {name} ({size / 2**30:.2f} GiB, {'quick' if quick else 'full'})\n\n"
+    text += table("capture", list(capture.values()), "zstd -T2 -3")
+    c = capture
+    text += (f"\nsize ratio imgkit/zstd: {c['imgkit capture (level 3)'].median('out_bytes') / c['zstd -T2 -3'].median('out_bytes'):.3f}; "
+             f"time ratio imgkit/qemu-img: {c['imgkit capture (level 3)'].median('wall') / c['qemu-img convert -c zstd'].median('wall'):.2f}\n\n")
+    text += table("restore", list(restore.values()), "zstd -d --sparse")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 GiB inputs, 2 runs")
+    ap.add_argument("--runs", type=int)
+    ap.add_argument("--inputs", nargs="*", default=["A", "B", "F"])
+    args = ap.parse_args()
+    runs = args.runs or (2 if args.quick else 3)
+    report = "".join(bench_input(n, args.quick, runs) for n in args.inputs)
+    print(report)
+    os.makedirs(os.path.join(os.path.dirname(WORK), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(WORK), "results", "capture.md"), "w") as f:
+        f.write(report)
+
+
+if __name__ == "__main__":
+    main()

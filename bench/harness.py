@@ -1,0 +1,76 @@
+"""Shared benchmark machinery: run commands side by side, alternating, and report median ratios with
+wall time, user+sys CPU, peak RSS and output size (../shared/guides/benchmarks.md)."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float
+    maxrss_kib: int
+    out_bytes: int
+
+
+@dataclass
+class Row:
+    name: str
+    samples: list[Sample] = field(default_factory=list)
+    check: str = ""
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in self.samples)
+
+
+def run_measured(cmd: str | list, out_path: str | None = None, env=None) -> Sample:
+    """Run one command (a shell string for pipelines) and measure it with wait4 (its children included)."""
+    shell = isinstance(cmd, str)
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, shell=shell, env=env, executable="/bin/bash" if shell else None,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark command failed ({proc.returncode}): {cmd}\n{err}")
+    out = 0
+    if out_path:
+        out = sum(os.path.getsize(p) for p in [out_path] + [f"{out_path}.{i:03d}" for i in range(2, 1000)]
+                  if os.path.exists(p))
+    return Sample(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss, out)
+
+
+def alternate(rows: dict[str, tuple], runs: int, before=None) -> dict[str, Row]:
+    """rows: name -> (command, output path, cleanup callable or None). Runs each in turn, `runs` times."""
+    result = {name: Row(name) for name in rows}
+    for _ in range(runs):
+        for name, (cmd, out, cleanup) in rows.items():
+            if cleanup:
+                cleanup()
+            if before:
+                before()
+            result[name].samples.append(run_measured(cmd, out))
+    return result
+
+
+def table(title: str, rows: list[Row], baseline: str) -> str:
+    base = next(r for r in rows if r.name == baseline)
+    lines = [f"### {title}", "",
+             f"| tool | wall s (median) | ratio vs {baseline} | user+sys s | peak RSS MiB | output MiB | check |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.median('wall'):.2f} | {r.median('wall') / base.median('wall'):.2f} | "
+                     f"{r.median('cpu'):.2f} | {r.median('maxrss_kib') / 1024:.0f} | "
+                     f"{r.median('out_bytes') / 2**20:.1f} | {r.check} |")
+    return "\n".join(lines) + "\n"
+
+
+def sha256_of(path: str) -> str:
+    return subprocess.run(["sha256sum", path], capture_output=True, text=True, check=True).stdout.split()[0]
