@@ -40,18 +40,29 @@ def is_imgk(path: str) -> bool:
 
 def open_image(path: str, password: Password = None, *, fmt: str | None = None,
                allow_raw: bool = True) -> Stream:
-    """Open any image imgkit reads as a Stream: imgk (by its magic) or raw (a file or block device).
-    `fmt` forces the format ("imgk", "raw"); it is never guessed by anything but imgkit. With
+    """Open any image imgkit reads as a Stream: imgk, raw (a file or block device), ISO, or a foreign
+    qcow2/vhd/vhdx/vmdk image read through qemu. The format is `fmt` if given ("raw" always takes the
+    bytes as they are), else imgkit's own reading of the header, never qemu's guess. A foreign image
+    is inspected and refused (RefusedImage) before qemu opens it if it is hostile or malformed. With
     allow_raw=False, a file in no recognised format is refused instead of being taken as raw bytes."""
+    from .formats import foreign
+    foreign.refuse_json_name(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or device")
-    if fmt == "imgk" or (fmt is None and is_imgk(path)):
-        return ImageReader(path, _password_provider(password))
     if fmt is None and not allow_raw:
-        raise BadImage(f"{path}: not an imgk image (no imgk magic at offset 0)")
-    if fmt in (None, "raw", "iso"):
+        if not os.path.isfile(path) or foreign.detect_format(path) == "raw":
+            raise BadImage(f"{path}: not an imgk image (no imgk magic at offset 0)")
+    if fmt is None:
+        fmt = foreign.detect_format(path) if os.path.isfile(path) else "raw"
+    if fmt == "imgk":
+        return ImageReader(path, _password_provider(password))
+    if fmt in ("raw", "iso"):
         return RawSource(path)
-    raise InputError(f"unknown image format {fmt!r}")
+    if fmt in foreign.QEMU_FORMATS:
+        inspected = foreign.inspect(path, fmt)
+        from .formats.qemu_image import QemuImage
+        return QemuImage(path, fmt, inspected)
+    raise InputError(f"unknown image format {fmt!r}", hint="formats: " + ", ".join(foreign.FORMATS))
 
 
 def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -128,6 +139,11 @@ def image_info(img: Stream) -> dict:
         }
     from .capture import build_metadata  # a raw or foreign disk: describe it on the fly
     meta = build_metadata(img, {"path": getattr(img, "path", None), "size": img.size}, 0, CapturePlan())
-    return {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
-            "virtual_size": img.size, "partition_table": meta["partition_table"],
-            "optical": meta.get("optical")}
+    doc = {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
+           "virtual_size": img.size, "partition_table": meta["partition_table"],
+           "optical": meta.get("optical")}
+    inspected = getattr(img, "inspected", None)  # a foreign image: what its own header says
+    if inspected is not None:
+        doc.update({"subformat": inspected.subformat, "file_size": inspected.file_size,
+                    "format_details": inspected.details})
+    return doc

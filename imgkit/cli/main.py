@@ -30,6 +30,7 @@ def cli(ctx, debug):
 # Each module registers its commands on `cli`; a new command family is one new module and one line here.
 COMMAND_MODULES = (
     "cmd_core",
+    "cmd_convert",
 )
 
 

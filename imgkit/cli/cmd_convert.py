@@ -1,0 +1,51 @@
+"""The convert command: imgk, raw, ISO, qcow2, VHD, VHDX and VMDK in any direction."""
+from __future__ import annotations
+
+import click
+
+from .. import convert as conversion
+from ..formats.foreign import FORMATS
+from ..units import format_size
+from .main import cli
+from .options import json_option, make_progress, password_options, progress_option, reading_password
+from .output import emit_json
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.argument("dest", type=click.Path())
+@click.option("--from", "source_format", type=click.Choice(FORMATS),
+              help="Format of SOURCE (default: read from its header; 'raw' takes the bytes as they are).")
+@click.option("--to", "dest_format", type=click.Choice(FORMATS),
+              help="Format of DEST (default: from its extension).")
+@click.option("--compress", is_flag=True, help="qcow2: zstd-compressed clusters; imgk: high zstd level.")
+@click.option("--subformat", help="vhd: dynamic (default) or fixed; vhdx: dynamic or fixed; "
+                                  "vmdk: monolithicSparse (default) or streamOptimized (OVA/vSphere).")
+@click.option("--preset", type=click.Choice(conversion.PRESETS),
+              help="azure: fixed VHD, exact size rounded up to a whole MiB.")
+@click.option("--force", is_flag=True, help="Replace an existing DEST.")
+@password_options
+@progress_option
+@json_option
+def convert(source, dest, source_format, dest_format, compress, subformat, preset, force, password_file,
+            progress_mode, as_json):
+    """Convert a disk image between imgk, raw, iso, qcow2, vhd, vhdx and vmdk.
+
+    Foreign images are inspected and refused (backing files, external data files, VMDK extents)
+    before qemu opens them. DEST appears only when complete; an existing DEST needs --force.
+
+    Examples: imgkit convert backup.imgk vm.qcow2 --compress;
+    imgkit convert backup.imgk azure.vhd --preset azure;
+    imgkit convert disk.vmdk disk.imgk
+    """
+    result = conversion.convert(source, dest, source_format=source_format, to=dest_format, compress=compress,
+                                subformat=subformat, preset=preset, force=force,
+                                password=reading_password(password_file),
+                                progress=make_progress("convert", progress_mode))
+    if as_json:
+        emit_json(result.as_dict())
+    else:
+        sub = f" ({result.subformat})" if result.subformat else ""
+        click.echo(f"converted {result.source_format} {format_size(result.virtual_size)} into "
+                   f"{result.format}{sub}, {format_size(result.allocated_size)} on disk, in "
+                   f"{result.seconds:.1f} s: {result.destination}")

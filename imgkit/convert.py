@@ -1,0 +1,329 @@
+"""Convert between imgk, raw, ISO, qcow2, VHD (qemu's vpc), VHDX and VMDK, in any direction.
+
+Routes (all without a temporary full-size raw copy on disk):
+- anything -> imgk: capture (api's capture_stream) from the source Stream (a foreign source is read
+  through qemu-storage-daemon + NBD, see formats/qemu_image.py);
+- imgk (or a padded stream) -> qcow2/vhd/vhdx/vmdk: the image is served over NBD by
+  nbd_export.py and `qemu-img convert -f raw <nbd> -O FMT` reads it; zero runs are holes;
+- raw/foreign file -> qcow2/vhd/vhdx/vmdk: `qemu-img convert` directly, explicit -f/-O, after the
+  header inspection of formats/foreign.py;
+- anything -> raw/iso: imgkit copies the Stream's data runs into a sparse file.
+Every destination is written under a temporary name in its directory and renamed when complete.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from .capture import capture_stream
+from .disk_info import optical_facts
+from .errors import InputError, Interrupted, OperationFailed
+from .formats import foreign
+from .formats.imgk_reader import ImageReader
+from .formats.imgk_writer import LEVEL_DEFAULT, LEVEL_HIGH
+from .nbd_export import export_stream
+from .parallel import ordered_map
+from .progress import NullProgress, Progress
+from .qemu_tools import describe_failure, kill_group, limits_for_size, popen
+from .stream import DATA, Stream
+
+SUBFORMATS = {"vhd": ("fixed", "dynamic"), "vhdx": ("dynamic", "fixed"),
+              "vmdk": ("monolithicSparse", "streamOptimized")}
+DEFAULT_SUBFORMAT = {"vhd": "dynamic", "vhdx": "dynamic", "vmdk": "monolithicSparse"}
+PRESETS = ("azure",)
+MiB = 1 << 20
+COPY_PIECE = 4 * MiB
+_PROGRESS_RE = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+@dataclass
+class ConvertResult:
+    source: str
+    source_format: str
+    destination: str
+    format: str
+    subformat: str | None
+    virtual_size: int
+    file_size: int
+    allocated_size: int
+    seconds: float
+    method: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Plan:
+    to: str
+    subformat: str | None
+    compress: bool
+    pad_to_mib: bool = False  # Azure: the virtual disk rounded up to a whole MiB (zeros added)
+    size: int | None = None   # the padded size, once the source size is known
+
+
+def destination_format(dest: str, to: str | None) -> str:
+    if to:
+        return to
+    fmt = foreign.format_from_extension(dest)
+    if not fmt:
+        raise InputError(f"{dest}: cannot tell the destination format from its name",
+                         hint="add --to FMT (" + ", ".join(foreign.FORMATS) + ")")
+    return fmt
+
+
+def _plan(to: str, subformat: str | None, compress: bool, preset: str | None) -> _Plan:
+    if preset == "azure":
+        if to != "vhd":
+            raise InputError(f"--preset azure makes a VHD, not {to}", hint="name the destination .vhd or use --to vhd")
+        if subformat not in (None, "fixed"):
+            raise InputError("--preset azure needs a fixed VHD; drop --subformat")
+        subformat = "fixed"
+    elif preset is not None:
+        raise InputError(f"unknown preset {preset!r}", hint="presets: azure")
+    if subformat is not None and subformat not in SUBFORMATS.get(to, ()):
+        allowed = SUBFORMATS.get(to)
+        raise InputError(f"--subformat {subformat} does not apply to {to}",
+                         hint=f"{to} subformats: {', '.join(allowed)}" if allowed else f"{to} has no subformats")
+    if compress and to not in ("qcow2", "imgk"):
+        raise InputError(f"--compress applies to qcow2 (zstd) and imgk, not {to}",
+                         hint="streamOptimized VMDK is always compressed" if to == "vmdk" else None)
+    return _Plan(to, subformat or DEFAULT_SUBFORMAT.get(to), compress, pad_to_mib=preset == "azure")
+
+
+def _tmp_name(dest: str) -> str:
+    """A private directory beside dest holding a file of dest's own name: formats that record their
+    file name (a VMDK's extent line) record the final one."""
+    d, base = os.path.split(os.path.abspath(dest))
+    import tempfile
+    return os.path.join(tempfile.mkdtemp(prefix=f".{base}.imgkit-tmp-", dir=d), base)
+
+
+def _check_destination(source: str, dest: str, force: bool) -> None:
+    foreign.refuse_json_name(dest)
+    out_dir = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"{out_dir}: no such directory for the destination")
+    if os.path.exists(dest):
+        if os.path.exists(source) and os.path.samefile(source, dest):
+            raise InputError(f"{dest} is the source itself: refusing to overwrite what is converted")
+        if not force:
+            raise InputError(f"{dest} already exists", hint="use --force to replace it")
+        if not os.path.isfile(dest):
+            raise InputError(f"{dest} is not a regular file: convert writes image files only")
+
+
+def _finish_file(tmp: str, dest: str) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
+    dfd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class PaddedStream(Stream):
+    """A stream followed by zeros up to `size` (Azure wants whole MiB disks)."""
+
+    def __init__(self, base: Stream, size: int):
+        self.base, self.size = base, size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size:
+            return b""
+        length = min(length, self.size - offset)
+        data = self.base.read(offset, length) if offset < self.base.size else b""
+        return data + bytes(length - len(data))
+
+    def runs(self):
+        from .stream import ZERO, Run
+        yield from self.base.runs()
+        if self.size > self.base.size:
+            yield Run(ZERO, self.base.size, self.size - self.base.size)
+
+
+# -- the routes -----------------------------------------------------------------------------------
+def _qemu_options(plan: _Plan) -> list[str]:
+    opts: list[str] = []
+    if plan.to == "qcow2":
+        opts.append("compat=1.1")
+        if plan.compress:
+            opts.append("compression_type=zstd")
+    elif plan.to == "vhd":
+        # force_size keeps the exact virtual size (qemu otherwise rounds up to a CHS geometry).
+        opts += [f"subformat={plan.subformat}", "force_size=on"]
+    elif plan.to in ("vhdx", "vmdk"):
+        opts.append(f"subformat={plan.subformat}")
+    return ["-o", ",".join(opts)] if opts else []
+
+
+def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int, progress: Progress,
+                          export=None) -> None:
+    argv = ["qemu-img", "convert", "-p", *src_args, "-O", foreign.QEMU_DRIVER[plan.to], *_qemu_options(plan)]
+    if plan.compress and plan.to == "qcow2":
+        argv.append("-c")
+    if plan.to == "qcow2" and not plan.compress:
+        argv.append("-W")  # out-of-order writes: qcow2 allocates clusters as they come
+    argv.append(tmp)
+    limits = limits_for_size(size)
+    import subprocess
+    proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
+    err_chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + limits.wall_seconds
+    buf = b""
+    try:
+        while True:
+            piece = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(64)
+            if not piece:
+                break
+            buf = (buf + piece)[-256:]
+            found = _PROGRESS_RE.findall(buf.decode("ascii", "replace"))
+            if found:
+                done = int(float(found[-1]) * size / 100)
+                if done > progress.done:
+                    progress.advance(done - progress.done)
+            if time.monotonic() > deadline:
+                kill_group(proc)
+                raise OperationFailed(f"qemu-img convert took longer than {limits.wall_seconds:.0f} s: stopped")
+        proc.wait(max(1.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        kill_group(proc)
+        raise Interrupted("convert interrupted: no destination was written") from None
+    except BaseException:
+        kill_group(proc)
+        raise
+    reader.join(5)
+    if proc.returncode != 0:
+        if export is not None and export.errors:
+            raise OperationFailed(f"reading the source failed: {export.errors[0]}")
+        raise OperationFailed("qemu-img convert failed: "
+                              + describe_failure(proc.returncode, b"".join(err_chunks).decode("utf-8", "replace")))
+    if progress.done < size:
+        progress.advance(size - progress.done)
+
+
+def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
+    """Data runs into a sparse file; holes and all-zero pieces stay holes."""
+    pieces = []
+    for run in stream.runs():
+        if run.kind == DATA:
+            for off in range(run.offset, run.end, COPY_PIECE):
+                pieces.append((off, min(COPY_PIECE, run.end - off)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, stream.size)
+        zero = bytes(COPY_PIECE)
+        for (off, length), data in zip(pieces, ordered_map(lambda p: stream.read(*p), pieces)):
+            if len(data) != length:
+                raise OperationFailed(f"short read from the source at offset {off}")
+            if data != zero[:length]:
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, off)
+                    view, off = view[n:], off + n
+            progress.advance(length)
+    finally:
+        os.close(fd)
+
+
+# -- the operation --------------------------------------------------------------------------------
+def convert(source: str, dest: str, *, source_format: str | None = None, to: str | None = None,
+            compress: bool = False, subformat: str | None = None, preset: str | None = None,
+            force: bool = False, password=None, progress: Progress | None = None,
+            level: int | None = None) -> ConvertResult:
+    from .api import open_image  # the api opens images; convert only routes them
+    progress = progress or NullProgress()
+    started = time.monotonic()
+    foreign.refuse_json_name(source)
+    to = destination_format(dest, to)
+    if to not in foreign.FORMATS:
+        raise InputError(f"unknown destination format {to!r}", hint="formats: " + ", ".join(foreign.FORMATS))
+    plan = _plan(to, subformat, compress, preset)
+    _check_destination(source, dest, force)
+    direct = _direct_source(source, source_format, plan)
+    if direct is not None:  # a file qemu-img reads itself: no stream, no NBD
+        src_fmt, size = direct
+        progress.total = size
+        _into_temp(dest, lambda tmp: _run_qemu_img_convert(
+            ["-f", foreign.QEMU_DRIVER[src_fmt], os.path.abspath(source)], plan, tmp, size, progress))
+        method, virtual = "qemu-img", size
+    else:
+        src = open_image(source, password, fmt=source_format)  # detects, inspects, refuses hostile images
+        try:
+            src_fmt = "imgk" if isinstance(src, ImageReader) else getattr(src, "format_name", None) or (
+                source_format or "raw")
+            progress.total = src.size
+            if plan.pad_to_mib:
+                plan.size = -(-src.size // MiB) * MiB
+            method = _route(src, source, dest, plan, force, progress, level)
+            virtual = plan.size or src.size
+        finally:
+            src.close()
+    st = os.stat(dest)
+    if method != "capture":  # capture reports its own end
+        progress.finish()
+    return ConvertResult(source=source, source_format=src_fmt, destination=dest, format=plan.to,
+                         subformat=plan.subformat, virtual_size=virtual, file_size=st.st_size,
+                         allocated_size=st.st_blocks * 512, seconds=round(time.monotonic() - started, 3),
+                         method=method)
+
+
+def _direct_source(source: str, source_format: str | None, plan: _Plan) -> tuple[str, int] | None:
+    """(format, virtual size) when qemu-img can read the source file itself, after inspection."""
+    if plan.to not in foreign.QEMU_FORMATS or plan.pad_to_mib or not os.path.isfile(source):
+        return None
+    if source_format is None:
+        source_format = foreign.detect_format(source)
+    if source_format in ("raw", "iso"):
+        return source_format, os.path.getsize(source)
+    if source_format in foreign.QEMU_FORMATS:
+        return source_format, foreign.inspect(source, source_format).virtual_size
+    return None
+
+
+def _into_temp(dest: str, write) -> None:
+    """Run write(tmp) and rename tmp to dest when it is complete; never leave tmp behind."""
+    tmp = _tmp_name(dest)
+    try:
+        write(tmp)
+        _finish_file(tmp, dest)
+    finally:
+        import shutil
+        shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
+
+
+def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progress: Progress,
+           level: int | None) -> str:
+    if plan.to == "imgk":
+        info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
+                                                                 "kind": "image", "size": src.size}
+        if level is None:
+            level = LEVEL_HIGH if plan.compress else LEVEL_DEFAULT
+        capture_stream(src, dest, source_info=info, level=level, force=force, progress=progress)
+        return "capture"
+    if plan.to in ("raw", "iso"):
+        if plan.to == "iso":
+            optical = src.metadata.get("optical") if isinstance(src, ImageReader) else optical_facts(src)
+            if not optical:
+                raise InputError(f"{source} is not an optical image (no ISO 9660 volume descriptor at "
+                                 "sector 16): refusing to make an .iso of a hard disk",
+                                 hint="convert it to raw, qcow2, vhd, vhdx or vmdk instead")
+        _into_temp(dest, lambda tmp: _copy_to_raw(src, tmp, progress))
+        return "copy"
+    stream = PaddedStream(src, plan.size) if plan.size and plan.size != src.size else src
+
+    def write(tmp: str) -> None:
+        with export_stream(stream) as export:
+            _run_qemu_img_convert(["-f", "raw", export.qemu_filename], plan, tmp, stream.size, progress, export)
+    _into_temp(dest, write)
+    return "nbd-export"

@@ -1,0 +1,111 @@
+"""Running qemu programs safely: found on PATH (or a clear "install qemu-utils"), with resource limits
+(CPU seconds and address space, as OpenStack Nova does for qemu-img info) and a wall-clock timeout,
+in their own process group so a timeout kills the whole group.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from .errors import EnvironmentProblem, OperationFailed
+
+INFO_CPU_SECONDS = 30
+INFO_ADDRESS_SPACE = 1 << 30
+WORK_ADDRESS_SPACE = 4 << 30   # convert/serve: qemu's coroutine stacks and buffers need more than 1 GiB
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_seconds: int
+    address_space: int
+    wall_seconds: float
+
+
+INFO_LIMITS = Limits(INFO_CPU_SECONDS, INFO_ADDRESS_SPACE, 60)
+
+
+def limits_for_size(size: int) -> Limits:
+    """Finite limits for work proportional to a disk's size: generous (a slow shared machine, zstd)
+    but never unbounded."""
+    mib = max(1, size >> 20)
+    return Limits(cpu_seconds=120 + mib // 8, address_space=WORK_ADDRESS_SPACE, wall_seconds=300 + mib / 4)
+
+
+def find_program(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise EnvironmentProblem(f"{name} is not installed (needed for foreign image formats)",
+                                 hint="apt-get install qemu-utils (Debian/Ubuntu) or qemu-img (Fedora)")
+    return path
+
+
+def _preexec(limits: Limits):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
+        resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return apply
+
+
+def popen(argv: list[str], limits: Limits, **kw) -> subprocess.Popen:
+    argv = [find_program(argv[0]), *argv[1:]]
+    env = dict(os.environ, LC_ALL="C")
+    return subprocess.Popen(argv, preexec_fn=_preexec(limits), start_new_session=True, env=env,
+                            stdin=subprocess.DEVNULL, **kw)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Stop a process we started, with its group (it was started in a new session)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(5)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run(argv: list[str], limits: Limits = INFO_LIMITS, what: str | None = None) -> subprocess.CompletedProcess:
+    """Run to completion; a timeout or failure raises with qemu's own message."""
+    proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=limits.wall_seconds)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise OperationFailed(f"{what or argv[0]} took longer than {limits.wall_seconds:.0f} s: stopped")
+    except BaseException:
+        kill_group(proc)
+        raise
+    if proc.returncode != 0:
+        raise OperationFailed(f"{what or argv[0]} failed: {describe_failure(proc.returncode, err)}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def describe_failure(returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        sig = signal.Signals(-returncode).name
+        why = {"SIGXCPU": "CPU time limit reached", "SIGKILL": "killed (limit reached?)"}.get(sig, sig)
+        return why
+    lines = [ln.strip() for ln in (stderr or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit status {returncode}"
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise OperationFailed(f"qemu-storage-daemon exited: {describe_failure(proc.returncode, err)}")
+        if time.monotonic() > deadline:
+            kill_group(proc)
+            raise OperationFailed("qemu-storage-daemon did not start its NBD server in time")
+        time.sleep(0.02)
