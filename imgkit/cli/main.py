@@ -31,6 +31,7 @@ def cli(ctx, debug):
 COMMAND_MODULES = (
     "cmd_core",
     "cmd_convert",
+    "cmd_bootcheck",
 )
 
 
