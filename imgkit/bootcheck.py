@@ -462,8 +462,9 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
                 window = console.window(new)
                 m = expect_re.search(window)
                 if m:
-                    matched = _line_of(window, m)
                     ended_at = time.monotonic()
+                    _finish_line(out_fd, console, len(console.text) - len(window) + m.end())
+                    matched = _line_of(console.text, len(console.text) - len(window) + m.start(), m)
                     break
             if reason is None:
                 found = _classify(console.window(new)) or _classify(fwlog.window(0))
@@ -481,7 +482,8 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
                     window = console.window(len(rest))
                     m = expect_re.search(window)
                     if m:
-                        matched, ended_at = _line_of(window, m), time.monotonic()
+                        ended_at = time.monotonic()
+                        matched = _line_of(console.text, len(console.text) - len(window) + m.start(), m)
                         break
                 found = _classify(console.text) or _classify(fwlog.text)
                 if found:
@@ -519,11 +521,27 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
         screenshot_error=shot_error)
 
 
-def _line_of(text: str, m: re.Match) -> str:
+def _line_of(text: str, start: int, m: re.Match) -> str:
     """The whole console line a match is on (what a human wants to see), capped."""
-    start = text.rfind("\n", 0, m.start()) + 1
-    end = text.find("\n", m.end())
-    return text[start:end if end >= 0 else len(text)].strip()[:200] or m.group(0)
+    begin = text.rfind("\n", 0, start) + 1
+    end = text.find("\n", start)
+    return text[begin:end if end >= 0 else len(text)].strip()[:200] or m.group(0)
+
+
+def _finish_line(fd: int, console: _Console, pos: int, wait: float = 0.5) -> None:
+    """After a match, read on briefly until its line ends, so the report shows the whole line."""
+    deadline = time.monotonic() + wait
+    while "\n" not in console.text[pos:] and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        console.add(data)
 
 
 def _drain(fd: int) -> bytes:
@@ -569,7 +587,8 @@ def junit_xml(result: BootResult, suite: str = "imgkit.boot-check") -> str:
     if not result.passed:
         fail = ET.SubElement(case, "failure", message=f"{result.reason}: {result.detail or ''}".strip(": "),
                              type=result.reason or "failure")
-        fail.text = "\n".join(result.console_tail)
+        fail.text = "\n".join(result.console_tail or
+                              ["(no console output; firmware log:)"] + result.firmware_log_tail)
     out = ET.SubElement(case, "system-out")
     out.text = "\n".join(result.console_tail)
     ET.indent(ts)
