@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from .accel import choose_accel
 from .errors import EnvironmentProblem, InputError
-from .qemu_tools import Limits, kill_group, popen
+from .qemu_tools import Limits, find_program, kill_group, popen
 from .stream import Stream
 
 DEFAULT_EXPECT = r"IMGKIT-BOOT-OK|\blogin:\s*$"
@@ -230,8 +230,9 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
                            "file": {"driver": "nbd", "server": {"type": "unix", "path": export.socket_path}}}
                     return _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel_name,
                                 accel_why, screenshot, True, started, console_log)
+            protocol = "file" if os.path.isfile(image) else "host_device"  # a block device
             src = {"driver": foreign.QEMU_DRIVER[fmt], "node-name": "src", "read-only": True,
-                   "file": {"driver": "file", "filename": os.path.abspath(image)}}
+                   "file": {"driver": protocol, "filename": os.path.abspath(image)}}
             if fmt in ("qcow2", "vmdk"):
                 src["backing"] = None  # never follow a backing file named inside the image
             return _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel_name,
@@ -268,7 +269,8 @@ def _qemu_argv(qemu: str, plan: BootPlan, src: dict, work: str, memory: int, acc
         argv += ["-device", "ide-cd,drive=src,bootindex=0"]  # a CD-ROM is read-only: no overlay needed
     else:
         overlay = os.path.join(work, "overlay.qcow2")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, str(max(plan.size, 512))],
+        # No backing file in the overlay's header: the backing node is given at run time (-blockdev).
+        subprocess.run([find_program("qemu-img"), "create", "-q", "-f", "qcow2", overlay, str(max(plan.size, 512))],
                        check=True, capture_output=True, timeout=60)
         argv += ["-blockdev", json.dumps({"driver": "qcow2", "node-name": "disk", "backing": "src",
                                           "file": {"driver": "file", "filename": overlay}}),

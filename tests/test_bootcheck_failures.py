@@ -111,3 +111,20 @@ def test_raw_file_with_a_qcow2_header_is_booted_as_raw_when_asked(tmp_path):
 def test_firmware_can_be_forced(tiny_bios_image):
     code, doc, _ = boot_check_json(tiny_bios_image, "--firmware", "bios")
     assert code == 0 and doc["firmware_why"] == "forced by --firmware"
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop device")
+def test_boots_a_block_device_read_only(tiny_bios_image, tmp_path):
+    """A real block device (a read-only loop device) boots through qemu's host_device driver."""
+    import subprocess
+    copy = tmp_path / "disk.img"
+    shutil.copyfile(tiny_bios_image, copy)
+    dev = subprocess.run(["losetup", "--find", "--show", "--read-only", str(copy)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    try:
+        code, doc, err = boot_check_json(dev, "--timeout", "30")
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    assert code == 0, (doc, err)
+    assert doc["format"] == "raw" and doc["matched"] == "IMGKIT-BOOT-OK tiny-bios"

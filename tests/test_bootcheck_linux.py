@@ -55,3 +55,18 @@ def test_kernel_panic_is_named(vm_fixture, tmp_path):
     assert any("Kernel panic" in ln for ln in doc["console_tail"])
     text = junit.read_text()
     assert 'failures="1"' in text and 'type="kernel panic"' in text
+
+
+def test_uefi_disk_without_a_boot_loader_is_no_bootable_device(linux_uefi_image, tmp_path):
+    """OVMF finds no \\EFI\\BOOT\\BOOTX64.EFI, falls to its shell: named, not left to time out."""
+    import os
+    import shutil
+    import subprocess
+    disk = tmp_path / "no-loader.img"
+    shutil.copyfile(linux_uefi_image, disk)
+    subprocess.run(["mdel", "-i", f"{disk}@@1M", "::/EFI/BOOT/BOOTX64.EFI"], check=True,
+                   env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+    code, doc, err = boot_check_json(disk, "--timeout", "120")
+    assert code == 1, (doc, err)
+    assert doc["firmware"] == "uefi" and doc["reason"] == "no bootable device"
+    assert doc["seconds_to_result"] < 100
