@@ -20,7 +20,6 @@ import os
 import re
 import select
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from .accel import choose_accel
 from .errors import EnvironmentProblem, InputError
 from .qemu_tools import Limits, find_program, kill_group, popen
+from .qmp import QmpClient
 from .stream import Stream
 
 DEFAULT_EXPECT = r"IMGKIT-BOOT-OK|\blogin:\s*$"
@@ -302,76 +302,6 @@ class _Console:
         return lines[-n:]
 
 
-class _Qmp:
-    """The smallest QMP client that does the job: capabilities, events, screendump, nothing else."""
-
-    def __init__(self, path: str, proc: subprocess.Popen, wait: float = 10.0):
-        deadline = time.monotonic() + wait
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        self.buf = b""
-        self.events: list[dict] = []
-        self._recv_until(lambda m: "QMP" in m)
-        self.command("qmp_capabilities")
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def _messages(self):
-        while b"\n" in self.buf:
-            line, self.buf = self.buf.split(b"\n", 1)
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    continue
-
-    def pump(self) -> None:
-        """Read what is waiting (after select said so) and queue the events."""
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError
-        self.buf += data
-        for m in self._messages():
-            if "event" in m:
-                self.events.append(m)
-
-    def _recv_until(self, done, timeout: float = 10.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for m in self._messages():
-                if "event" in m:
-                    self.events.append(m)
-                elif done(m):
-                    return m
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("QMP did not answer")
-            self.sock.settimeout(left)
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError
-            self.buf += data
-
-    def command(self, name: str, **arguments) -> dict:
-        self.sock.sendall(json.dumps({"execute": name, "arguments": arguments}).encode() + b"\n")
-        reply = self._recv_until(lambda m: "return" in m or "error" in m)
-        self.sock.settimeout(None)
-        if "error" in reply:
-            raise RuntimeError(reply["error"].get("desc", "QMP error"))
-        return reply["return"]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def _classify(text: str) -> tuple[str, str] | None:
     for pattern, reason in FAILURE_PATTERNS:
         m = pattern.search(text)
@@ -380,7 +310,7 @@ def _classify(text: str) -> tuple[str, str] | None:
     return None
 
 
-def _take_screenshot(qmp: _Qmp | None, path: str) -> str | None:
+def _take_screenshot(qmp: QmpClient | None, path: str) -> str | None:
     """Screendump to `path` (PNG) through a temp name; an error message, or None when it worked."""
     if qmp is None:
         return "QEMU had already exited"
@@ -414,7 +344,7 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
     ended_at = None
     try:
         try:
-            qmp = _Qmp(os.path.join(work, "qmp.sock"), proc)
+            qmp = QmpClient(os.path.join(work, "qmp.sock"), proc)
         except (OSError, EOFError, TimeoutError):
             qmp = None  # QEMU died at start: its stderr says why (below)
         out_fd = proc.stdout.fileno()
