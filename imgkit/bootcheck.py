@@ -39,6 +39,7 @@ MAX_MEMORY = 64 << 30
 TAIL_LINES = 20
 CONSOLE_KEEP = 4 << 20       # bytes of console text kept (the rest is dropped from the front)
 SEARCH_WINDOW = 64 << 10     # a match is looked for in the last 64 KiB plus what just arrived
+STREAM_CLUSTER = 1 << 20    # overlay cluster for streamed images: one imgk chunk (default size)
 TCG_TB_MIB = 256             # TCG translation cache; the 1 GiB default would count against RLIMIT_AS
 
 PASS = None
@@ -242,7 +243,8 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
             stream.close()
 
 
-def _qemu_argv(qemu: str, plan: BootPlan, src: dict, work: str, memory: int, accel: str) -> list[str]:
+def _qemu_argv(qemu: str, plan: BootPlan, src: dict, work: str, memory: int, accel: str,
+               streamed: bool) -> list[str]:
     argv = [qemu, "-nodefaults", "-no-user-config", "-name", "imgkit-boot-check",
             "-accel", f"tcg,tb-size={TCG_TB_MIB}" if accel == "tcg" else "kvm",
             "-m", f"{memory >> 20}M", "-smp", "1",
@@ -265,16 +267,28 @@ def _qemu_argv(qemu: str, plan: BootPlan, src: dict, work: str, memory: int, acc
                                           "file": {"driver": "file", "filename": vars_copy}})]
         machine += ",pflash0=ovmf-code,pflash1=ovmf-vars"
     argv += ["-machine", machine]
-    if plan.media == "cdrom":
-        argv += ["-device", "ide-cd,drive=src,bootindex=0"]  # a CD-ROM is read-only: no overlay needed
+    device = "ide-cd" if plan.media == "cdrom" else "ide-hd"
+    if plan.media == "cdrom" and not streamed:
+        argv += ["-device", f"{device},drive=src,bootindex=0"]  # a CD-ROM is read-only: no overlay needed
+        top = None
     else:
         overlay = os.path.join(work, "overlay.qcow2")
         # No backing file in the overlay's header: the backing node is given at run time (-blockdev).
-        subprocess.run([find_program("qemu-img"), "create", "-q", "-f", "qcow2", overlay, str(max(plan.size, 512))],
-                       check=True, capture_output=True, timeout=60)
+        cmd = [find_program("qemu-img"), "create", "-q", "-f", "qcow2"]
+        if streamed:
+            cmd += ["-o", f"cluster_size={STREAM_CLUSTER}"]
+        subprocess.run(cmd + [overlay, str(max(plan.size, 512))], check=True, capture_output=True, timeout=60)
         argv += ["-blockdev", json.dumps({"driver": "qcow2", "node-name": "disk", "backing": "src",
-                                          "file": {"driver": "file", "filename": overlay}}),
-                 "-device", "ide-hd,drive=disk,bootindex=0"]
+                                          "file": {"driver": "file", "filename": overlay}})]
+        top = "disk"
+        if streamed:
+            # Firmware reads a sector at a time (SeaBIOS IDE PIO: 512 bytes per request). Over NBD each
+            # would be a round trip through imgkit; copy-on-read fetches whole overlay clusters instead,
+            # so the next reads of that cluster are local (measured: 18,777 NBD reads -> 15 for
+            # linux-bios). The overlay grows by what the guest reads, in the private temp directory.
+            argv += ["-blockdev", json.dumps({"driver": "copy-on-read", "node-name": "cor", "file": "disk"})]
+            top = "cor"
+        argv += ["-device", f"{device},drive={top},bootindex=0"]
     if _sandbox_supported(qemu):
         argv += ["-sandbox", "on,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     return argv
@@ -330,7 +344,7 @@ def _take_screenshot(qmp: QmpClient | None, path: str) -> str | None:
 
 def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel, accel_why, screenshot,
          streamed, started, console_log) -> BootResult:
-    argv = _qemu_argv(qemu, plan, src, work, memory, accel)
+    argv = _qemu_argv(qemu, plan, src, work, memory, accel, streamed)
     limits = Limits(cpu_seconds=int(timeout) + 60, address_space=memory + (4 << 30), wall_seconds=timeout)
     stderr_path = os.path.join(work, "qemu.stderr")
     console, fwlog = _Console(), _Console()
