@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import sys
 
 import click
@@ -23,6 +24,10 @@ def _regex(ctx, param, value):
     except re.error as e:
         raise click.BadParameter(f"not a valid regular expression: {e}")
     return value
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def render_result(r: bootcheck.BootResult) -> str:
@@ -79,6 +84,8 @@ def boot_check(image, expect, firmware, timeout, memory, accel, image_format, sc
 
     Example: imgkit boot-check backup.imgk --expect 'login:' --timeout 300 --junit boot.xml
     """
+    # A CI job's timeout sends SIGTERM: unwind (stopping QEMU, removing the temp dir) as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _terminate)
     result = bootcheck.boot_check(image, expect=expect, firmware=firmware, timeout=timeout, memory=memory,
                                   accel=accel, screenshot=screenshot, password=reading_password(password_file),
                                   fmt=image_format, console_log=console_log)
