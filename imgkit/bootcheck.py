@@ -353,7 +353,7 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
     reason = detail = matched = None
     qmp = None
     with open(stderr_path, "wb") as stderr:
-        proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=stderr)
+        proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=stderr, die_with_parent=True)
     launched = time.monotonic()
     ended_at = None
     try:

@@ -44,18 +44,33 @@ def find_program(name: str) -> str:
     return path
 
 
-def _preexec(limits: Limits):
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this child when the process that started it dies, even by SIGKILL, so a
+    killed imgkit never leaves a QEMU running (it is in its own session, out of reach of group kills)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _preexec(limits: Limits, die_with_parent: bool = False):
     def apply():
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
         resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if die_with_parent:
+            _die_with_parent()
     return apply
 
 
-def popen(argv: list[str], limits: Limits, **kw) -> subprocess.Popen:
+def popen(argv: list[str], limits: Limits, *, die_with_parent: bool = False, **kw) -> subprocess.Popen:
     argv = [find_program(argv[0]), *argv[1:]]
     env = dict(os.environ, LC_ALL="C")
-    return subprocess.Popen(argv, preexec_fn=_preexec(limits), start_new_session=True, env=env,
+    return subprocess.Popen(argv, preexec_fn=_preexec(limits, die_with_parent), start_new_session=True, env=env,
                             stdin=subprocess.DEVNULL, **kw)
 
 
