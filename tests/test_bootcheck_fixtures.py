@@ -123,3 +123,12 @@ def test_gpt_with_esp_and_bios_boot_code_boots_bios(linux_uefi_image, tmp_path):
     with api.open_image(str(disk)) as s:
         plan = plan_boot(s, "raw")
     assert plan.firmware == "bios" and "BIOS boot code" in plan.firmware_why
+
+
+@pytest.mark.qemu
+def test_plugin_boot_check_fixture(imgkit_boot_check, tiny_bios_image, tmp_path):
+    """What another project's CI writes: the plugin's boot checker on a plugin-built image."""
+    result = imgkit_boot_check(tiny_bios_image, accel="tcg", timeout=30, console_log=str(tmp_path / "com1.log"))
+    assert result.passed, result.summary()
+    assert result.summary().startswith("PASS ")
+    assert b"IMGKIT-BOOT-OK tiny-bios" in (tmp_path / "com1.log").read_bytes()
