@@ -38,7 +38,8 @@ MIN_MEMORY = 16 << 20
 MAX_MEMORY = 64 << 30
 TAIL_LINES = 20
 CONSOLE_KEEP = 4 << 20       # bytes of console text kept (the rest is dropped from the front)
-SEARCH_WINDOW = 64 << 10     # a match is looked for in the last 64 KiB plus what just arrived
+SEARCH_OVERLAP = 4 << 10     # new text is searched together with the 4 KiB before it (lines split across reads)
+FIRMWARE_POLL = 0.1          # seconds between reads of the firmware log file
 STREAM_CLUSTER = 1 << 20    # overlay cluster for streamed images: one imgk chunk (default size)
 TCG_TB_MIB = 256             # TCG translation cache; the 1 GiB default would count against RLIMIT_AS
 
@@ -308,7 +309,9 @@ class _Console:
         return chunk
 
     def window(self, new: int) -> str:
-        return self.text[-(SEARCH_WINDOW + new):]
+        """What arrived last (`new` characters) with some context: searching only this keeps a long,
+        chatty boot linear instead of rescanning the whole log on every read."""
+        return self.text[-(SEARCH_OVERLAP + new):]
 
     def tail(self, n: int = TAIL_LINES) -> list[str]:
         lines = [ln.rstrip() for ln in self.text.splitlines()]
@@ -349,7 +352,7 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
     stderr_path = os.path.join(work, "qemu.stderr")
     console, fwlog = _Console(), _Console()
     fw_path = os.path.join(work, "firmware.log")
-    fw_pos = 0
+    fw_pos, fw_polled = 0, 0.0
     reason = detail = matched = None
     qmp = None
     with open(stderr_path, "wb") as stderr:
@@ -395,15 +398,18 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
                     qmp = None
             if qmp is not None and any(e.get("event") == "SHUTDOWN" for e in qmp.events):
                 stopped = True  # powered off or reset (-no-reboot): nothing more will come
-            try:
-                with open(fw_path, "rb") as f:
-                    f.seek(fw_pos)
-                    more = f.read(1 << 20)
-                fw_pos += len(more)
-                if more:
-                    fwlog.add(more)
-            except OSError:
-                pass
+            fw_new = 0
+            if now - fw_polled >= FIRMWARE_POLL or stopped:
+                fw_polled = now
+                try:
+                    with open(fw_path, "rb") as f:
+                        f.seek(fw_pos)
+                        more = f.read(1 << 20)
+                    fw_pos += len(more)
+                    if more:
+                        fw_new = len(fwlog.add(more))
+                except OSError:
+                    pass
             if new and reason is None:
                 window = console.window(new)
                 m = expect_re.search(window)
@@ -412,8 +418,9 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
                     _finish_line(out_fd, console, len(console.text) - len(window) + m.end())
                     matched = _line_of(console.text, len(console.text) - len(window) + m.start(), m)
                     break
-            if reason is None:
-                found = _classify(console.window(new)) or _classify(fwlog.window(0))
+            if reason is None and (new or fw_new):
+                found = (_classify(console.window(new)) if new else None) or \
+                        (_classify(fwlog.window(fw_new)) if fw_new else None)
                 if found:
                     reason, detail = found
                     ended_at = time.monotonic()
