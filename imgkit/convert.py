@@ -23,7 +23,7 @@ from .disk_info import optical_facts
 from .errors import InputError, Interrupted, OperationFailed
 from .formats import foreign
 from .formats.imgk_reader import ImageReader
-from .formats.imgk_writer import LEVEL_DEFAULT, LEVEL_HIGH
+from .formats.imgk_writer import LEVEL_DEFAULT
 from .nbd_export import export_stream
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
@@ -88,9 +88,10 @@ def _plan(to: str, subformat: str | None, compress: bool, preset: str | None) ->
         allowed = SUBFORMATS.get(to)
         raise InputError(f"--subformat {subformat} does not apply to {to}",
                          hint=f"{to} subformats: {', '.join(allowed)}" if allowed else f"{to} has no subformats")
-    if compress and to not in ("qcow2", "imgk"):
-        raise InputError(f"--compress applies to qcow2 (zstd) and imgk, not {to}",
-                         hint="streamOptimized VMDK is always compressed" if to == "vmdk" else None)
+    if compress and to != "qcow2":
+        hints = {"vmdk": "streamOptimized VMDK is always compressed",
+                 "imgk": "imgk is always zstd-compressed; --level sets the level"}
+        raise InputError(f"--compress applies to qcow2 (zstd clusters), not {to}", hint=hints.get(to))
     return _Plan(to, subformat or DEFAULT_SUBFORMAT.get(to), compress, pad_to_mib=preset == "azure")
 
 
@@ -170,8 +171,10 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
     argv = ["qemu-img", "convert", "-p", *src_args, "-O", foreign.QEMU_DRIVER[plan.to], *_qemu_options(plan)]
     if plan.compress and plan.to == "qcow2":
         argv.append("-c")
-    if plan.to == "qcow2" and not plan.compress:
-        argv.append("-W")  # out-of-order writes: qcow2 allocates clusters as they come
+    if plan.to == "qcow2":
+        # Out-of-order writes: qcow2 allocates clusters as they come, and with -c the compression of
+        # several clusters overlaps instead of waiting for the previous write (measured faster).
+        argv += ["-W", "-m", "16"]
     argv.append(tmp)
     limits = limits_for_size(size)
     import subprocess
@@ -249,6 +252,9 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     if to not in foreign.FORMATS:
         raise InputError(f"unknown destination format {to!r}", hint="formats: " + ", ".join(foreign.FORMATS))
     plan = _plan(to, subformat, compress, preset)
+    if level is not None and to != "imgk":
+        raise InputError(f"--level applies to imgk destinations, not {to}",
+                         hint="for a compressed qcow2 use --compress")
     _check_destination(source, dest, force)
     direct = _direct_source(source, source_format, plan)
     if direct is not None:  # a file qemu-img reads itself: no stream, no NBD
@@ -308,7 +314,7 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
         info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
                                                                  "kind": "image", "size": src.size}
         if level is None:
-            level = LEVEL_HIGH if plan.compress else LEVEL_DEFAULT
+            level = LEVEL_DEFAULT
         capture_stream(src, dest, source_info=info, level=level, force=force, progress=progress)
         return "capture"
     if plan.to in ("raw", "iso"):

@@ -96,10 +96,16 @@ class Sealer:
                                "tampered with)", offset) from None
 
     def seal_section(self, section_type: int, seq: int, data: bytes) -> bytes:
-        return self._section.encrypt(L.section_nonce(seq), data, L.section_ad(self._core, section_type, seq))
+        """nonce || ciphertext || tag with a random nonce: split, join and later rewrites seal new
+        sections under the same section_key, so a counter nonce (seq) would repeat (FORMAT.md)."""
+        nonce = os.urandom(L.AEAD_NONCE_SIZE)
+        return nonce + self._section.encrypt(nonce, data, L.section_ad(self._core, section_type, seq))
 
     def open_section(self, section_type: int, seq: int, stored: bytes) -> bytes:
+        if len(stored) < L.SECTION_SEAL_OVERHEAD:
+            raise BadImage(f"section {seq} (type {section_type}) is too short to be sealed")
+        nonce, sealed = stored[:L.AEAD_NONCE_SIZE], stored[L.AEAD_NONCE_SIZE:]
         try:
-            return self._section.decrypt(L.section_nonce(seq), stored, L.section_ad(self._core, section_type, seq))
+            return self._section.decrypt(nonce, sealed, L.section_ad(self._core, section_type, seq))
         except self._invalid:
             raise BadImage(f"section {seq} (type {section_type}) failed authentication") from None

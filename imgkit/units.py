@@ -27,3 +27,30 @@ def format_size(n: int) -> str:
         if n < 1024 or unit == "PiB":
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+# Split-size presets (`--split-size fat32|dvd`), the largest volume each medium holds.
+# FAT32 stores a file's size in a 32-bit field: the largest file is 4 GiB - 1 byte. imgkit never
+# writes a volume above the split size, so no further margin is needed ("4G" would be 1 byte too many).
+FAT32_MAX_FILE = (4 << 30) - 1
+# A single-layer DVD+R holds 2,295,104 sectors of 2048 bytes = 4,700,372,992 bytes (DVD-R holds a
+# little more, 4,707,319,808): take the smaller, less 8 MiB for the disc's own filesystem (ISO 9660
+# + Joliet/UDF descriptors and directories need well under 1 MiB for a few files).
+DVD_SINGLE_LAYER = 4_700_372_992
+DVD_FILESYSTEM_MARGIN = 8 << 20
+SPLIT_PRESETS = {"fat32": FAT32_MAX_FILE, "dvd": DVD_SINGLE_LAYER - DVD_FILESYSTEM_MARGIN}
+
+
+def parse_split_size(text: str | int) -> int:
+    """A size (650M, 4G) or a preset name (fat32, dvd)."""
+    if isinstance(text, str) and text.strip().lower() in SPLIT_PRESETS:
+        return SPLIT_PRESETS[text.strip().lower()]
+    try:
+        n = parse_size(text)
+    except InputError:
+        raise InputError(f"not a split size: {text!r}",
+                         hint="use a size such as 650M or 4000M, or a preset: fat32 (4 GiB - 1 byte), "
+                              "dvd (single-layer DVD)") from None
+    if n <= 0:
+        raise InputError(f"split size must be positive, not {text!r}")
+    return n

@@ -35,7 +35,7 @@ def verify_image(image: ImageReader, progress: Progress | None = None, workers: 
     progress = progress or NullProgress()
     progress.total = image.size
     started = time.monotonic()
-    data = [i for i, e in enumerate(image.index) if e.kind == L.KIND_DATA]
+    data = [i for i, k in enumerate(image.index.kinds()) if k == L.KIND_DATA]
     report = VerifyReport(image.chunk_count, len(data), 0)
     progress.advance(image.size - sum(image.chunk_length(i) for i in data))
 

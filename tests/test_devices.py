@@ -24,7 +24,9 @@ def loop_device(path, *extra):
 def disk_and_image(tmp_path_factory):
     d = tmp_path_factory.mktemp("dev")
     src = d / "disk.raw"
-    src.write_bytes(pattern_bytes(12 << 20, seed=31))
+    data = bytearray(pattern_bytes(12 << 20, seed=31))
+    data[3 << 20:6 << 20] = bytes(3 << 20)  # zero chunks: restore must zero them on a device
+    src.write_bytes(bytes(data))
     img = d / "disk.imgk"
     with loop_device(src, "--read-only") as dev:
         p = run_imgkit("capture", dev, img, "--json", check=True)
@@ -51,6 +53,15 @@ def test_restore_to_loop_device_with_verify(disk_and_image):
         run_imgkit("restore", img, dev, "--yes", "--verify", check=True)
     got = target.read_bytes()
     assert got[:12 << 20] == src.read_bytes()
+
+
+def test_restore_with_discard_zeroes_zero_chunks(disk_and_image):
+    d, src, img = disk_and_image
+    target = d / "discard.raw"
+    target.write_bytes(b"\xa5" * (16 << 20))
+    with loop_device(target) as dev:
+        run_imgkit("restore", img, dev, "--yes", "--discard", "--verify", check=True)
+    assert target.read_bytes()[:12 << 20] == src.read_bytes()
 
 
 def test_restore_refuses_smaller_device(disk_and_image):

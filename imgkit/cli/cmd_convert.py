@@ -5,6 +5,7 @@ import click
 
 from .. import convert as conversion
 from ..formats.foreign import FORMATS
+from ..formats.imgk_writer import LEVEL_DEFAULT, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
 from .options import json_option, make_progress, password_options, progress_option, reading_password
@@ -18,7 +19,9 @@ from .output import emit_json
               help="Format of SOURCE (default: read from its header; 'raw' takes the bytes as they are).")
 @click.option("--to", "dest_format", type=click.Choice(FORMATS),
               help="Format of DEST (default: from its extension).")
-@click.option("--compress", is_flag=True, help="qcow2: zstd-compressed clusters; imgk: high zstd level.")
+@click.option("--compress", is_flag=True, help="qcow2: zstd-compressed clusters.")
+@click.option("--level", type=click.IntRange(MIN_LEVEL, MAX_LEVEL),
+              help=f"imgk destination: zstd level (default {LEVEL_DEFAULT}; 1 is fastest).")
 @click.option("--subformat", help="vhd: dynamic (default) or fixed; vhdx: dynamic or fixed; "
                                   "vmdk: monolithicSparse (default) or streamOptimized (OVA/vSphere).")
 @click.option("--preset", type=click.Choice(conversion.PRESETS),
@@ -27,7 +30,7 @@ from .output import emit_json
 @password_options
 @progress_option
 @json_option
-def convert(source, dest, source_format, dest_format, compress, subformat, preset, force, password_file,
+def convert(source, dest, source_format, dest_format, compress, level, subformat, preset, force, password_file,
             progress_mode, as_json):
     """Convert a disk image between imgk, raw, iso, qcow2, vhd, vhdx and vmdk.
 
@@ -39,7 +42,7 @@ def convert(source, dest, source_format, dest_format, compress, subformat, prese
     imgkit convert disk.vmdk disk.imgk
     """
     result = conversion.convert(source, dest, source_format=source_format, to=dest_format, compress=compress,
-                                subformat=subformat, preset=preset, force=force,
+                                subformat=subformat, preset=preset, force=force, level=level,
                                 password=reading_password(password_file),
                                 progress=make_progress("convert", progress_mode))
     if as_json:

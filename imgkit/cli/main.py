@@ -30,6 +30,7 @@ def cli(ctx, debug):
 # Each module registers its commands on `cli`; a new command family is one new module and one line here.
 COMMAND_MODULES = (
     "cmd_core",
+    "cmd_volumes",
     "cmd_convert",
     "cmd_bootcheck",
 )
@@ -68,4 +69,3 @@ def main(argv=None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"imgkit: error: {where}{e.strerror or e}", err=True)
         sys.exit(3)
-

@@ -8,7 +8,7 @@ import click
 
 from ..errors import InputError
 from ..progress import Progress
-from ..units import parse_size
+from ..units import parse_size, parse_split_size
 
 
 def json_option(f):
@@ -31,19 +31,20 @@ def make_progress(op: str, mode: str, total: int = 0) -> Progress:
     return Progress(op, total, mode)
 
 
-def password_from_env_or_file(password_file: str | None) -> bytes | None:
+def password_from_env_or_file(password_file: str | None, env_var: str = "IMGKIT_PASSWORD") -> bytes | None:
     if password_file:
         try:
             with open(password_file, "rb") as fh:
-                line = fh.read().split(b"\n", 1)[0]
+                # The first line, without its line end (a file edited on Windows ends in \r\n).
+                line = fh.read().split(b"\n", 1)[0].rstrip(b"\r")
         except OSError as e:
             raise InputError(f"{password_file}: cannot read the password file ({e.strerror})") from None
         if not line:
             raise InputError(f"{password_file}: the password file is empty")
         return line
-    env = os.environ.get("IMGKIT_PASSWORD")
+    env = os.environb.get(env_var.encode())  # raw bytes: no decoding error on odd locales
     if env:
-        return env.encode()
+        return env
     return None
 
 
@@ -60,13 +61,14 @@ def reading_password(password_file: str | None):
     return provide
 
 
-def new_password(password_file: str | None) -> bytes:
-    """For a new encrypted image: file, env, else prompt twice."""
-    known = password_from_env_or_file(password_file)
+def new_password(password_file: str | None, env_var: str = "IMGKIT_PASSWORD",
+                 file_option: str = "--password-file", what: str = "--encrypt") -> bytes:
+    """For a new encrypted image (or `passwd`): file, env, else prompt twice."""
+    known = password_from_env_or_file(password_file, env_var)
     if known is not None:
         return known
     if not sys.stdin.isatty():
-        raise InputError("--encrypt needs a password", hint="use --password-file or IMGKIT_PASSWORD, or a terminal")
+        raise InputError(f"{what} needs a new password", hint=f"use {file_option} or {env_var}, or a terminal")
     pw = click.prompt("New password", hide_input=True, confirmation_prompt="Repeat the password", err=True)
     if not pw:
         raise InputError("an empty password is not allowed")
@@ -84,3 +86,20 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+
+class SplitSizeType(click.ParamType):
+    """A volume size for --split-size: 650M, 4000M, or a preset (fat32, dvd)."""
+    name = "SIZE|fat32|dvd"
+
+    def get_metavar(self, param, ctx=None):  # click would upper-case the preset names
+        return self.name
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_split_size(value)
+        except InputError as e:
+            self.fail(f"{e} ({e.hint})" if e.hint else str(e), param, ctx)
+
+
+SPLIT_SIZE = SplitSizeType()

@@ -16,6 +16,9 @@ def render_info(info: dict) -> str:
     lines = [f"image:        {info.get('path')}", f"format:       {info['format']}"
              + (f" {info['format_version']}" if info.get("format_version") else "")]
     lines.append(f"disk size:    {format_size(info['virtual_size'])} ({info['virtual_size']} bytes)")
+    if info.get("file_size") is not None:  # a foreign image (qcow2, vhd, vhdx, vmdk)
+        lines.append(f"file size:    {format_size(info['file_size'])}"
+                     + (f" ({info['subformat']})" if info.get("subformat") else ""))
     if "stored_size" in info:
         lines.append(f"stored size:  {format_size(info['stored_size'])} (ratio {info['ratio']}x)")
         comp = info.get("compression") or {}
@@ -25,6 +28,9 @@ def render_info(info: dict) -> str:
         lines.append(f"encrypted:    {'yes' if info.get('encrypted') else 'no'}")
         if len(info.get("volumes", [])) > 1:
             lines.append(f"volumes:      {len(info['volumes'])}")
+        if info.get("stray_volume"):
+            lines.append(f"  warning: {info['stray_volume']} is not a volume of this image "
+                         f"(it has {len(info['volumes'])}); left over from another image?")
         lines.append(f"created:      {info.get('created')} by imgkit {info.get('imgkit_version')}")
         src = info.get("source") or {}
         lines.append(f"source:       {src.get('path')} ({src.get('kind')}"
@@ -40,11 +46,16 @@ def render_info(info: dict) -> str:
     for p in pt.get("partitions", []):
         used = ""
         if p.get("used_bytes") is not None:
-            used = f" used {format_size(p['used_bytes'])}"
+            used = f" used {format_size(p['used_bytes'])} of {format_size(p['size'])}"
+        if p.get("capture_mode"):
+            used += f" [{p['capture_mode']}]"
         label = f" '{p['label'] or p.get('name')}'" if (p.get("label") or p.get("name")) else ""
         lines.append(f"  {p['number']:>3}  start {p['start']:>14}  {format_size(p['size']):>10}  "
                      f"{p['type_name']:<22} {p.get('filesystem') or '-':<8}{label}{used}"
                      + (" *" if p.get("bootable") else ""))
+    if not pt.get("partitions") and pt.get("capture_mode"):
+        lines.append(f"  whole disk: {pt.get('filesystem') or '-'} used {format_size(pt.get('used_bytes') or 0)}"
+                     f" [{pt['capture_mode']}]")
     for problem in pt.get("problems", []):
         lines.append(f"  warning: {problem}")
     return "\n".join(lines)

@@ -54,7 +54,7 @@ class ForeignImage:
 
 def refuse_json_name(path: str) -> None:
     if path.startswith("json:"):
-        raise RefusedImage(f"{path[:40]}: a json: name is a qemu option string, not a file; refusing it",
+        raise RefusedImage(f"{path[:40]}: refused: a json: name is a qemu option string, not a file",
                            hint="give the path of an image file")
 
 
@@ -80,7 +80,10 @@ def detect_format(path: str) -> str:
         if size >= 0x8006:
             f.seek(0x8001)
             iso = f.read(5)
-    return detect_bytes(head, tail, iso)
+    try:
+        return detect_bytes(head, tail, iso)
+    except RefusedImage as e:
+        raise RefusedImage(f"{path}: refused: {e}", hint=e.hint) from None
 
 
 def detect_bytes(head: bytes, tail: bytes, iso: bytes) -> str:
@@ -139,21 +142,21 @@ class _Reader:
 
     def read(self, offset: int, length: int, what: str) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise RefusedImage(f"{self.path}: {what} lies outside the file (offset {offset}, "
+            raise RefusedImage(f"{self.path}: refused before qemu opens it: {what} lies outside the file (offset {offset}, "
                                f"{length} bytes, file is {self.size} bytes): truncated or malformed")
         self.f.seek(offset)
         data = self.f.read(length)
         if len(data) != length:
-            raise RefusedImage(f"{self.path}: {what}: short read (truncated)")
+            raise RefusedImage(f"{self.path}: refused before qemu opens it: {what}: short read (truncated)")
         return data
 
     def refuse(self, why: str, hint: str | None = None):
-        raise RefusedImage(f"{self.path}: {why}", hint=hint)
+        raise RefusedImage(f"{self.path}: refused before qemu opens it: {why}", hint=hint)
 
 
 def _check_virtual_size(r: _Reader, size: int, fmt: str) -> None:
     if size <= 0 or size > MAX_VIRTUAL_SIZE:
-        r.refuse(f"{fmt} header claims a virtual size of {size} bytes (absurd): refusing it")
+        r.refuse(f"{fmt} header claims a virtual size of {size} bytes (absurd)")
 
 
 # qcow2 (qemu docs/interop/qcow2.txt) ------------------------------------------------------------
@@ -171,8 +174,8 @@ def _inspect_qcow2(r: _Reader) -> ForeignImage:
     if version not in (2, 3):
         r.refuse(f"qcow2 version {version} is not 2 or 3")
     if backing_off or backing_len:
-        r.refuse("this qcow2 image names a backing file: refusing it (a backing file can make qemu read "
-                 "any file on this host)", hint="flatten it where it was made: qemu-img convert -O qcow2")
+        r.refuse("this qcow2 image names a backing file (a backing file can make qemu read any "
+                 "file on this host)", hint="flatten it where it was made: qemu-img convert -O qcow2")
     if not 9 <= cluster_bits <= 21:
         r.refuse(f"qcow2 cluster_bits {cluster_bits} out of range 9..21")
     cluster = 1 << cluster_bits
@@ -200,8 +203,8 @@ def _inspect_qcow2(r: _Reader) -> ForeignImage:
         if refcount_order > 6:
             r.refuse(f"qcow2 refcount_order {refcount_order} out of range")
     if incompat & QCOW2_INCOMPAT_DATA_FILE:
-        r.refuse("this qcow2 image keeps its data in an external data file: refusing it (it can make "
-                 "qemu read any file on this host)")
+        r.refuse("this qcow2 image keeps its data in an external data file (it can make qemu "
+                 "read any file on this host)")
     if incompat & QCOW2_INCOMPAT_CORRUPT:
         r.refuse("this qcow2 image is marked corrupt", hint="repair it with qemu-img check -r all elsewhere")
     if incompat & ~QCOW2_KNOWN_INCOMPAT:
@@ -219,9 +222,9 @@ def _inspect_qcow2(r: _Reader) -> ForeignImage:
         if pos + 8 + elen > limit:
             r.refuse(f"qcow2 header extension {etype:#x} runs past the first cluster")
         if etype == QCOW2_EXT_DATA_FILE:
-            r.refuse("this qcow2 image names an external data file: refusing it")
+            r.refuse("this qcow2 image names an external data file")
         if etype == QCOW2_EXT_BACKING_FORMAT:
-            r.refuse("this qcow2 image carries a backing-format extension: refusing it")
+            r.refuse("this qcow2 image carries a backing-format extension")
         if etype == QCOW2_EXT_FDE:
             r.refuse("encrypted qcow2 images are not supported")
         extensions.append(etype)
@@ -261,7 +264,7 @@ def _inspect_vhd(r: _Reader) -> ForeignImage:
     if version >> 16 != 1:
         r.refuse(f"VHD version {version:#x} is not 1.x")
     if disk_type == VHD_DIFFERENCING:
-        r.refuse("this is a differencing VHD (it names a parent disk): refusing it",
+        r.refuse("this is a differencing VHD (it names a parent disk)",
                  hint="merge it into its parent where it was made")
     if disk_type not in (VHD_FIXED, VHD_DYNAMIC):
         r.refuse(f"VHD disk type {disk_type} is unknown")
@@ -330,13 +333,13 @@ def _inspect_vhdx(r: _Reader) -> ForeignImage:
         if ioff + ilen > mlen or (ilen and ioff < (64 << 10)):
             r.refuse(f"VHDX metadata item {gid} lies outside its region")
         if gid == VHDX_PARENT_LOCATOR:
-            r.refuse("this is a differencing VHDX (it names a parent disk): refusing it")
+            r.refuse("this is a differencing VHDX (it names a parent disk)")
         if gid == VHDX_VIRTUAL_DISK_SIZE:
             (vsize,) = struct.unpack("<Q", r.read(moff + ioff, 8, "VHDX virtual disk size"))
         if gid == VHDX_FILE_PARAMETERS:
             block_size, fp_flags = struct.unpack("<II", r.read(moff + ioff, 8, "VHDX file parameters"))
             if fp_flags & 2:
-                r.refuse("this is a differencing VHDX (HasParent): refusing it")
+                r.refuse("this is a differencing VHDX (HasParent)")
             if block_size < (1 << 20) or block_size > (256 << 20) or block_size & (block_size - 1):
                 r.refuse(f"VHDX block size {block_size} is invalid")
     if vsize is None or block_size is None:
@@ -355,7 +358,7 @@ def _inspect_vmdk(r: _Reader) -> ForeignImage:
     if head == b"COWD":
         r.refuse("VMDK3 (ESX COWD) sparse extents are not supported")
     if head != b"KDMV":
-        r.refuse("this is a VMDK descriptor file: it names extent files outside itself, refusing it",
+        r.refuse("this is a VMDK descriptor file: it names extent files outside itself",
                  hint="convert the VMDK to monolithicSparse or streamOptimized where it was made")
     h = r.read(0, 79, "VMDK sparse extent header")
     (_magic, version, flags, capacity, grain, desc_off, desc_size, gtes, _rgd, gd_off, overhead,
@@ -390,13 +393,17 @@ def _inspect_vmdk(r: _Reader) -> ForeignImage:
         if m:
             extents.append(m)
             continue
+        if re.match(r"^(RW|RDONLY|NOACCESS)\b", line):
+            r.refuse(f"VMDK extent line {line[:80]!r} does not parse")
+        if not re.match(r"^[A-Za-z][\w.]*\s*=", line):
+            r.refuse(f"VMDK descriptor line {line[:80]!r} does not parse")
         if "=" in line:
             key, _, value = line.partition("=")
             key, value = key.strip(), value.strip().strip('"')
             if key == "createType":
                 create_type = value
             if key in ("parentFileNameHint",) or (key == "parentCID" and value.lower() != "ffffffff"):
-                r.refuse("this VMDK names a parent disk: refusing it")
+                r.refuse("this VMDK names a parent disk")
     if create_type not in ("monolithicSparse", "streamOptimized"):
         r.refuse(f"VMDK createType {create_type!r}: only monolithicSparse and streamOptimized are accepted")
     if len(extents) != 1:

@@ -38,6 +38,9 @@ CIPHER_NONE = 0
 CIPHER_AES_256_GCM = 1
 KDF_ARGON2ID = 1
 AEAD_TAG_SIZE = 16
+AEAD_NONCE_SIZE = 12
+# A sealed section is nonce (12, random) || ciphertext || tag (16): FORMAT.md, *Sections*.
+SECTION_SEAL_OVERHEAD = AEAD_NONCE_SIZE + AEAD_TAG_SIZE
 
 # required_features bits
 FEATURE_ENCRYPTED = 1 << 0
@@ -116,9 +119,9 @@ class KeySlot:
         if kdf != KDF_ARGON2ID:
             raise NewerFormat(f"key slot uses unknown key derivation {kdf}", hint="made by a newer imgkit?")
         if not (1 <= t <= KDF_MAX_ITERATIONS and KDF_MIN_MEMORY_KIB <= m <= KDF_MAX_MEMORY_KIB
-                and 1 <= p <= KDF_MAX_LANES):
+                and 1 <= p <= KDF_MAX_LANES and m >= 8 * p):
             raise BadImage(f"key slot asks for Argon2id t={t} m={m} KiB p={p}, beyond the caps "
-                           f"(t<={KDF_MAX_ITERATIONS}, m<={KDF_MAX_MEMORY_KIB} KiB, p<={KDF_MAX_LANES}): "
+                           f"(t<={KDF_MAX_ITERATIONS}, m<={KDF_MAX_MEMORY_KIB} KiB, p<={KDF_MAX_LANES}, m>=8p): "
                            "refusing a hostile or damaged header")
         return cls(kdf, t, m, p, salt, nonce, wrapped)
 
@@ -154,9 +157,12 @@ class Header:
                                   self.chunk_size, self.hash_algo, self.cipher, 0, self.created)
 
     def core(self) -> bytes:
-        """The bytes that never change after capture (FORMAT.md, *Header*: the core)."""
-        fixed = self._fixed()
-        return fixed[:48] + fixed[56:80]
+        """The bytes that never change after capture (FORMAT.md, *Header*: the core). The
+        MULTI_VOLUME bit reads as 0 here: it describes the volume layout, which split/join change
+        without re-encrypting the chunks that the core is bound into."""
+        fixed = bytearray(self._fixed())
+        fixed[16:24] = struct.pack("<Q", self.required_features & ~FEATURE_MULTI_VOLUME)
+        return bytes(fixed[:48] + fixed[56:80])
 
     def core_digest(self) -> bytes:
         return digest(self.core())
@@ -195,8 +201,10 @@ class Header:
             raise NewerFormat(f"{where}: unknown hash algorithm {hash_algo}")
         if not (1 <= vol_no <= vol_count <= MAX_VOLUMES):
             raise BadImage(f"{where}: volume {vol_no} of {vol_count} is out of range")
-        if vol_count > 1 and not required & FEATURE_MULTI_VOLUME:
-            raise BadImage(f"{where}: {vol_count} volumes without the multi-volume feature")
+        if (vol_count > 1) != bool(required & FEATURE_MULTI_VOLUME):
+            # The bit is outside the core (split/join change it), so it must agree with the count.
+            raise BadImage(f"{where}: {vol_count} volume(s) but the multi-volume feature is "
+                           f"{'off' if vol_count > 1 else 'on'}")
         encrypted = bool(required & FEATURE_ENCRYPTED)
         if encrypted != (cipher == CIPHER_AES_256_GCM) or cipher not in (CIPHER_NONE, CIPHER_AES_256_GCM):
             raise BadImage(f"{where}: cipher {cipher} does not match the encryption feature bit")
@@ -226,35 +234,65 @@ ZERO_ENTRY = IndexEntry(KIND_ZERO)
 FREE_ENTRY = IndexEntry(KIND_FREE)
 
 
-def decode_index(raw: bytes, header: Header, volume_sizes: list[int]) -> list[IndexEntry]:
+class IndexTable:
+    """The decoded index: a read-only sequence of IndexEntry. Every entry is bound-checked once when
+    the table is built; entries are kept as their 56 encoded bytes and decoded on access, so a
+    reader holds 56 bytes per chunk (a 1 TiB disk in 1 MiB chunks: 56 MiB), not Python objects."""
+
+    def __init__(self, raw: bytes, header: Header, volume_sizes: list[int]):
+        count = header.chunk_count
+        if len(raw) != count * INDEX_ENTRY_SIZE:
+            raise BadImage(f"index holds {len(raw)} bytes, expected {count} entries of {INDEX_ENTRY_SIZE}")
+        max_stored = header.chunk_size + MAX_STORED_OVERHEAD
+        for i, (kind, encoding, volume, stored, offset, obj, _digest) in enumerate(_INDEX_ENTRY.iter_unpack(raw)):
+            if kind in (KIND_ZERO, KIND_FREE):
+                if encoding or volume or stored or offset or obj:
+                    raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): a {KIND_NAMES[kind]} "
+                                   "entry with a stored place")
+                continue
+            if kind != KIND_DATA:
+                raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): unknown kind {kind}")
+            if encoding not in KNOWN_ENCODINGS:
+                raise BadImage(f"index entry {i}: unknown encoding {encoding}")
+            if not 1 <= volume <= len(volume_sizes):
+                raise BadImage(f"index entry {i}: volume {volume} of {len(volume_sizes)}")
+            if stored == 0 or stored > max_stored or offset < HEADER_SIZE or offset + stored > volume_sizes[volume - 1]:
+                raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): stored chunk at "
+                               f"{offset}+{stored} lies outside volume {volume}")
+            if obj >= count:
+                raise BadImage(f"index entry {i}: object {obj} is not a chunk index")
+        self._raw = bytes(raw)
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> IndexEntry:
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        pos = i * INDEX_ENTRY_SIZE
+        kind = self._raw[pos]
+        if kind == KIND_ZERO:
+            return ZERO_ENTRY
+        if kind == KIND_FREE:
+            return FREE_ENTRY
+        return IndexEntry(*_INDEX_ENTRY.unpack_from(self._raw, pos))
+
+    def __iter__(self):
+        for fields in _INDEX_ENTRY.iter_unpack(self._raw):
+            kind = fields[0]
+            yield ZERO_ENTRY if kind == KIND_ZERO else FREE_ENTRY if kind == KIND_FREE else IndexEntry(*fields)
+
+    def kinds(self) -> bytes:
+        """One byte per chunk: its kind (cheap scans for runs and counts)."""
+        return self._raw[::INDEX_ENTRY_SIZE]
+
+
+def decode_index(raw: bytes, header: Header, volume_sizes: list[int]) -> IndexTable:
     """Decode and bound-check every entry (FORMAT.md, *Index entry*)."""
-    count = header.chunk_count
-    if len(raw) != count * INDEX_ENTRY_SIZE:
-        raise BadImage(f"index holds {len(raw)} bytes, expected {count} entries of {INDEX_ENTRY_SIZE}")
-    max_stored = header.chunk_size + MAX_STORED_OVERHEAD
-    entries: list[IndexEntry] = []
-    zero = ZERO_ENTRY
-    free = FREE_ENTRY
-    for i, fields in enumerate(_INDEX_ENTRY.iter_unpack(raw)):
-        kind = fields[0]
-        if kind == KIND_ZERO and fields[1:6] == (0, 0, 0, 0, 0):
-            entries.append(zero)
-            continue
-        if kind == KIND_FREE and fields[1:6] == (0, 0, 0, 0, 0):
-            entries.append(free)
-            continue
-        if kind != KIND_DATA:
-            raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): unknown kind {kind}")
-        _, encoding, volume, stored, offset, obj, digest = fields
-        if encoding not in KNOWN_ENCODINGS:
-            raise BadImage(f"index entry {i}: unknown encoding {encoding}")
-        if not 1 <= volume <= len(volume_sizes):
-            raise BadImage(f"index entry {i}: volume {volume} of {len(volume_sizes)}")
-        if stored == 0 or stored > max_stored or offset < HEADER_SIZE or offset + stored > volume_sizes[volume - 1]:
-            raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): stored chunk at "
-                           f"{offset}+{stored} lies outside volume {volume}")
-        entries.append(IndexEntry(kind, encoding, volume, stored, offset, obj, digest))
-    return entries
+    return IndexTable(raw, header, volume_sizes)
 
 
 @dataclass(frozen=True)
@@ -369,8 +407,14 @@ def chunk_ad(core_digest: bytes, obj: int, length: int, encoding: int) -> bytes:
     return b"imgkit-chunk-v1" + core_digest + struct.pack("<QIB", obj, length, encoding)
 
 
-def section_nonce(seq: int) -> bytes:
-    return b"\1\0\0\0" + struct.pack("<Q", seq)
+def replace_key_slot(raw_header: bytes, slot: KeySlot) -> bytes:
+    """A volume's header with a new key slot and checksum, every other byte as it was (`passwd`)."""
+    if len(raw_header) != HEADER_SIZE:
+        raise BadImage("header is truncated")
+    buf = bytearray(raw_header)
+    buf[KEY_SLOT_OFFSET:KEY_SLOT_OFFSET + KEY_SLOT_SIZE] = slot.encode()
+    buf[HEADER_CHECKSUM_OFFSET:] = digest(bytes(buf[:HEADER_CHECKSUM_OFFSET]))
+    return bytes(buf)
 
 
 def section_ad(core_digest: bytes, section_type: int, seq: int) -> bytes:

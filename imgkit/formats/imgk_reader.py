@@ -80,23 +80,30 @@ class ImageReader(Stream):
                 raise BadImage(f"volume {n} ({vpath}) says the image has {vh.volume_count} volumes, "
                                f"volume 1 says {header.volume_count}")
             self.volume_sizes.append(vsize)
+        self.stray_volume = None
         extra = volume_path(path, header.volume_count + 1)
-        if header.volume_count > 1 and os.path.exists(extra):
+        if os.path.exists(extra):
             # Not fatal to reading, but a sign of a mix-up the user should hear about.
             self.stray_volume = extra
         self.sealer = None
+        self.data_key = None
         if header.encrypted:
             if password is None:
                 raise InputError(f"{path} is encrypted: a password is needed")
             from ..crypto import ImageKeys, Sealer, unwrap_data_key
             data_key = unwrap_data_key(password(), header.key_slot, header.core_digest())
+            self.data_key = data_key  # kept for `passwd`, which wraps it again under a new password
             self.sealer = Sealer(ImageKeys.from_data_key(data_key, header.image_id), header.core_digest())
         self.mac_key = self.sealer.mac_key if self.sealer else b""
         last_fd, last_size = self._fds[-1], self.volume_sizes[-1]
+        last_path = volume_path(path, header.volume_count)
         if last_size < L.HEADER_SIZE + L.TRAILER_SIZE:
-            raise BadImage(f"{volume_path(path, header.volume_count)}: truncated (no trailer)")
-        trailer = L.Trailer.decode(_pread_exact(last_fd, L.TRAILER_SIZE, last_size - L.TRAILER_SIZE, "trailer"),
-                                   last_size, self.mac_key)
+            raise BadImage(f"volume {header.volume_count} ({last_path}) is truncated: no trailer")
+        try:
+            trailer = L.Trailer.decode(_pread_exact(last_fd, L.TRAILER_SIZE, last_size - L.TRAILER_SIZE,
+                                                    "trailer"), last_size, self.mac_key)
+        except BadImage as e:  # name the volume: with several, the user must know which one
+            raise BadImage(f"volume {header.volume_count} ({last_path}): {e}", hint=e.hint) from None
         if trailer.image_id != header.image_id or trailer.core_digest != header.core_digest():
             raise BadImage("the trailer does not match the header (damaged, or volumes of different images)")
         if trailer.volume_count != header.volume_count:
@@ -174,11 +181,15 @@ class ImageReader(Stream):
     def read_chunk(self, i: int) -> bytes:
         """The verified bytes of chunk i (zeros for ZERO and FREE chunks). Raises CorruptChunk."""
         e = self.index[i]
-        length = self.chunk_length(i)
         if e.kind != L.KIND_DATA:
-            return bytes(length)
+            return bytes(self.chunk_length(i))
+        return self.decode_stored(i, self.read_stored(i))
+
+    def decode_stored(self, i: int, stored: bytes) -> bytes:
+        """Authenticate, decompress and hash-check the stored bytes of DATA chunk i."""
+        e = self.index[i]
+        length = self.chunk_length(i)
         offset = i * self.chunk_size
-        stored = self.read_stored(i)
         if self.sealer:
             stored = self.sealer.open_chunk(e.object, length, e.encoding, stored, offset)
         if e.encoding == L.ENCODING_ZSTD:
@@ -228,8 +239,8 @@ class ImageReader(Stream):
 
     def runs(self) -> Iterator[Run]:
         kinds = {L.KIND_DATA: DATA, L.KIND_ZERO: ZERO, L.KIND_FREE: FREE}
-        return merge_runs(Run(kinds[e.kind], i * self.chunk_size, self.chunk_length(i))
-                          for i, e in enumerate(self.index))
+        return merge_runs(Run(kinds[k], i * self.chunk_size, self.chunk_length(i))
+                          for i, k in enumerate(self.index.kinds()))
 
     def close(self) -> None:
         for fd in self._fds:

@@ -3,6 +3,7 @@ sections, directory and trailer; fsync, rename, fsync the directory. Until commi
 under the final names, so an interrupted capture never leaves an image that looks complete."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -85,8 +86,13 @@ class ChunkEncoder:
 
 class ImageWriter:
     def __init__(self, path: str, logical_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
-                 split_size: int | None = None, sealer_factory=None):
-        """sealer_factory(image_id, core_digest) -> (Sealer, KeySlot) for encrypted images."""
+                 split_size: int | None = None, sealer_factory=None, template: L.Header | None = None,
+                 sealer=None, used_maps: bool = False):
+        """sealer_factory(image_id, core_digest) -> (Sealer, KeySlot) for encrypted images.
+        `template` (with its `sealer`) writes an existing image in a new volume layout (split/join):
+        its header core and key slot are kept, so stored chunks, bound to the core, move byte for byte.
+        `used_maps`: the image will hold USED_MAP sections. The optional-features field is part of the
+        header core, which the key slot and every chunk are bound to, so it is fixed here, not at commit."""
         if chunk_size < L.MIN_CHUNK_SIZE or chunk_size > L.MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
             raise InputError(f"chunk size {chunk_size} must be a power of two from 64 KiB to 64 MiB")
         if split_size is not None and split_size < chunk_size + L.MAX_STORED_OVERHEAD + 2 * L.HEADER_SIZE:
@@ -94,16 +100,22 @@ class ImageWriter:
                              hint="use a split size of at least a few MiB")
         self.path = path
         self.split_size = split_size
-        required = L.FEATURE_MULTI_VOLUME if split_size else 0
-        if sealer_factory:
-            required |= L.FEATURE_ENCRYPTED
-        self.header = L.Header(image_id=os.urandom(16), logical_size=logical_size, chunk_size=chunk_size,
-                               required_features=required,
-                               cipher=L.CIPHER_AES_256_GCM if sealer_factory else L.CIPHER_NONE,
-                               created=int(time.time()))
-        self.sealer = None
-        if sealer_factory:
-            self.sealer, self.header.key_slot = sealer_factory(self.header.image_id, self.header.core_digest())
+        if template is not None:
+            if template.encrypted != (sealer is not None):
+                raise ValueError("an encrypted template needs its sealer (and a plain one none)")
+            self.header = dataclasses.replace(template, volume_number=1, volume_count=1)
+            self.sealer = sealer
+        else:
+            required = L.FEATURE_ENCRYPTED if sealer_factory else 0
+            self.header = L.Header(image_id=os.urandom(16), logical_size=logical_size, chunk_size=chunk_size,
+                                   required_features=required,
+                                   optional_features=L.OPTIONAL_USED_MAPS if used_maps else 0,
+                                   cipher=L.CIPHER_AES_256_GCM if sealer_factory else L.CIPHER_NONE,
+                                   created=int(time.time()))
+            self.sealer = None
+            if sealer_factory:
+                self.sealer, self.header.key_slot = sealer_factory(self.header.image_id,
+                                                                   self.header.core_digest())
         self.mac_key = self.sealer.mac_key if self.sealer else b""
         self._index = bytearray(self.header.chunk_count * L.INDEX_ENTRY_SIZE)  # all ZERO entries
         self._dedup: dict[bytes, bytes] = {}  # digest -> encoded index entry
@@ -169,7 +181,22 @@ class ImageWriter:
         pos = chunk.index * L.INDEX_ENTRY_SIZE
         self._index[pos:pos + L.INDEX_ENTRY_SIZE] = encoded
 
+    def copy_stored(self, stored: bytes) -> tuple[int, int]:
+        """Append one stored chunk byte for byte, taken from another layout of this image
+        (split/join); returns its (volume, offset) for the index entry (see set_entry)."""
+        self._room_for(len(stored))
+        offset = self._write(stored)
+        self.stored_bytes += len(stored)
+        return len(self._volumes), offset
+
+    def set_entry(self, index: int, entry: L.IndexEntry) -> None:
+        """Set chunk `index`'s index entry as given (split/join, with copy_stored)."""
+        pos = index * L.INDEX_ENTRY_SIZE
+        self._index[pos:pos + L.INDEX_ENTRY_SIZE] = entry.encode()
+
     def add_used_map(self, used_map: L.UsedMap) -> None:
+        if not self.header.optional_features & L.OPTIONAL_USED_MAPS:
+            raise ValueError("ImageWriter(used_maps=True) is needed to store used-block maps")
         self._used_maps.append(used_map)
 
     # -- completion -----------------------------------------------------------------------------
@@ -186,8 +213,6 @@ class ImageWriter:
         ]
         for m in self._used_maps:
             sections.append((L.SECTION_USED_MAP, 0, m.encode(), None))
-        if self._used_maps:
-            self.header.optional_features |= L.OPTIONAL_USED_MAPS
         encoded = []
         for seq, (stype, flags, raw, _) in enumerate(sections):
             if len(raw) > L.MAX_SECTION_LENGTH:
@@ -197,7 +222,7 @@ class ImageWriter:
         # The volume table is the last section: its own volume's size must include everything after it,
         # so find the final layout first (sections never straddle volumes).
         n_sections = len(encoded) + 1
-        tag = L.AEAD_TAG_SIZE if self.sealer else 0
+        tag = L.SECTION_SEAL_OVERHEAD if self.sealer else 0
         tail = (sum(len(e[3]) + tag for e in encoded) + 8 * (len(self._volumes) + 1) + tag
                 + L.DIRECTORY_HEAD_SIZE + n_sections * L.DIRECTORY_ENTRY_SIZE + L.TRAILER_SIZE)
         if self.split_size and tail + L.HEADER_SIZE > self.split_size:
@@ -225,6 +250,11 @@ class ImageWriter:
         dir_raw = L.encode_directory(directory)
         dir_offset = self._write(dir_raw)
         self.header.volume_count = count
+        # The feature bit follows the layout (it is outside the core, so this changes no binding).
+        if count > 1:
+            self.header.required_features |= L.FEATURE_MULTI_VOLUME
+        else:
+            self.header.required_features &= ~L.FEATURE_MULTI_VOLUME
         trailer = L.Trailer(self.header.image_id, dir_offset, len(dir_raw), count,
                             self.header.core_digest(), L.digest(dir_raw, self.mac_key))
         self._write(trailer.encode(self.mac_key))

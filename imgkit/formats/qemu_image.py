@@ -6,11 +6,16 @@ inspected the header, and exports it over NBD on a private unix socket. imgkit r
 (python3-libnbd), one connection per thread so capture's workers read in parallel, and builds runs()
 from NBD block status (base:allocation), so unallocated and zero ranges are never read.
 
-Chosen over `qemu-img map` + reads because reads need a qemu process anyway, and over qemu-nbd
-because qemu-storage-daemon takes the whole driver chain as explicit JSON (no filename parsing).
+Chosen over qemu-nbd because qemu-storage-daemon takes the whole driver chain as explicit JSON (no
+filename parsing). Fast path: `qemu-img map` (same explicit chain, Nova's limits: 30 s CPU, 1 GiB
+address space) tells where uncompressed data sits in the file; those ranges are read with pread
+straight from the image file (checked against its size), which measured ~5x faster than the NBD
+round trip through qemu. Everything else (compressed clusters, formats whose map has no offsets)
+goes through NBD.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -20,7 +25,8 @@ import threading
 from typing import Iterator
 
 from ..errors import BadImage, EnvironmentProblem
-from ..qemu_tools import Limits, kill_group, limits_for_size, popen, wait_for_socket
+from ..errors import ImgkitError
+from ..qemu_tools import INFO_LIMITS, Limits, kill_group, limits_for_size, popen, run, wait_for_socket
 from ..stream import DATA, ZERO, Run, Stream, merge_runs
 from .foreign import QEMU_DRIVER, ForeignImage
 
@@ -28,6 +34,7 @@ EXPORT_NAME = "disk"
 MAX_NBD_READ = 32 << 20
 STATUS_WINDOW = 1 << 30
 NBD_STATE_ZERO = 2
+MAX_MAP_OUTPUT = 256 << 20   # qemu-img map JSON; beyond that, read everything through NBD
 
 
 def _import_nbd():
@@ -48,6 +55,64 @@ def blockdev_args(path: str, fmt: str) -> list[str]:
     return ["--blockdev", json.dumps(file_node), "--blockdev", json.dumps(fmt_node)]
 
 
+def image_spec(path: str, fmt: str) -> str:
+    """The same explicit chain as one qemu `json:` name, built by imgkit (never taken from a user)."""
+    node = {"driver": QEMU_DRIVER[fmt], "read-only": True,
+            "file": {"driver": "file", "filename": os.path.abspath(path), "read-only": True}}
+    if fmt in ("qcow2", "vmdk"):
+        node["backing"] = None
+    return "json:" + json.dumps(node)
+
+
+class HostMap:
+    """Guest ranges stored uncompressed at a known offset of the image file (from qemu-img map)."""
+
+    def __init__(self, extents: list[tuple[int, int, int]]):
+        self.starts = [e[0] for e in extents]
+        self.ends = [e[0] + e[1] for e in extents]
+        self.hosts = [e[2] for e in extents]
+
+    @classmethod
+    def build(cls, path: str, fmt: str, file_size: int, virtual_size: int) -> "HostMap":
+        try:
+            out = run(["qemu-img", "map", "--output=json", image_spec(path, fmt)], INFO_LIMITS,
+                      what="qemu-img map").stdout
+        except ImgkitError:
+            return cls([])  # no fast path; NBD still reads everything
+        if len(out) > MAX_MAP_OUTPUT:
+            return cls([])
+        extents = []
+        for e in json.loads(out):
+            start, length, host = e.get("start"), e.get("length"), e.get("offset")
+            if not (e.get("data") and e.get("depth", 0) == 0 and isinstance(host, int)
+                    and isinstance(start, int) and isinstance(length, int)):
+                continue
+            if start < 0 or length <= 0 or start + length > virtual_size or host < 0 or host + length > file_size:
+                continue  # never trust a map entry that points outside the file
+            extents.append((start, length, host))
+        extents.sort()
+        return cls(extents)
+
+    def pieces(self, offset: int, end: int):
+        """(start, end, host offset or None) covering [offset, end)."""
+        i = max(0, bisect.bisect_right(self.starts, offset) - 1)
+        pos = offset
+        while pos < end:
+            if i < len(self.starts) and self.starts[i] <= pos < self.ends[i]:
+                stop = min(end, self.ends[i])
+                yield pos, stop, self.hosts[i] + (pos - self.starts[i])
+                pos = stop
+                i += 1
+                continue
+            if i < len(self.starts) and self.ends[i] <= pos:
+                i += 1
+                continue
+            nxt = self.starts[i] if i < len(self.starts) else end
+            stop = min(end, nxt)
+            yield pos, stop, None
+            pos = stop
+
+
 class QemuImage(Stream):
     def __init__(self, path: str, fmt: str, inspected: ForeignImage, limits: Limits | None = None):
         self.path, self.format_name, self.inspected = path, fmt, inspected
@@ -61,10 +126,13 @@ class QemuImage(Stream):
         self._runs: list[Run] | None = None
         self._proc = None
         self._timer = None
+        self._fd = -1
         try:
             self._start(limits or limits_for_size(inspected.virtual_size))
             h = self._handle()
             self.size = h.get_size()
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.host_map = HostMap.build(path, fmt, os.fstat(self._fd).st_size, self.size)
         except BaseException:
             self.close()
             raise
@@ -104,6 +172,18 @@ class QemuImage(Stream):
         if offset >= self.size or length <= 0:
             return b""
         length = min(length, self.size - offset)
+        parts = []
+        for start, end, host in self.host_map.pieces(offset, offset + length):
+            if host is not None:
+                data = os.pread(self._fd, end - start, host)
+                if len(data) != end - start:
+                    raise BadImage(f"{self.path}: short read at file offset {host} (file changed?)")
+                parts.append(data)
+            else:
+                parts.append(self._nbd_read(start, end - start))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _nbd_read(self, offset: int, length: int) -> bytes:
         h = self._handle()
         parts = []
         try:
@@ -112,7 +192,7 @@ class QemuImage(Stream):
         except self._nbd.Error as e:
             raise BadImage(f"{self.path}: qemu could not read {self.format_name} data at offset {offset}: "
                            f"{e} (damaged image?)") from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # libnbd hands out bytearrays
 
     def runs(self) -> Iterator[Run]:
         if self._runs is None:
@@ -148,6 +228,9 @@ class QemuImage(Stream):
                     pos = end
 
     def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
         for h in self._handles:
             try:
                 h.shutdown()

@@ -1,0 +1,159 @@
+"""Convert, side by side with qemu-img on the same disk (issue 5 targets):
+  imgk -> qcow2            <= 1.3x  `qemu-img convert -f raw -O qcow2` of the raw disk
+  imgk -> qcow2 zstd       <= 1.0x  `qemu-img convert -c -o compression_type=zstd` of the raw disk
+  qcow2 -> imgk            <= 1.3x  `qemu-img convert -f qcow2 -O raw`
+  peak extra disk space during any imgkit conversion <= 64 MiB beyond the output.
+
+Peak extra disk: while each imgkit run goes, a sampler adds up the allocated bytes of every file in
+the output directory and of imgkit's private temp directories in /tmp, every 20 ms; "extra" is the
+peak minus the finished output's own allocation (the destination's temp name counts as output).
+
+Usage: bench/bench_convert.py [--quick] [--runs N] [--inputs F A]
+Run as root from the repo root with the venv's python (./.venv/bin/python bench/bench_convert.py).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import alternate, run_measured, table  # noqa: E402
+from inputs import WORK, build  # noqa: E402
+
+IMGKIT = " ".join([sys.executable, "-m", "imgkit"])
+
+
+def rm(*paths):
+    def clean():
+        for p in paths:
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.unlink(p)
+    return clean
+
+
+def _allocated_under(paths) -> int:
+    total = 0
+    for top in paths:
+        for root, _dirs, files in os.walk(top):
+            for n in files:
+                try:
+                    total += os.lstat(os.path.join(root, n)).st_blocks * 512
+                except OSError:
+                    pass
+    return total
+
+
+def peak_extra_disk(cmd: str, out_dir: str, output: str) -> int:
+    """Run cmd once, sampling the allocation of out_dir and imgkit's /tmp dirs; peak minus output."""
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _allocated_under([out_dir, *glob.glob("/tmp/imgkit-*")]))
+            time.sleep(0.02)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        run_measured(cmd, output)
+    finally:
+        stop.set()
+        t.join()
+    return max(0, peak[0] - _allocated_under([out_dir]))
+
+
+def bench_input(name: str, quick: bool, runs: int) -> str:
+    src = build(name, quick)
+    out_dir = os.path.join(WORK, "out-convert")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    o = lambda n: os.path.join(out_dir, n)  # noqa: E731
+    # Fixtures for the runs: the imgk and the qcow2 of the same disk (not timed).
+    src_imgk, src_qcow2 = o("src.imgk"), o("src.qcow2")
+    subprocess.run(f"{IMGKIT} capture --progress none {src} {src_imgk}", shell=True, check=True)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, src_qcow2], check=True)
+
+    text = f"## input {name} ({os.path.getsize(src) / 2**30:.2f} GiB, {'quick' if quick else 'full'})\n\n"
+    sections = [
+        ("imgk -> qcow2 (uncompressed)", {
+            "imgkit convert imgk->qcow2": (f"{IMGKIT} convert --progress none --force {src_imgk} {o('a.qcow2')}",
+                                           o("a.qcow2"), rm(o("a.qcow2"))),
+            "qemu-img convert raw->qcow2": (f"qemu-img convert -f raw -O qcow2 -o compat=1.1 {src} {o('b.qcow2')}",
+                                            o("b.qcow2"), rm(o("b.qcow2"))),
+        }, "qemu-img convert raw->qcow2", 1.3),
+        ("imgk -> qcow2 (zstd)", {
+            "imgkit convert --compress": (f"{IMGKIT} convert --progress none --force --compress {src_imgk} "
+                                          f"{o('c.qcow2')}", o("c.qcow2"), rm(o("c.qcow2"))),
+            "qemu-img convert -c zstd": (f"qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd {src} "
+                                         f"{o('d.qcow2')}", o("d.qcow2"), rm(o("d.qcow2"))),
+            "(info) qemu-img convert -c zstd -W -m 16": (f"qemu-img convert -W -m 16 -f raw -O qcow2 -c -o "
+                                                        f"compression_type=zstd {src} {o('h.qcow2')}",
+                                                        o("h.qcow2"), rm(o("h.qcow2"))),
+        }, "qemu-img convert -c zstd", 1.0),
+        ("qcow2 -> imgk", {
+            "imgkit convert qcow2->imgk": (f"{IMGKIT} convert --progress none --force {src_qcow2} {o('e.imgk')}",
+                                           o("e.imgk"), rm(o("e.imgk"))),
+            "imgkit convert qcow2->imgk --level 1": (f"{IMGKIT} convert --progress none --force --level 1 "
+                                                     f"{src_qcow2} {o('g.imgk')}", o("g.imgk"), rm(o("g.imgk"))),
+            "qemu-img convert qcow2->raw": (f"qemu-img convert -f qcow2 -O raw {src_qcow2} {o('f.raw')}",
+                                            o("f.raw"), rm(o("f.raw"))),
+        }, "qemu-img convert qcow2->raw", 1.3),
+    ]
+    summary = []
+    for title, rows, baseline, target in sections:
+        result = alternate(rows, runs)
+        for row_name, (cmd, out, _clean) in rows.items():
+            result[row_name].check = check(out, src)
+        for _, out, clean in rows.values():
+            clean()
+        for ours in (r for r in result.values() if r.name.startswith("imgkit")):
+            ratio = ours.median("wall") / result[baseline].median("wall")
+            extra = peak_extra_disk(rows[ours.name][0], out_dir, rows[ours.name][1])
+            rows[ours.name][2]()
+            summary.append(f"| {ours.name} | {ratio:.2f} | <= {target} | {'met' if ratio <= target else 'MISSED'} | "
+                           f"{extra / 2**20:.1f} MiB |")
+        text += table(title, list(result.values()), baseline) + "\n"
+    text += ("### summary (median wall-time ratio imgkit / qemu-img)\n\n| conversion | ratio | target | | "
+             "peak extra disk |\n|---|---:|---:|---|---:|\n" + "\n".join(summary) + "\n\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return text
+
+
+def check(out: str, src: str) -> str:
+    """The output holds the same disk: qemu-img compare for foreign outputs, imgkit's own for imgk."""
+    if out.endswith(".imgk"):
+        raw = out + ".check.raw"
+        subprocess.run(f"{IMGKIT} convert --progress none {out} {raw}", shell=True, check=True)
+        same = subprocess.run(["cmp", "-s", raw, src]).returncode == 0
+        os.unlink(raw)
+        return "identical" if same else "DIFFERENT"
+    fmt = "raw" if out.endswith(".raw") else "qcow2"
+    same = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt, src, out]).returncode == 0
+    if fmt == "qcow2":
+        same = same and subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", out]).returncode == 0
+    return ("identical" + (", check ok" if fmt == "qcow2" else "")) if same else "DIFFERENT"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 GiB inputs, 3 runs")
+    ap.add_argument("--runs", type=int)
+    ap.add_argument("--inputs", nargs="*", default=["F"])
+    args = ap.parse_args()
+    runs = args.runs or 3
+    report = "".join(bench_input(n, args.quick, runs) for n in args.inputs)
+    print(report)
+    os.makedirs(os.path.join(os.path.dirname(WORK), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(WORK), "results", "convert.md"), "w") as f:
+        f.write(report)
+
+
+if __name__ == "__main__":
+    main()

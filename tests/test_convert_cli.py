@@ -1,0 +1,116 @@
+"""imgkit convert on the command line: formats from extensions, refusals, --force, --json,
+progress, the Azure preset, and ISO round trips."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+
+from imgkit import api
+from tests.conftest import assert_one_line_error, pattern_bytes, run_imgkit
+from tests.convert_helpers import MiB, build_iso, sh, sha256_file
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("convert-cli")
+    raw = str(d / "odd.raw")
+    with open(raw, "wb") as f:  # 20 MiB + 4 KiB: not a whole MiB (Azure must round it up)
+        f.write(pattern_bytes(2 * MiB, seed=3))
+        f.truncate(20 * MiB + 4096)
+    imgk = str(d / "odd.imgk")
+    api.capture(raw, imgk)
+    return {"dir": d, "raw": raw, "imgk": imgk}
+
+
+def test_json_result_and_progress(small, tmp_path):
+    out = tmp_path / "vm.qcow2"
+    proc = run_imgkit("convert", small["imgk"], out, "--json", "--progress", "json", check=True)
+    doc = json.loads(proc.stdout)
+    assert doc["format"] == "qcow2" and doc["source_format"] == "imgk" and doc["method"] == "nbd-export"
+    assert doc["virtual_size"] == 20 * MiB + 4096 and doc["destination"] == str(out)
+    assert doc["allocated_size"] < 4 * MiB
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert events and events[-1]["event"] == "done" and events[-1]["op"] == "convert"
+    assert events[-1]["done"] == events[-1]["total"] == 20 * MiB + 4096
+
+
+def test_existing_destination_needs_force(small, tmp_path):
+    out = tmp_path / "vm.vmdk"
+    out.write_bytes(b"precious")
+    proc = run_imgkit("convert", small["imgk"], out)
+    assert_one_line_error(proc, 3, "already exists")
+    assert out.read_bytes() == b"precious"
+    run_imgkit("convert", small["imgk"], out, "--force", check=True)
+    assert out.read_bytes()[:4] == b"KDMV"
+    assert sorted(os.listdir(tmp_path)) == ["vm.vmdk"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["x.unknown"], "cannot tell the destination format"),
+    (["x.vhd", "--compress"], "--compress applies to qcow2"),
+    (["x.qcow2", "--preset", "azure"], "azure makes a VHD"),
+    (["x.vmdk", "--subformat", "fixed"], "does not apply to vmdk"),
+    (["x.iso"], "not an optical image"),
+])
+def test_usage_refusals(small, tmp_path, args, needle):
+    dest, *rest = args
+    proc = run_imgkit("convert", small["imgk"], tmp_path / dest, *rest)
+    assert_one_line_error(proc, 3, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_to_overrides_extension(small, tmp_path):
+    out = tmp_path / "disk.bin"
+    run_imgkit("convert", small["imgk"], out, "--to", "vhdx", check=True)
+    assert out.read_bytes()[:8] == b"vhdxfile"
+
+
+def test_azure_preset(small, tmp_path):
+    out = tmp_path / "azure.vhd"
+    doc = json.loads(run_imgkit("convert", small["imgk"], out, "--preset", "azure", "--json", check=True).stdout)
+    assert doc["subformat"] == "fixed" and doc["virtual_size"] == 21 * MiB
+    data = out.read_bytes()
+    assert len(data) == 21 * MiB + 512  # fixed VHD: the disk, then the footer
+    footer = data[-512:]
+    assert footer[:8] == b"conectix"
+    orig, cur = struct.unpack(">QQ", footer[40:56])
+    disk_type = struct.unpack(">I", footer[60:64])[0]
+    assert cur == orig == 21 * MiB and disk_type == 2
+    info = json.loads(sh("qemu-img", "info", "--output=json", "-f", "vpc", out).stdout)
+    assert info["virtual-size"] == 21 * MiB
+    with open(small["raw"], "rb") as f:
+        want = f.read()
+    assert data[:len(want)] == want and data[len(want):21 * MiB] == bytes(21 * MiB - len(want))
+
+
+@pytest.fixture(scope="module")
+def iso(tmp_path_factory):
+    d = tmp_path_factory.mktemp("convert-iso")
+    return build_iso(str(d))
+
+
+def test_iso_round_trips_byte_identical(iso, tmp_path):
+    imgk = tmp_path / "cd.imgk"
+    run_imgkit("capture", iso, imgk, check=True)
+    with api.open_image(str(imgk)) as img:
+        assert img.metadata["optical"]["el_torito"] and img.metadata["optical"]["volume_id"] == "IMGKIT_TEST"
+    back = tmp_path / "back.iso"
+    run_imgkit("convert", imgk, back, check=True)
+    assert sha256_file(back) == sha256_file(iso)
+    # through qcow2 and back: still optical, still byte-identical
+    q = tmp_path / "cd.qcow2"
+    run_imgkit("convert", imgk, q, check=True)
+    imgk2 = tmp_path / "cd2.imgk"
+    run_imgkit("convert", q, imgk2, check=True)
+    back2 = tmp_path / "back2.iso"
+    run_imgkit("convert", imgk2, back2, check=True)
+    assert sha256_file(back2) == sha256_file(iso)
+    # and straight from the .iso file (detected by its CD001 descriptor)
+    direct = tmp_path / "direct.vmdk"
+    doc = json.loads(run_imgkit("convert", iso, direct, "--json", check=True).stdout)
+    assert doc["source_format"] == "iso" and doc["method"] == "qemu-img"

@@ -1,0 +1,111 @@
+"""The NBD export (imgkit/nbd_export.py) as qemu and libnbd see it: holes reported and never read,
+data exact, read-only, several clients, damaged chunks surface as errors, and the overlay form the
+boot checker uses (a qcow2 overlay whose backing is the export, with -F raw)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import json
+
+import pytest
+
+from imgkit import api
+from imgkit.convert import convert
+from imgkit.errors import OperationFailed
+from imgkit.nbd_export import export_stream
+from imgkit.stream import DATA
+from tests.conftest import pattern_bytes
+from tests.convert_helpers import MiB, sh
+
+pytestmark = pytest.mark.qemu
+nbd = pytest.importorskip("nbd", reason="python3-libnbd (scripts/setup.sh installs it)")
+
+LAYOUT = [(4 * MiB, 3 * MiB), (20 * MiB, 1 * MiB), (31 * MiB, 1 * MiB)]  # (offset, length) of data
+SIZE = 32 * MiB
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nbd")
+    raw = str(d / "disk.raw")
+    with open(raw, "wb") as f:
+        f.truncate(SIZE)
+        for i, (off, n) in enumerate(LAYOUT):
+            f.seek(off)
+            f.write(pattern_bytes(n, seed=i))
+    imgk = str(d / "disk.imgk")
+    api.capture(raw, imgk)
+    return {"dir": d, "raw": raw, "imgk": imgk}
+
+
+def _client(export):
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(export.qemu_filename)
+    return h
+
+
+def test_libnbd_sees_size_holes_and_data(image):
+    with api.open_image(image["imgk"]) as img, export_stream(img) as export:
+        h = _client(export)
+        assert h.get_size() == SIZE and h.is_read_only() and h.can_meta_context("base:allocation")
+        extents = []
+        h.block_status(SIZE, 0, lambda ctx, off, ents, err: extents.extend(ents) or 0)
+        data_runs, pos = [], 0
+        for n, flags in zip(extents[::2], extents[1::2]):
+            if flags == 0:
+                data_runs.append((pos, n))
+            else:
+                assert flags == 3  # HOLE | ZERO
+            pos += n
+        assert data_runs == LAYOUT
+        with open(image["raw"], "rb") as f:
+            want = f.read()
+        for off in (0, 4 * MiB - 100, 20 * MiB, SIZE - 5000):
+            assert h.pread(9000 if off + 9000 <= SIZE else SIZE - off, off) == want[off:off + 9000]
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"x" * 512, 0)
+        h2 = _client(export)  # a second client at the same time
+        assert h2.pread(4096, 20 * MiB) == want[20 * MiB:20 * MiB + 4096]
+        h.shutdown()
+        h2.shutdown()
+
+
+def test_qemu_reads_only_the_data(image, tmp_path):
+    with api.open_image(image["imgk"]) as img, export_stream(img) as export:
+        out = json.loads(sh("qemu-img", "map", "--output=json", "-f", "raw", export.qemu_filename).stdout)
+        assert [(e["start"], e["length"]) for e in out if e["data"]] == LAYOUT
+        sh("qemu-img", "convert", "-f", "raw", export.qemu_filename, "-O", "raw", tmp_path / "o.raw")
+        assert export.bytes_read == sum(n for _, n in LAYOUT)  # zero ranges were never read
+        assert not export.errors
+    with open(image["raw"], "rb") as a, open(tmp_path / "o.raw", "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_overlay_over_the_export(image, tmp_path):
+    """The boot-check form: a throwaway qcow2 overlay, backing = the export with -F raw."""
+    overlay = str(tmp_path / "overlay.qcow2")
+    with api.open_image(image["imgk"]) as img, export_stream(img) as export:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", export.qemu_filename, "-F", "raw", overlay)
+        sh("qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 64k", overlay)  # writes land in the overlay
+        sh("qemu-img", "convert", "-f", "qcow2", overlay, "-O", "raw", tmp_path / "o.raw")
+        assert export.connections >= 2
+    with open(image["raw"], "rb") as a, open(tmp_path / "o.raw", "rb") as b:
+        want, got = a.read(), b.read()
+    assert got[:65536] == b"\xab" * 65536 and got[65536:] == want[65536:]
+
+
+def test_damaged_chunk_fails_the_conversion(image, tmp_path):
+    bad = str(tmp_path / "bad.imgk")
+    api.capture(image["raw"], bad, level=0)
+    with api.open_image(bad) as img:
+        first = next(r for r in img.runs() if r.kind == DATA)
+        assert first.offset == 4 * MiB
+    with open(bad, "r+b") as f:  # chunk data starts after the 4096-byte header; XOR, never a fixed value
+        f.seek(4096 + 1000)
+        byte = f.read(1)
+        f.seek(4096 + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(OperationFailed, match="hash check|damaged"):
+        convert(bad, str(tmp_path / "bad.qcow2"))
+    assert sorted(os.listdir(tmp_path)) == ["bad.imgk"]  # no destination, no temp left behind
