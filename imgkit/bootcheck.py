@@ -10,7 +10,8 @@ QEMU runs with -nodefaults, no network, no host shares, a seccomp sandbox when a
 a wall-clock timeout and resource limits. COM1 is read from a pipe; SeaBIOS's own log (port 0x402)
 from a file; QMP tells when the guest powered off and takes the screenshot.
 
-The verdict: pass when the console matches `expect` before the timeout; otherwise a reason, one of
+The verdict: pass when the serial console (or, for a BIOS guest, the VGA text screen, read from
+guest memory once a second) matches `expect` before the timeout; otherwise a reason, one of
 REASONS, with the last console lines.
 """
 from __future__ import annotations
@@ -40,6 +41,9 @@ TAIL_LINES = 20
 CONSOLE_KEEP = 4 << 20       # bytes of console text kept (the rest is dropped from the front)
 SEARCH_OVERLAP = 4 << 10     # new text is searched together with the 4 KiB before it (lines split across reads)
 FIRMWARE_POLL = 0.1          # seconds between reads of the firmware log file
+SCREEN_POLL = 1.0            # seconds between reads of the VGA text screen (BIOS guests)
+VGA_TEXT = 0xB8000           # VGA text-mode buffer: 80x25 cells of (character, attribute)
+VGA_COLUMNS, VGA_ROWS = 80, 25
 STREAM_CLUSTER = 1 << 20    # overlay cluster for streamed images: one imgk chunk (default size)
 TCG_TB_MIB = 256             # TCG translation cache; the 1 GiB default would count against RLIMIT_AS
 
@@ -90,6 +94,7 @@ class BootResult:
     total_seconds: float             # the whole check, set-up included
     expect: str
     matched: str | None
+    matched_on: str | None           # "serial" or "screen" (VGA text of a BIOS guest)
     format: str
     media: str
     firmware: str
@@ -327,6 +332,20 @@ def _classify(text: str) -> tuple[str, str] | None:
     return None
 
 
+def _screen_text(qmp: QmpClient) -> str:
+    """The VGA text screen as 25 lines, read from guest memory through the monitor (`xp`). Meaningful
+    while the guest is in text mode (BIOS, boot loaders, the Linux VGA console); in graphics mode the
+    buffer holds stale or no text, which simply does not match."""
+    out = qmp.command("human-monitor-command", **{"command-line": f"xp /{VGA_COLUMNS * VGA_ROWS}hx {VGA_TEXT:#x}"})
+    chars = []
+    for line in out.splitlines():
+        for cell in line.partition(":")[2].split():
+            code = int(cell, 16) & 0xFF
+            chars.append(chr(code) if 32 <= code < 127 else " ")
+    rows = ["".join(chars[i:i + VGA_COLUMNS]).rstrip() for i in range(0, len(chars), VGA_COLUMNS)]
+    return "\n".join(rows)
+
+
 def _take_screenshot(qmp: QmpClient | None, path: str) -> str | None:
     """Screendump to `path` (PNG) through a temp name; an error message, or None when it worked."""
     if qmp is None:
@@ -352,8 +371,9 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
     stderr_path = os.path.join(work, "qemu.stderr")
     console, fwlog = _Console(), _Console()
     fw_path = os.path.join(work, "firmware.log")
-    fw_pos, fw_polled = 0, 0.0
+    fw_pos, fw_polled, screen_polled = 0, 0.0, time.monotonic()
     reason = detail = matched = None
+    matched_on = "serial"
     qmp = None
     with open(stderr_path, "wb") as stderr:
         proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=stderr, die_with_parent=True)
@@ -418,6 +438,17 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
                     _finish_line(out_fd, console, len(console.text) - len(window) + m.end())
                     matched = _line_of(console.text, len(console.text) - len(window) + m.start(), m)
                     break
+            if reason is None and qmp is not None and plan.firmware == "bios" and now - screen_polled >= SCREEN_POLL:
+                screen_polled = now
+                try:
+                    screen = _screen_text(qmp)
+                except (RuntimeError, OSError, EOFError, TimeoutError, ValueError):
+                    screen = ""
+                m = expect_re.search(screen)
+                if m:
+                    ended_at = time.monotonic()
+                    matched, matched_on = _line_of(screen, m.start(), m), "screen"
+                    break
             if reason is None and (new or fw_new):
                 found = (_classify(console.window(new)) if new else None) or \
                         (_classify(fwlog.window(fw_new)) if fw_new else None)
@@ -467,7 +498,8 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
     return BootResult(
         image=image, passed=passed, reason=None if passed else reason, detail=None if passed else detail,
         seconds_to_result=round(ended_at - launched, 3), total_seconds=round(time.monotonic() - started, 3),
-        expect=expect, matched=matched, format=plan.format, media=plan.media, firmware=plan.firmware,
+        expect=expect, matched=matched, matched_on=matched_on if matched else None, format=plan.format,
+        media=plan.media, firmware=plan.firmware,
         firmware_why=plan.firmware_why, accel=accel, accel_why=accel_why, streamed=streamed,
         timeout=timeout, memory=memory, console_tail=console.tail(), firmware_log_tail=fwlog.tail(8),
         screenshot=os.path.abspath(screenshot) if screenshot and not shot_error else None,

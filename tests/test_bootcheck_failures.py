@@ -128,3 +128,12 @@ def test_boots_a_block_device_read_only(tiny_bios_image, tmp_path):
         subprocess.run(["losetup", "-d", dev], check=False)
     assert code == 0, (doc, err)
     assert doc["format"] == "raw" and doc["matched"] == "IMGKIT-BOOT-OK tiny-bios"
+
+
+def test_text_screen_is_matched_too(tmp_path):
+    """A BIOS guest that prints nothing on the serial port is judged by its VGA text screen."""
+    disk = one_sector_disk(tmp_path / "silent.img", bytes.fromhex("FAF4EBFD"))
+    code, doc, err = boot_check_json(disk, "--expect", r"Booting from Hard Disk", "--timeout", "20")
+    assert code == 0, (doc, err)
+    assert doc["matched_on"] == "screen" and doc["matched"].startswith("Booting from Hard Disk")
+    assert doc["console_tail"] == []  # the serial port really stayed silent
