@@ -64,6 +64,13 @@ FAILURE_PATTERNS = [
     (re.compile(r"Kernel panic - not syncing[^\r\n]*"), KERNEL_PANIC),
     (re.compile(r"grub rescue> ?$|error: (?:file|disk) [^\r\n]* not found", re.M), BOOTLOADER_FAILED),
 ]
+# Messages that MBR and boot-sector code print only on the screen (int 10h), never on a serial port.
+SCREEN_FAILURE_PATTERNS = [
+    (re.compile(r"Missing operating system|Operating system not found|Invalid partition table|"
+                r"Error loading operating system|No bootable device"), NO_BOOTABLE_DEVICE),
+    (re.compile(r"BOOTMGR is (?:missing|compressed)|NTLDR is missing|Non-system disk or disk error|"
+                r"GRUB Loading stage1\.5\.\s*Error \d+|GRUB\s+(?:Hard Disk|Read|Geom) Error"), BOOTLOADER_FAILED),
+]
 ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1bc")
 
 OVMF_CANDIDATES = [  # (code, vars): Debian/Ubuntu, then Fedora/Arch
@@ -448,6 +455,13 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
                 if m:
                     ended_at = time.monotonic()
                     matched, matched_on = _line_of(screen, m.start(), m), "screen"
+                    break
+                for pattern, why in SCREEN_FAILURE_PATTERNS:
+                    m = pattern.search(screen)
+                    if m:
+                        reason, detail, ended_at = why, m.group(0).strip(), time.monotonic()
+                        break
+                if reason is not None:
                     break
             if reason is None and (new or fw_new):
                 found = (_classify(console.window(new)) if new else None) or \

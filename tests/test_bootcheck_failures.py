@@ -137,3 +137,17 @@ def test_text_screen_is_matched_too(tmp_path):
     assert code == 0, (doc, err)
     assert doc["matched_on"] == "screen" and doc["matched"].startswith("Booting from Hard Disk")
     assert doc["console_tail"] == []  # the serial port really stayed silent
+
+
+def test_mbr_message_on_screen_is_named(tmp_path):
+    """Boot code that says "Missing operating system" through int 10h (the screen only, as MBR code
+    does) fails as no bootable device at once, not by timeout."""
+    msg_at = 0x7C00 + 23
+    code = (bytes.fromhex("FB31C08ED8FC") + b"\xBE" + msg_at.to_bytes(2, "little")  # sti; ds=0; si=msg
+            + bytes.fromhex("AC84C07406B40ECD10EBF5F4EBFD")  # lodsb; teletype each byte; then hlt forever
+            + b"Missing operating system\0")
+    disk = one_sector_disk(tmp_path / "mbr-msg.img", code)
+    code_, doc, err = boot_check_json(disk, "--timeout", "30")
+    assert code_ == 1, (doc, err)
+    assert doc["reason"] == "no bootable device" and doc["detail"] == "Missing operating system"
+    assert doc["seconds_to_result"] < 10
