@@ -88,7 +88,7 @@ def probe_kvm(timeout: float = PROBE_SECONDS, accel_name: str = "kvm") -> tuple[
                                          "file": {"driver": "file", "filename": disk}}),
                 "-device", "ide-hd,drive=d"]
         proc = popen(argv, Limits(int(timeout) + 5, 2 << 30, timeout), stdout=subprocess.PIPE,
-                     stderr=subprocess.DEVNULL, die_with_parent=True)
+                     stderr=subprocess.DEVNULL)
         got = b""
         try:
             deadline = started + timeout

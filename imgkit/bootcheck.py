@@ -383,7 +383,8 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
     matched_on = "serial"
     qmp = None
     with open(stderr_path, "wb") as stderr:
-        proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=stderr, die_with_parent=True)
+        # From the main thread, qemu_tools gives QEMU PR_SET_PDEATHSIG: it dies if imgkit is killed.
+        proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=stderr)
     launched = time.monotonic()
     ended_at = None
     try:

@@ -34,7 +34,7 @@ def image(tmp_path_factory):
             f.seek(off)
             f.write(pattern_bytes(n, seed=i))
     imgk = str(d / "disk.imgk")
-    api.capture(raw, imgk)
+    api.capture(raw, imgk, sector_by_sector=True)
     return {"dir": d, "raw": raw, "imgk": imgk}
 
 
@@ -97,7 +97,7 @@ def test_overlay_over_the_export(image, tmp_path):
 
 def test_damaged_chunk_fails_the_conversion(image, tmp_path):
     bad = str(tmp_path / "bad.imgk")
-    api.capture(image["raw"], bad, level=0)
+    api.capture(image["raw"], bad, level=0, sector_by_sector=True)
     with api.open_image(bad) as img:
         first = next(r for r in img.runs() if r.kind == DATA)
         assert first.offset == 4 * MiB
