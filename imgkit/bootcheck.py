@@ -310,10 +310,14 @@ def _qemu_argv(qemu: str, plan: BootPlan, src: dict, work: str, memory: int, acc
 class _Console:
     """Console text as it arrives: kept (bounded), cleaned of escape sequences, searched incrementally."""
 
-    def __init__(self):
+    def __init__(self, log_path: str | None = None):
         self.text = ""
+        self.log_path = log_path  # raw bytes are appended here as they arrive (--console-log)
 
     def add(self, raw: bytes) -> str:
+        if self.log_path:
+            with open(self.log_path, "ab") as f:
+                f.write(raw)
         chunk = ANSI.sub("", raw.decode("utf-8", "replace")).replace("\r\n", "\n").replace("\r", "\n")
         self.text += chunk
         if len(self.text) > CONSOLE_KEEP:
@@ -376,7 +380,7 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
     argv = _qemu_argv(qemu, plan, src, work, memory, accel, streamed)
     limits = Limits(cpu_seconds=int(timeout) + 60, address_space=memory + (4 << 30), wall_seconds=timeout)
     stderr_path = os.path.join(work, "qemu.stderr")
-    console, fwlog = _Console(), _Console()
+    console, fwlog = _Console(console_log), _Console()
     fw_path = os.path.join(work, "firmware.log")
     fw_pos, fw_polled, screen_polled = 0, 0.0, time.monotonic()
     reason = detail = matched = None
@@ -414,9 +418,6 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
                     data = b""
                 if data:
                     new = len(console.add(data))
-                    if console_log:
-                        with open(console_log, "ab") as f:
-                            f.write(data)
                 elif proc.poll() is not None:
                     stopped = True
             if qmp is not None and qmp in ready:
