@@ -33,3 +33,8 @@ step "imgkit restore demo.imgk restored.raw --verify"
 imgkit restore demo.imgk restored.raw --verify --yes
 step "compare"
 [ "$(sha256sum < restored.raw | cut -d' ' -f1)" = "$(cut -d' ' -f1 disk.sha256)" ] && echo "restored disk is identical to the source"
+
+step "imgkit boot-check: does a captured disk still boot? (vm-fixtures linux-bios: GRUB, Debian kernel)"
+bootable=$(python -m imgkit.testing.fixtures linux-bios | cut -f2)
+imgkit capture "$bootable" bootable.imgk
+imgkit boot-check bootable.imgk --timeout 180
