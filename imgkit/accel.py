@@ -1,83 +1,137 @@
-"""Which accelerator QEMU (and the libguestfs appliance) should use: KVM when it really works, else TCG.
+"""Which QEMU accelerator to boot with: KVM when it really works, else TCG.
 
-An existing /dev/kvm is not enough: on some hosts (nested virtualisation, these CI machines) it opens
-but guests hang. So `auto` boots a 512-byte guest that writes one byte to the serial port and exits
-through isa-debug-exit; if that does not happen within a few seconds, KVM is declared unusable.
-IMGKIT_ACCEL=tcg|kvm|auto overrides (tcg skips the probe). The verdict is cached per boot.
+/dev/kvm existing is not enough: on some hosts (nested virtualisation gone wrong, these CI machines)
+a KVM guest hangs forever. So `auto` boots a one-sector guest under KVM that writes one byte to
+COM1 and powers off, and gives it PROBE_SECONDS. The verdict is cached per host boot (boot_id) and
+kernel release in ~/.cache/imgkit/kvm-probe.json, so only the first check after a reboot pays for the
+probe. IMGKIT_ACCEL=tcg|kvm overrides everything (CI sets tcg).
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import platform
+import select
+import struct
 import subprocess
 import tempfile
+import time
 
-PROBE_TIMEOUT = 5.0
-_verdict: str | None = None
+from .errors import EnvironmentProblem, InputError
+from .qemu_tools import Limits, kill_group, popen
 
-# mov dx,0x3f8; mov al,'K'; out dx,al; mov al,0; out 0xf4,al; hlt; jmp $-1
-_BOOT_CODE = bytes.fromhex("baf803" "b04b" "ee" "b000" "e6f4" "f4" "ebfd")
+PROBE_SECONDS = 3.0
+PROBE_BYTE = b"K"
+ACCELS = ("auto", "kvm", "tcg")
+
+# Real-mode code: mov dx,0x3f8; mov al,'K'; out dx,al; mov dx,0x604; mov ax,0x2000; out dx,ax; hlt; jmp $-1
+_PROBE_CODE = bytes.fromhex("BAF803B0") + PROBE_BYTE + bytes.fromhex("EEBA0406B80020EFF4EBFD")
 
 
-def _boot_sector() -> bytes:
-    return _BOOT_CODE + bytes(510 - len(_BOOT_CODE)) + b"\x55\xaa"
+def probe_disk() -> bytes:
+    sector = bytearray(512)
+    sector[:len(_PROBE_CODE)] = _PROBE_CODE
+    sector[510:] = b"\x55\xaa"
+    return bytes(sector)
 
 
-def _cache_path() -> str | None:
+def _cache_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "imgkit", "kvm-probe.json")
+
+
+def _host_key() -> dict:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
+            boot_id = f.read().strip()
     except OSError:
-        return None
-    base = "/run/imgkit" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(base, f"accel-{boot}") if base else None
+        boot_id = None
+    return {"boot_id": boot_id, "kernel": platform.release()}
 
 
-def kvm_works(timeout: float = PROBE_TIMEOUT) -> bool:
-    """Boot the tiny guest under KVM; True only if it printed its byte and exited in time."""
+def _cached_verdict() -> bool | None:
+    try:
+        with open(_cache_path()) as f:
+            doc = json.load(f)
+        if {k: doc.get(k) for k in ("boot_id", "kernel")} == _host_key() and isinstance(doc.get("kvm_works"), bool):
+            return doc["kvm_works"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _store_verdict(works: bool, seconds: float) -> None:
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({**_host_key(), "kvm_works": works, "probe_seconds": round(seconds, 3),
+                       "checked": int(time.time())}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a probe per check
+
+
+def probe_kvm(timeout: float = PROBE_SECONDS, accel_name: str = "kvm") -> tuple[bool, float]:
+    """Boot the one-sector guest under KVM; (works, seconds). Never waits longer than `timeout`."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    qemu = shutil.which("qemu-system-x86_64")
-    if not qemu:
-        return False
-    with tempfile.NamedTemporaryFile(suffix=".img") as disk:
-        disk.write(_boot_sector())
-        disk.flush()
+        return False, 0.0
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="imgkit-kvm-probe-") as tmp:
+        disk = os.path.join(tmp, "probe.img")
+        with open(disk, "wb") as f:
+            f.write(probe_disk())
+        argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-accel", accel_name, "-m", "16",
+                "-display", "none", "-no-reboot", "-nic", "none", "-serial", "stdio",
+                "-blockdev", json.dumps({"driver": "raw", "node-name": "d",  # our own temp file
+                                         "file": {"driver": "file", "filename": disk}}),
+                "-device", "ide-hd,drive=d"]
+        proc = popen(argv, Limits(int(timeout) + 5, 2 << 30, timeout), stdout=subprocess.PIPE,
+                     stderr=subprocess.DEVNULL)
+        got = b""
         try:
-            proc = subprocess.run([qemu, "-accel", "kvm", "-display", "none", "-nodefaults", "-no-user-config",
-                                   "-m", "16", "-serial", "stdio", "-monitor", "none",
-                                   "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                                   "-drive", f"file={disk.name},format=raw,if=floppy,readonly=on",
-                                   "-boot", "a"], capture_output=True, timeout=timeout)
-        except (subprocess.TimeoutExpired, OSError):
-            return False
-    return b"K" in proc.stdout
+            deadline = started + timeout
+            while PROBE_BYTE not in got:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                ready, _, _ = select.select([proc.stdout], [], [], left)
+                if not ready:
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                got += chunk
+        finally:
+            kill_group(proc)  # SIGTERM, then SIGKILL: a hung KVM guest still dies
+            proc.stdout.close()
+    return PROBE_BYTE in got, time.monotonic() - started
 
 
-def choose_accel() -> str:
-    """'kvm' or 'tcg'."""
-    global _verdict
-    wanted = os.environ.get("IMGKIT_ACCEL", "auto").lower()
-    if wanted in ("tcg", "kvm"):
-        return wanted
-    if _verdict:
-        return _verdict
-    cache = _cache_path()
-    if cache:
-        try:
-            with open(cache) as f:
-                cached = f.read().strip()
-            if cached in ("kvm", "tcg"):
-                _verdict = cached
-                return cached
-        except OSError:
-            pass
-    _verdict = "kvm" if kvm_works() else "tcg"
-    if cache:
-        try:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            with open(cache, "w") as f:
-                f.write(_verdict)
-        except OSError:
-            pass
-    return _verdict
+def choose_accel(requested: str = "auto") -> tuple[str, str]:
+    """(accel, why). `requested` is auto/kvm/tcg; IMGKIT_ACCEL overrides auto."""
+    env = (os.environ.get("IMGKIT_ACCEL") or "").strip().lower()
+    if env and env not in ACCELS:
+        raise InputError(f"IMGKIT_ACCEL={env!r}: expected one of {', '.join(ACCELS)}")
+    if requested == "auto" and env and env != "auto":
+        requested, source = env, "IMGKIT_ACCEL"
+    else:
+        source = "--accel"
+    if requested == "tcg":
+        return "tcg", f"forced by {source}"
+    if requested == "kvm":
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise EnvironmentProblem("--accel kvm: /dev/kvm is missing or not accessible",
+                                     hint="load the kvm module, join the kvm group, or use --accel tcg")
+        return "kvm", f"forced by {source}"
+    if not os.path.exists("/dev/kvm"):
+        return "tcg", "no /dev/kvm"
+    cached = _cached_verdict()
+    if cached is not None:
+        return ("kvm", "KVM probe passed (cached for this boot)") if cached else \
+               ("tcg", "KVM probe failed earlier this boot (cached): KVM guests hang here")
+    works, seconds = probe_kvm()
+    _store_verdict(works, seconds)
+    return ("kvm", f"KVM probe passed in {seconds:.1f} s") if works else \
+           ("tcg", f"KVM probe guest did not run within {PROBE_SECONDS:.0f} s: using TCG")

@@ -68,14 +68,27 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
 def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
             split_size: int | None = None, password: Password = None, force: bool = False,
             plan: CapturePlan | None = None, progress: Progress | None = None,
-            source_format: str | None = None, source_password: Password = None) -> CaptureResult:
+            source_format: str | None = None, source_password: Password = None,
+            sector_by_sector: bool = False, partitions: str | None = None) -> CaptureResult:
     """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image.
     `password` encrypts the new image; `source_password` opens an encrypted imgk source (default:
-    the same password)."""
+    the same password). Filesystem-aware by default: only the blocks each filesystem uses are
+    stored (see fsaware.py); `sector_by_sector` keeps every byte; `partitions` ("1,3" or
+    names/labels) selects partitions. The result's `warnings` say what a partition selection leaves
+    out that the disk needs to boot."""
+    if sector_by_sector and partitions:
+        raise InputError("--sector-by-sector and --partitions exclude each other",
+                         hint="a partition selection is filesystem-aware; drop one of them")
     if os.path.exists(source):
         refuse_output_on_source(source, output)
     src = open_image(source, source_password if source_password is not None else password, fmt=source_format)
     try:
+        warnings: list[str] = []
+        if plan is None and not sector_by_sector:
+            from .fsaware import build_plan
+            fs_plan = build_plan(src, partitions=partitions, chunk_size=chunk_size,
+                                 path=source if isinstance(src, RawSource) else None)
+            plan, warnings = fs_plan.plan, fs_plan.warnings
         info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
                                                                  "kind": "image", "size": src.size}
         sealer_factory = None
@@ -87,21 +100,50 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
                 data_key = os.urandom(32)
                 slot = new_key_slot(secret, data_key, core_digest)
                 return Sealer(ImageKeys.from_data_key(data_key, image_id), core_digest), slot
-        return capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
-                              split_size=split_size, sealer_factory=sealer_factory, plan=plan,
-                              force=force, progress=progress)
+        result = capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
+                                split_size=split_size, sealer_factory=sealer_factory, plan=plan,
+                                force=force, progress=progress)
+        result.warnings = warnings
+        return result
     finally:
         src.close()
 
 
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
-            discard: bool = False, progress: Progress | None = None) -> RestoreResult:
+            discard: bool = False, progress: Progress | None = None, grow: bool = False) -> RestoreResult:
     """Restore a whole image to a block device or file. `confirm(text) -> bool` is asked before an
-    existing target is overwritten; pass None only when the user already agreed (--yes)."""
+    existing target is overwritten; pass None only when the user already agreed (--yes).
+    On a larger target, the backup GPT is moved to the end; `grow` also grows the last partition and
+    its filesystem to fill the disk (grow.py)."""
     with open_image(image, password, allow_raw=False) as img:
         paths = getattr(img, "volume_paths", [image])
-        return restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
-                              discard=discard, progress=progress)
+        result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
+                                discard=discard, progress=progress)
+        size = img.size
+    from .grow import fit_to_disk
+    with RawSource(target) as written:
+        larger = written.size > size
+    if larger or grow:
+        result.grow = fit_to_disk(target, size, grow).to_dict()
+    return result
+
+
+def plan_partition_restore(image: str, target: str, number: int, *, to_partition: int | None = None,
+                           password: Password = None):
+    """Where partition `number` of the image would go on `target` (partition_restore.py has the rules)."""
+    from .partition_restore import plan_partition_restore as make_plan
+    with open_image(image, password, allow_raw=False) as img:
+        return make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+
+
+def restore_partition(image: str, target: str, number: int, *, to_partition: int | None = None,
+                      password: Password = None, confirm=None, progress: Progress | None = None):
+    """Restore one partition of an image; returns (plan, RestoreResult)."""
+    from .partition_restore import plan_partition_restore as make_plan, restore_partition as run
+    with open_image(image, password, allow_raw=False) as img:
+        plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+        return plan, run(img, plan, image_paths=getattr(img, "volume_paths", [image]), confirm=confirm,
+                         progress=progress)
 
 
 def verify(image: str, *, password: Password = None, progress: Progress | None = None) -> VerifyReport:

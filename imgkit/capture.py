@@ -39,6 +39,7 @@ class CaptureResult:
     free_chunks: int
     deduplicated: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # e.g. a partition selection that cannot boot
 
 
 def _device_of_path(path: str) -> int:
@@ -107,7 +108,8 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
         raise InputError(f"{out_dir}: no such directory for the image")
     started = time.monotonic()
     metadata = build_metadata(source, source_info, level, plan)
-    writer = ImageWriter(output, source.size, chunk_size, split_size=split_size, sealer_factory=sealer_factory)
+    writer = ImageWriter(output, source.size, chunk_size, split_size=split_size, sealer_factory=sealer_factory,
+                         used_maps=bool(plan.used_maps))
     encoder = ChunkEncoder(level, writer.sealer)
     count = writer.header.chunk_count
     # Chunks that touch a data run must be read; the rest are holes and read as zeros.

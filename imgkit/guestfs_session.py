@@ -51,7 +51,8 @@ class GuestfsSession:
         g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
         started = time.monotonic()
         try:
-            accel = choose_accel()
+            accel, why = choose_accel()
+            log.info("accelerator %s: %s", accel, why)
             if accel == "tcg":
                 g.set_backend_settings(["force_tcg"])
             g.set_network(False)

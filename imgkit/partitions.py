@@ -131,7 +131,7 @@ def _parse_mbr(disk: Stream, sector: bytes, ss: int) -> PartitionTable:
 
 
 def _guid(raw: bytes) -> str:
-    return str(uuid.UUID(bytes_le=raw))
+    return str(uuid.UUID(bytes_le=bytes(raw)))  # bytes(): a Stream may hand out a bytearray (libnbd)
 
 
 def _parse_gpt_at(disk: Stream, ss: int, lba: int) -> tuple[dict, list[Partition]] | str:

@@ -44,19 +44,40 @@ def find_program(name: str) -> str:
     return path
 
 
-def _preexec(limits: Limits):
+PR_SET_PDEATHSIG = 1
+
+
+def _libc():
+    import ctypes
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _preexec(limits: Limits, die_with_parent: bool):
     def apply():
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
         resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if die_with_parent and _LIBC is not None:
+            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     return apply
 
 
 def popen(argv: list[str], limits: Limits, **kw) -> subprocess.Popen:
+    """Start a qemu program in its own process group (so a timeout kills all of it). It must not
+    outlive imgkit: when started from the main thread it gets SIGKILL if imgkit dies (PDEATHSIG
+    fires when the forking *thread* ends, so from other threads callers rely on close()/finalizers)."""
     argv = [find_program(argv[0]), *argv[1:]]
     env = dict(os.environ, LC_ALL="C")
-    return subprocess.Popen(argv, preexec_fn=_preexec(limits), start_new_session=True, env=env,
-                            stdin=subprocess.DEVNULL, **kw)
+    import threading
+    die_with_parent = threading.current_thread() is threading.main_thread()
+    return subprocess.Popen(argv, preexec_fn=_preexec(limits, die_with_parent), start_new_session=True,
+                            env=env, stdin=subprocess.DEVNULL, **kw)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -99,11 +120,14 @@ def describe_failure(returncode: int, stderr: str) -> str:
     return lines[-1] if lines else f"exit status {returncode}"
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+def wait_for_socket(path: str, proc: subprocess.Popen, log_path: str | None = None, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if proc.poll() is not None:
-            err = proc.stderr.read() if proc.stderr else ""
+            err = ""
+            if log_path:
+                with open(log_path, errors="replace") as f:
+                    err = f.read(65536)
             raise OperationFailed(f"qemu-storage-daemon exited: {describe_failure(proc.returncode, err)}")
         if time.monotonic() > deadline:
             kill_group(proc)

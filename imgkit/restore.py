@@ -34,6 +34,7 @@ class RestoreResult:
     bytes_written: int
     seconds: float
     verified: bool
+    grow: dict | None = None  # what grow.fit_to_disk did (GPT moved, partition/filesystem grown)
 
 
 def _zero_range(fd: int, offset: int, length: int, discard: bool) -> None:

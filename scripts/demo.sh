@@ -21,6 +21,8 @@ start=395264, type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F, name=swap
 PT
 truncate -s 192M root.ext4 && mkfs.ext4 -q -L demo-root -d content root.ext4
 dd if=root.ext4 of=disk.raw bs=1M seek=1 conv=notrunc,sparse status=none && rm root.ext4
+truncate -s 62M swap.img && mkswap -q -L demo-swap swap.img
+dd if=swap.img of=disk.raw bs=1M seek=193 conv=notrunc,sparse status=none && rm swap.img
 sha256sum disk.raw | tee disk.sha256
 
 step "imgkit capture disk.raw demo.imgk"
@@ -33,3 +35,15 @@ step "imgkit restore demo.imgk restored.raw --verify"
 imgkit restore demo.imgk restored.raw --verify --yes
 step "compare"
 [ "$(sha256sum < restored.raw | cut -d' ' -f1)" = "$(cut -d' ' -f1 disk.sha256)" ] && echo "restored disk is identical to the source"
+
+step "imgkit convert demo.imgk demo.qcow2 --compress (and back)"
+imgkit convert demo.imgk demo.qcow2 --compress
+qemu-img check -q -f qcow2 demo.qcow2 && echo "qemu-img check: clean"
+qemu-img compare -q -f qcow2 -F raw demo.qcow2 disk.raw && echo "qemu-img compare: demo.qcow2 holds the same disk"
+imgkit convert demo.qcow2 demo.vhd --preset azure
+imgkit info demo.vhd | head -4
+#MOUNT#
+step "imgkit boot-check: does a captured disk still boot? (vm-fixtures linux-bios: GRUB, Debian kernel)"
+bootable=$(python -m imgkit.testing.fixtures linux-bios | cut -f2)
+imgkit capture "$bootable" bootable.imgk
+imgkit boot-check bootable.imgk --timeout 180

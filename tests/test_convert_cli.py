@@ -23,7 +23,7 @@ def small(tmp_path_factory):
         f.write(pattern_bytes(2 * MiB, seed=3))
         f.truncate(20 * MiB + 4096)
     imgk = str(d / "odd.imgk")
-    api.capture(raw, imgk)
+    api.capture(raw, imgk, sector_by_sector=True)
     return {"dir": d, "raw": raw, "imgk": imgk}
 
 
@@ -114,3 +114,11 @@ def test_iso_round_trips_byte_identical(iso, tmp_path):
     direct = tmp_path / "direct.vmdk"
     doc = json.loads(run_imgkit("convert", iso, direct, "--json", check=True).stdout)
     assert doc["source_format"] == "iso" and doc["method"] == "qemu-img"
+
+
+def test_progress_follows_qemu_img(small, tmp_path):
+    """convert reads qemu-img's own -p output: the regex matches what this qemu-img prints."""
+    from imgkit.convert import _PROGRESS_RE
+    out = sh("qemu-img", "convert", "-p", "-f", "raw", "-O", "qcow2", small["raw"], tmp_path / "p.qcow2").stdout
+    found = [float(x) for x in _PROGRESS_RE.findall(out)]
+    assert found and found[-1] == 100.0 and found == sorted(found)

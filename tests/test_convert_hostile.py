@@ -177,3 +177,19 @@ def test_inspectors_accept_what_qemu_makes(tmp_path):
         info = foreign.inspect(path, ours)
         assert info.virtual_size >= 3 * MiB
         os.unlink(path)
+
+
+def test_damage_only_qemu_sees_is_bad_input(tmp_path):
+    """Header checksums imgkit does not verify (VHDX CRC-32C): qemu refuses, imgkit reports it as a
+    bad image (exit 3) in one line, and leaves nothing behind."""
+    bad = str(tmp_path / "bad.vhdx")
+    sh("qemu-img", "create", "-q", "-f", "vhdx", bad, "8M")
+    with open(bad, "r+b") as f:
+        for off in (64 * 1024 + 4, 128 * 1024 + 4):  # both headers' checksums, XOR 0xFF
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0xFF]))
+    proc = run_imgkit("convert", bad, tmp_path / "out.imgk")
+    assert_one_line_error(proc, 3, "qemu could not open it as vhdx")
+    assert sorted(os.listdir(tmp_path)) == ["bad.vhdx"]

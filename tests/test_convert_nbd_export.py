@@ -34,7 +34,7 @@ def image(tmp_path_factory):
             f.seek(off)
             f.write(pattern_bytes(n, seed=i))
     imgk = str(d / "disk.imgk")
-    api.capture(raw, imgk)
+    api.capture(raw, imgk, sector_by_sector=True)
     return {"dir": d, "raw": raw, "imgk": imgk}
 
 
@@ -97,7 +97,7 @@ def test_overlay_over_the_export(image, tmp_path):
 
 def test_damaged_chunk_fails_the_conversion(image, tmp_path):
     bad = str(tmp_path / "bad.imgk")
-    api.capture(image["raw"], bad, level=0)
+    api.capture(image["raw"], bad, level=0, sector_by_sector=True)
     with api.open_image(bad) as img:
         first = next(r for r in img.runs() if r.kind == DATA)
         assert first.offset == 4 * MiB
@@ -109,3 +109,24 @@ def test_damaged_chunk_fails_the_conversion(image, tmp_path):
     with pytest.raises(OperationFailed, match="hash check|damaged"):
         convert(bad, str(tmp_path / "bad.qcow2"))
     assert sorted(os.listdir(tmp_path)) == ["bad.imgk"]  # no destination, no temp left behind
+
+
+def test_concurrent_small_reads_decode_each_chunk_once(image):
+    """qemu-img -c reads 64 KiB pieces 16 at a time: ImageReader's cache is single-flight."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    with api.open_image(image["imgk"]) as img:
+        calls, lock, orig = [], threading.Lock(), img.read_chunk
+
+        def counting(i):
+            with lock:
+                calls.append(i)
+            return orig(i)
+        img.read_chunk = counting
+        offsets = [4 * MiB + k * 65536 for k in range(48)]  # 3 chunks of 1 MiB, 16 pieces each
+        with ThreadPoolExecutor(8) as pool:
+            pieces = list(pool.map(lambda o: img.read(o, 65536), offsets))
+        with open(image["raw"], "rb") as f:
+            f.seek(4 * MiB)
+            assert b"".join(pieces) == f.read(3 * MiB)
+        assert sorted(calls) == [4, 5, 6]

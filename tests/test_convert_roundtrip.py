@@ -34,7 +34,7 @@ def gpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("convert-gpt")
     raw = build_gpt_disk(str(d))
     imgk = str(d / "gpt.imgk")
-    api.capture(raw, imgk)
+    api.capture(raw, imgk, sector_by_sector=True)  # convert is lossless: compare with every byte kept
     return {"dir": d, "raw": raw, "imgk": imgk, "sha": sha256_file(raw)}
 
 
@@ -129,7 +129,7 @@ def sparse(tmp_path_factory):
     d = tmp_path_factory.mktemp("convert-sparse")
     raw = build_sparse_disk(str(d / "sparse.raw"))
     imgk = str(d / "sparse.imgk")
-    api.capture(raw, imgk)
+    api.capture(raw, imgk, sector_by_sector=True)  # convert is lossless: compare with every byte kept
     assert os.path.getsize(imgk) < 16 * MiB
     return {"dir": d, "raw": raw, "imgk": imgk, "sha": None}
 
@@ -146,7 +146,57 @@ def test_foreign_reads_take_the_file_fast_path_only_where_qemu_maps_raw_data(gpt
     mapped = {}
     for path in (plain, packed):
         with api.open_image(path) as img:
+            assert not img.host_map.starts  # not before a bulk reader asks for runs()
+            list(img.runs())
             mapped[path] = sum(e - s for s, e in zip(img.host_map.starts, img.host_map.ends))
             for off in (0, 1 * MiB - 512, 21 * MiB + 12345, 64 * MiB - 4096):
                 assert img.read(off, 3 * MiB) == want[off:off + 3 * MiB]
     assert mapped[plain] > 8 * MiB and mapped[packed] < mapped[plain] - 2 * MiB
+
+
+@pytest.mark.parametrize("sub", ["dynamic", "fixed"])
+def test_vhdx_allocation_from_its_own_bat(gpt, tmp_path, sub):
+    """qemu reports a VHDX as all data; imgkit reads its BAT: absent blocks are zero runs, present
+    ones are read from the file. The bytes are the same as qemu's."""
+    path = str(tmp_path / "d.vhdx")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", f"subformat={sub}", gpt["raw"], path)
+    with open(gpt["raw"], "rb") as f:
+        want = f.read()
+    with api.open_image(path) as img:
+        runs = list(img.runs())
+        assert img.host_map.starts
+        if sub == "dynamic":
+            assert any(r.kind == "zero" for r in runs)
+        for off in (0, 1 * MiB - 512, 21 * MiB + 12345, 64 * MiB - 4096):
+            assert img.read(off, 3 * MiB) == want[off:off + 3 * MiB]
+            assert img._nbd_read(off, min(3 * MiB, 64 * MiB - off)) == want[off:off + 3 * MiB]
+
+
+@pytest.mark.parametrize("how", ["exit without close", "SIGKILL"])
+def test_qemu_daemon_does_not_outlive_imgkit(gpt, tmp_path, how):
+    """A foreign image left open (or an imgkit killed with SIGKILL) leaves no qemu-storage-daemon."""
+    import signal
+    import subprocess
+    import sys
+    q = str(tmp_path / "d.qcow2")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", gpt["raw"], q)
+    code = ("import os, sys, time; from imgkit import api; img = api.open_image(sys.argv[1]); "
+            "print(img._proc.pid, flush=True); "
+            + ("time.sleep(60)" if how == "SIGKILL" else "sys.exit(0)"))
+    proc = subprocess.Popen([sys.executable, "-c", code, q], stdout=subprocess.PIPE, text=True)
+    daemon = int(proc.stdout.readline())
+    if how == "SIGKILL":
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{daemon}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":  # dead, waiting for a reaper
+            return
+        time.sleep(0.1)
+    os.kill(daemon, signal.SIGKILL)  # ours: do not leave it behind even when the test fails
+    raise AssertionError(f"qemu-storage-daemon {daemon} outlived imgkit ({how})")

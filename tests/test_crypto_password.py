@@ -190,3 +190,28 @@ def test_capture_from_encrypted_image_asks_its_password(images, tmp_path):
     run_imgkit("capture", images["enc"], out, "--chunk-size", "64K", env={"IMGKIT_PASSWORD": PASSWORD.decode()},
                check=True)
     assert read_all(str(out), None) == images["expected"]
+
+
+def test_partition_restore_prompts_once(tmp_path):
+    """restore --partition opens the image twice (plan, then restore): one prompt."""
+    import subprocess
+    disk = tmp_path / "d.raw"
+    table = "label: dos\nstart=2048, size=8192, type=83\n"
+    for p in (disk, tmp_path / "t.raw"):
+        with open(p, "wb") as f:
+            f.truncate(8 << 20)
+        subprocess.run(["sfdisk", "-q", str(p)], input=table, text=True, check=True)
+    with open(disk, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(os.urandom(3 << 20))
+    (tmp_path / "pw").write_bytes(PASSWORD)
+    run_imgkit("capture", disk, tmp_path / "e.imgk", "--encrypt", "--password-file", tmp_path / "pw",
+               "--chunk-size", "64K", check=True)
+    code, shown = run_on_tty(["restore", str(tmp_path / "e.imgk"), str(tmp_path / "t.raw"), "--partition", "1",
+                              "--yes"], [PASSWORD.decode()])
+    assert code == 0, shown
+    assert shown.count("Password:") == 1
+    with open(disk, "rb") as a, open(tmp_path / "t.raw", "rb") as b:
+        a.seek(1 << 20)
+        b.seek(1 << 20)
+        assert a.read(4 << 20) == b.read(4 << 20)

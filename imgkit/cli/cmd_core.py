@@ -44,13 +44,21 @@ def confirm_or_refuse(yes: bool):
 @click.option("--encrypt", is_flag=True, help="Encrypt with a password (prompted twice).")
 @password_options
 @click.option("--force", is_flag=True, help="Replace an existing image.")
+@click.option("--sector-by-sector", is_flag=True,
+              help="Keep every byte, free space too (forensics, unknown layouts). Default: only used blocks.")
+@click.option("--partitions", metavar="LIST",
+              help="Capture only these partitions (numbers, GPT names or labels, e.g. 1,3 or EFI,root), "
+                   "plus the partition table and boot code.")
 @progress_option
 @json_option
 def capture(source, image, level, preset, chunk_size, split_size, encrypt, password_file, force,
-            progress_mode, as_json):
+            sector_by_sector, partitions, progress_mode, as_json):
     """Capture a disk, raw image or ISO into an imgk image.
 
-    Example: imgkit capture /dev/sdb backup.imgk --high
+    Filesystem-aware by default: ext2/3/4, FAT, exFAT, NTFS, XFS, btrfs and swap partitions store only
+    their used blocks; other partitions and the space outside partitions are kept whole.
+
+    Example: imgkit capture /dev/sdb backup.imgk --high --partitions 1,2
     """
     if level is not None and preset:
         raise click.UsageError("--level and --fast/--high/--no-compress exclude each other")
@@ -61,8 +69,12 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
     password = new_password(password_file) if encrypt else None
     result = api.capture(source, image, level=level, chunk_size=chunk_size, split_size=split_size,
                          password=password, force=force, progress=make_progress("capture", progress_mode),
-                         source_password=reading_password(password_file))
-    doc = {"image": result.paths[0], "volumes": result.paths, "logical_size": result.logical_size,
+                         source_password=reading_password(password_file),
+                         sector_by_sector=sector_by_sector, partitions=partitions)
+    for w in result.warnings:
+        click.echo(f"imgkit: warning: {w}", err=True)
+    doc = {"warnings": result.warnings, "image": result.paths[0], "volumes": result.paths,
+           "logical_size": result.logical_size,
            "stored_size": result.stored_bytes, "data_chunks": result.data_chunks,
            "zero_chunks": result.zero_chunks, "free_chunks": result.free_chunks,
            "deduplicated_chunks": result.deduplicated, "seconds": round(result.seconds, 3)}
@@ -81,22 +93,68 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before overwriting the target.")
 @click.option("--verify", "verify_after", is_flag=True, help="Read the target back and compare hashes.")
 @click.option("--discard", is_flag=True, help="Discard (TRIM) zero ranges on a device instead of writing zeros.")
+@click.option("--partition", "partition", type=click.IntRange(0), metavar="N",
+              help="Restore only partition N of the image (to the target's partition N, a partition device, or a file).")
+@click.option("--to-partition", type=click.IntRange(0), metavar="M",
+              help="With --partition: write into partition M of the target instead of the same number.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--grow", is_flag=True,
+              help="On a larger disk, grow the last partition and its filesystem (ext*, NTFS, FAT) to fill it.")
 @password_options
 @progress_option
 @json_option
-def restore(image, target, yes, verify_after, discard, password_file, progress_mode, as_json):
-    """Restore an image to a block device or a file (sparse).
+def restore(image, target, yes, verify_after, discard, partition, to_partition, dry_run, grow, password_file,
+            progress_mode, as_json):
+    """Restore an image to a block device or a file (sparse), or one partition of it.
 
-    Example: imgkit restore backup.imgk /dev/sdc --verify
+    On a larger disk the backup GPT is moved to the end; --grow also grows the last partition.
+
+    Examples: imgkit restore backup.imgk /dev/sdc --verify;
+    imgkit restore backup.imgk /dev/sdc --partition 2 --dry-run
     """
-    result = api.restore(image, target, password=reading_password(password_file), confirm=confirm_or_refuse(yes),
-                         verify=verify_after, discard=discard, progress=make_progress("restore", progress_mode))
+    if to_partition is not None and partition is None:
+        raise click.UsageError("--to-partition needs --partition")
+    if partition is not None and (grow or verify_after or discard):
+        raise click.UsageError("--grow, --verify and --discard apply to whole-disk restores, not --partition")
+    password = reading_password(password_file)
+    if partition is not None:
+        plan = api.plan_partition_restore(image, target, partition, to_partition=to_partition, password=password)
+        if dry_run:
+            emit_json({"dry_run": True, "plan": plan.to_dict()}) if as_json else click.echo(f"plan: {plan.describe()}")
+            return
+        if not as_json:
+            click.echo(f"plan: {plan.describe()}", err=True)
+        plan, result = api.restore_partition(image, target, partition, to_partition=to_partition,
+                                             password=password, confirm=confirm_or_refuse(yes),
+                                             progress=make_progress("restore", progress_mode))
+        if as_json:
+            emit_json({"target": result.target, "bytes_written": result.bytes_written,
+                       "seconds": round(result.seconds, 3), "plan": plan.to_dict()})
+        else:
+            click.echo(f"restored partition {partition} to {target}"
+                       + (f" partition {plan.to_partition}" if plan.to_partition is not None else "")
+                       + f": {format_size(result.bytes_written)} of data written in {result.seconds:.1f} s")
+        return
+    if dry_run:
+        with api.open_image(image, password, allow_raw=False) as img:
+            size = img.size
+        doc = {"dry_run": True, "plan": {"image_size": size, "target": target, "grow": grow}}
+        emit_json(doc) if as_json else click.echo(
+            f"plan: restore the whole image ({format_size(size)}) to {target}"
+            + (", then grow the last partition to fill it" if grow else ""))
+        return
+    result = api.restore(image, target, password=password, confirm=confirm_or_refuse(yes),
+                         verify=verify_after, discard=discard, progress=make_progress("restore", progress_mode),
+                         grow=grow)
     if as_json:
         emit_json({"target": result.target, "bytes_written": result.bytes_written,
-                   "seconds": round(result.seconds, 3), "verified": result.verified})
+                   "seconds": round(result.seconds, 3), "verified": result.verified, "grow": result.grow})
     else:
         click.echo(f"restored {image} to {target}: {format_size(result.bytes_written)} of data written "
                    f"in {result.seconds:.1f} s" + (", verified" if result.verified else ""))
+        for note in ((result.grow or {}).get("notes") or []) + (
+                ["backup GPT moved to the end of the disk"] if (result.grow or {}).get("moved_gpt") else []):
+            click.echo(f"  {note}")
 
 
 @cli.command()

@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "cmd_core",
     "cmd_volumes",
     "cmd_convert",
+    "cmd_bootcheck",
     "cmd_mount",
 )
 

@@ -49,15 +49,21 @@ def password_from_env_or_file(password_file: str | None, env_var: str = "IMGKIT_
 
 
 def reading_password(password_file: str | None):
-    """A provider asked only when the image turns out to be encrypted: file, env, else a prompt."""
+    """A provider asked only when the image turns out to be encrypted: file, env, else a prompt.
+    The answer is kept, so a command that opens the image twice (plan, then restore) asks once."""
+    answer: list[bytes] = []
+
     def provide() -> bytes:
+        if answer:
+            return answer[0]
         known = password_from_env_or_file(password_file)
-        if known is not None:
-            return known
-        if not sys.stdin.isatty():
-            raise InputError("the image is encrypted and no password was given",
-                             hint="use --password-file or IMGKIT_PASSWORD, or run on a terminal")
-        return click.prompt("Password", hide_input=True, err=True).encode()
+        if known is None:
+            if not sys.stdin.isatty():
+                raise InputError("the image is encrypted and no password was given",
+                                 hint="use --password-file or IMGKIT_PASSWORD, or run on a terminal")
+            known = click.prompt("Password", hide_input=True, err=True).encode()
+        answer.append(known)
+        return known
     return provide
 
 

@@ -46,11 +46,16 @@ def render_info(info: dict) -> str:
     for p in pt.get("partitions", []):
         used = ""
         if p.get("used_bytes") is not None:
-            used = f" used {format_size(p['used_bytes'])}"
+            used = f" used {format_size(p['used_bytes'])} of {format_size(p['size'])}"
+        if p.get("capture_mode"):
+            used += f" [{p['capture_mode']}]"
         label = f" '{p['label'] or p.get('name')}'" if (p.get("label") or p.get("name")) else ""
         lines.append(f"  {p['number']:>3}  start {p['start']:>14}  {format_size(p['size']):>10}  "
                      f"{p['type_name']:<22} {p.get('filesystem') or '-':<8}{label}{used}"
                      + (" *" if p.get("bootable") else ""))
+    if not pt.get("partitions") and pt.get("capture_mode"):
+        lines.append(f"  whole disk: {pt.get('filesystem') or '-'} used {format_size(pt.get('used_bytes') or 0)}"
+                     f" [{pt['capture_mode']}]")
     for problem in pt.get("problems", []):
         lines.append(f"  warning: {problem}")
     return "\n".join(lines)

@@ -41,6 +41,7 @@ class ImageReader(Stream):
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_max = cache_chunks
         self._cache_lock = threading.Lock()
+        self._loading: dict[int, threading.Event] = {}
 
     # -- opening --------------------------------------------------------------------------------
     def _open_volume(self, number: int) -> tuple[int, L.Header, int]:
@@ -204,17 +205,37 @@ class ImageReader(Stream):
         return data
 
     def cached_chunk(self, i: int) -> bytes:
-        with self._cache_lock:
-            data = self._cache.get(i)
+        """Chunk i through the LRU cache. Single-flight: when several threads want the same chunk
+        at once (qemu-img reading 64 KiB pieces 16 at a time over NBD), one decodes it and the
+        others wait for it, instead of each decoding it again (measured: 25% duplicate decodes)."""
+        while True:
+            with self._cache_lock:
+                data = self._cache.get(i)
+                if data is not None:
+                    self._cache.move_to_end(i)
+                    return data
+                loading = self._loading.get(i)
+                if loading is None:
+                    loading = self._loading[i] = threading.Event()
+                    break
+            loading.wait()  # another thread is decoding it; then look in the cache again
+            with self._cache_lock:
+                data = self._cache.get(i)
             if data is not None:
-                self._cache.move_to_end(i)
                 return data
-        data = self.read_chunk(i)
-        with self._cache_lock:
-            self._cache[i] = data
-            while len(self._cache) > self._cache_max:
-                self._cache.popitem(last=False)
-        return data
+            # it failed (or was evicted at once): decode it ourselves, raising its error if any
+            return self.read_chunk(i)
+        try:
+            data = self.read_chunk(i)
+            with self._cache_lock:
+                self._cache[i] = data
+                while len(self._cache) > self._cache_max:
+                    self._cache.popitem(last=False)
+            return data
+        finally:
+            with self._cache_lock:
+                self._loading.pop(i, None)
+            loading.set()
 
     def clear_cache(self) -> None:
         """Drop cached chunks (long-lived readers such as the mount keep their own bounded cache)."""

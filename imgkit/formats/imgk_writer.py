@@ -87,10 +87,12 @@ class ChunkEncoder:
 class ImageWriter:
     def __init__(self, path: str, logical_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                  split_size: int | None = None, sealer_factory=None, template: L.Header | None = None,
-                 sealer=None):
+                 sealer=None, used_maps: bool = False):
         """sealer_factory(image_id, core_digest) -> (Sealer, KeySlot) for encrypted images.
         `template` (with its `sealer`) writes an existing image in a new volume layout (split/join):
-        its header core and key slot are kept, so stored chunks, bound to the core, move byte for byte."""
+        its header core and key slot are kept, so stored chunks, bound to the core, move byte for byte.
+        `used_maps`: the image will hold USED_MAP sections. The optional-features field is part of the
+        header core, which the key slot and every chunk are bound to, so it is fixed here, not at commit."""
         if chunk_size < L.MIN_CHUNK_SIZE or chunk_size > L.MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
             raise InputError(f"chunk size {chunk_size} must be a power of two from 64 KiB to 64 MiB")
         if split_size is not None and split_size < chunk_size + L.MAX_STORED_OVERHEAD + 2 * L.HEADER_SIZE:
@@ -107,6 +109,7 @@ class ImageWriter:
             required = L.FEATURE_ENCRYPTED if sealer_factory else 0
             self.header = L.Header(image_id=os.urandom(16), logical_size=logical_size, chunk_size=chunk_size,
                                    required_features=required,
+                                   optional_features=L.OPTIONAL_USED_MAPS if used_maps else 0,
                                    cipher=L.CIPHER_AES_256_GCM if sealer_factory else L.CIPHER_NONE,
                                    created=int(time.time()))
             self.sealer = None
@@ -192,6 +195,8 @@ class ImageWriter:
         self._index[pos:pos + L.INDEX_ENTRY_SIZE] = entry.encode()
 
     def add_used_map(self, used_map: L.UsedMap) -> None:
+        if not self.header.optional_features & L.OPTIONAL_USED_MAPS:
+            raise ValueError("ImageWriter(used_maps=True) is needed to store used-block maps")
         self._used_maps.append(used_map)
 
     # -- completion -----------------------------------------------------------------------------
@@ -208,8 +213,6 @@ class ImageWriter:
         ]
         for m in self._used_maps:
             sections.append((L.SECTION_USED_MAP, 0, m.encode(), None))
-        if self._used_maps:
-            self.header.optional_features |= L.OPTIONAL_USED_MAPS
         encoded = []
         for seq, (stype, flags, raw, _) in enumerate(sections):
             if len(raw) > L.MAX_SECTION_LENGTH:

@@ -22,9 +22,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from typing import Iterator
 
-from ..errors import BadImage, EnvironmentProblem
+from ..errors import BadImage, EnvironmentProblem, OperationFailed
 from ..errors import ImgkitError
 from ..qemu_tools import INFO_LIMITS, Limits, kill_group, limits_for_size, popen, run, wait_for_socket
 from ..stream import DATA, ZERO, Run, Stream, merge_runs
@@ -113,6 +114,14 @@ class HostMap:
             pos = stop
 
 
+def _stop_daemon(proc, timer, directory: str) -> None:
+    if timer is not None:
+        timer.cancel()
+    if proc is not None:
+        kill_group(proc)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 class QemuImage(Stream):
     def __init__(self, path: str, fmt: str, inspected: ForeignImage, limits: Limits | None = None):
         self.path, self.format_name, self.inspected = path, fmt, inspected
@@ -131,8 +140,12 @@ class QemuImage(Stream):
             self._start(limits or limits_for_size(inspected.virtual_size))
             h = self._handle()
             self.size = h.get_size()
+            try:
+                self._align = max(1, min(4096, h.get_block_size(self._nbd.SIZE_MINIMUM) or 1))
+            except (self._nbd.Error, AttributeError):
+                self._align = 512
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.host_map = HostMap.build(path, fmt, os.fstat(self._fd).st_size, self.size)
+            self.host_map, self._host_map_built = HostMap([]), False
         except BaseException:
             self.close()
             raise
@@ -142,11 +155,25 @@ class QemuImage(Stream):
                 "--nbd-server", json.dumps({"addr": {"type": "unix", "path": self.socket_path}}),
                 "--export", json.dumps({"type": "nbd", "id": "exp0", "node-name": "fmt0",
                                         "name": EXPORT_NAME, "writable": False})]
-        self._proc = popen(argv, limits, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_for_socket(self.socket_path, self._proc)
+        # stderr to a file, not a pipe: nobody drains a pipe during a long capture, and a full pipe
+        # would stall qemu.
+        log_path = os.path.join(self._dir, "qsd.log")
+        with open(log_path, "w") as log:
+            self._proc = popen(argv, limits, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_for_socket(self.socket_path, self._proc, log_path)
+        except OperationFailed as e:
+            if self._proc.poll() is None:
+                raise
+            # qemu refused the file: damaged beyond what imgkit's inspection checks (e.g. checksums)
+            reason = str(e).split(": ", 1)[-1].rsplit(": ", 1)[-1]
+            raise BadImage(f"{self.path}: qemu could not open it as {self.format_name}: {reason}") from None
         self._timer = threading.Timer(limits.wall_seconds, kill_group, args=(self._proc,))
         self._timer.daemon = True
         self._timer.start()
+        # A stream nobody closed must not leave qemu-storage-daemon running: stop it when this
+        # object is collected or the interpreter exits.
+        self._finalizer = weakref.finalize(self, _stop_daemon, self._proc, self._timer, self._dir)
 
     def _handle(self):
         h = getattr(self._local, "h", None)
@@ -162,6 +189,23 @@ class QemuImage(Stream):
                 self._handles.append(h)
             self._local.h = h
         return h
+
+    def _build_host_map(self) -> None:
+        """Built when a consumer asks for runs() (capture, convert): a bulk read is coming. Small
+        readers (info's partition probing) go through NBD and never pay for qemu-img map."""
+        with self._lock:
+            if self._host_map_built:
+                return
+            if self.format_name == "vhdx":  # qemu's VHDX driver has no block status: read the BAT
+                from .vhdx_map import read_layout
+                layout = read_layout(self.path, self.size)
+                if layout is not None:
+                    self._runs, extents = layout
+                    self.host_map = HostMap(extents)
+                    self._host_map_built = True
+                    return
+            self.host_map = HostMap.build(self.path, self.format_name, os.fstat(self._fd).st_size, self.size)
+            self._host_map_built = True
 
     def describe(self) -> dict:
         return {"path": os.path.abspath(self.path), "kind": "image", "size": self.size,
@@ -184,17 +228,23 @@ class QemuImage(Stream):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _nbd_read(self, offset: int, length: int) -> bytes:
+        """Through qemu; its export wants requests aligned to its minimum block size (512)."""
         h = self._handle()
+        align = self._align
+        lo = offset - offset % align
+        hi = min(self.size, -(-(offset + length) // align) * align)
         parts = []
         try:
-            for pos in range(offset, offset + length, MAX_NBD_READ):
-                parts.append(h.pread(min(MAX_NBD_READ, offset + length - pos), pos))
+            for pos in range(lo, hi, MAX_NBD_READ):
+                parts.append(h.pread(min(MAX_NBD_READ, hi - pos), pos))
         except self._nbd.Error as e:
             raise BadImage(f"{self.path}: qemu could not read {self.format_name} data at offset {offset}: "
                            f"{e} (damaged image?)") from None
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # libnbd hands out bytearrays
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return bytes(data[offset - lo:offset - lo + length])  # libnbd hands out bytearrays
 
     def runs(self) -> Iterator[Run]:
+        self._build_host_map()
         if self._runs is None:
             self._runs = list(merge_runs(self._allocation()))
         return iter(self._runs)
@@ -238,11 +288,8 @@ class QemuImage(Stream):
                 pass
         self._handles = []
         self._local = threading.local()
-        if self._timer:
-            self._timer.cancel()
-        if self._proc is not None:
-            kill_group(self._proc)
-            if self._proc.stderr:
-                self._proc.stderr.close()
-            self._proc = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer()
+        else:
+            _stop_daemon(self._proc, self._timer, self._dir)
+        self._proc = None

@@ -1,0 +1,198 @@
+"""Restore one partition of an image: the tool finds where it goes and shows that plan first.
+
+Target rules (in this order):
+- a path that does not exist: a new file holding just the partition (sparse, temp name + rename);
+- a partition device (a kernel partition, or a loop device with an offset): the partition at byte 0;
+- a disk (file or device) with a partition table: partition `to_partition`, by default the partition
+  with the same number, which must be at least as large as the image's partition;
+- a file or device without a partition table: the partition at byte 0.
+A target partition that is too small is refused, naming both sizes.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+import time
+from dataclasses import dataclass
+
+from .errors import InputError, Interrupted, RefusedTarget
+from .parallel import ordered_map
+from .partitions import Partition, read_partition_table
+from .progress import NullProgress, Progress
+from .restore import RestoreResult, _pwrite_all, _zero_range, restore_stream
+from .sources import BLKGETSIZE64, RawSource
+from .stream import DATA, ZERO, SliceStream, Stream
+from .targets import check_block_target_free, refuse_image_on_target
+from .units import format_size
+
+
+@dataclass
+class PartitionPlan:
+    number: int  # in the image
+    source: Partition
+    filesystem: str | None
+    label: str | None
+    target: str
+    target_kind: str  # "new file", "file", "block device"
+    offset: int  # bytes into the target
+    room: int | None  # bytes available there (None: a new file grows to fit)
+    to_partition: int | None  # the target's partition number, None when written at byte 0
+
+    def describe(self) -> str:
+        what = f"partition {self.number} of the image ({self.filesystem or 'unknown filesystem'}" \
+               + (f" '{self.label}'" if self.label else "") + f", {format_size(self.source.size)})"
+        if self.to_partition is not None:
+            where = (f"partition {self.to_partition} of {self.target_kind} {self.target} "
+                     f"(at byte {self.offset}, {format_size(self.room)})")
+        elif self.room is None:
+            where = f"new file {self.target}"
+        else:
+            where = f"{self.target_kind} {self.target} from byte 0 ({format_size(self.room)})"
+        return f"restore {what} to {where}"
+
+    def to_dict(self) -> dict:
+        return {"partition": self.number, "size": self.source.size, "filesystem": self.filesystem,
+                "label": self.label, "target": self.target, "target_kind": self.target_kind,
+                "target_offset": self.offset, "target_room": self.room, "to_partition": self.to_partition}
+
+
+def _is_partition_device(st: os.stat_result) -> bool:
+    """A kernel partition, or a loop device over part of a file (losetup -o): holds one filesystem."""
+    sysdir = os.path.realpath(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+    if os.path.exists(os.path.join(sysdir, "partition")):
+        return True
+    try:
+        with open(os.path.join(sysdir, "loop", "offset")) as f:
+            return int(f.read().strip() or 0) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
+    finally:
+        os.close(fd)
+
+
+def plan_partition_restore(image: Stream, target: str, number: int, to_partition: int | None = None,
+                           metadata: dict | None = None) -> PartitionPlan:
+    table = read_partition_table(image)
+    part = table.get(number)
+    if part is None:
+        have = ", ".join(str(p.number) for p in table.partitions) or "none"
+        raise InputError(f"the image has no partition {number}", hint=f"its partitions: {have}")
+    entry = next((e for e in ((metadata or {}).get("partition_table") or {}).get("partitions", [])
+                  if e.get("number") == number), {})
+    captured = ((metadata or {}).get("capture") or {}).get("partitions")
+    if entry.get("capture_mode") == "not selected" or (captured is not None and number not in captured
+                                                        and not part.is_bios_boot):
+        raise InputError(f"partition {number} was not captured into this image (not selected)")
+    if part.end > image.size:
+        raise InputError(f"partition {number} extends past the end of the image")
+    fs, label = entry.get("filesystem"), entry.get("label")
+
+    def plan(kind, offset, room, to):
+        if room is not None and room < part.size:
+            where = f"partition {to} of {target}" if to is not None else target
+            raise RefusedTarget(f"{where} is {format_size(room)} ({room} bytes), smaller than partition "
+                                f"{number} of the image, {format_size(part.size)} ({part.size} bytes)")
+        return PartitionPlan(number, part, fs, label, target, kind, offset, room, to)
+
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        if to_partition is not None:
+            raise InputError(f"{target} does not exist, so it has no partition {to_partition}") from None
+        return plan("new file", 0, None, None)
+    is_block = stat.S_ISBLK(st.st_mode)
+    if not is_block and not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{target}: not a block device or regular file")
+    kind = "block device" if is_block else "file"
+    size = _device_size(target) if is_block else st.st_size
+    if is_block and _is_partition_device(st):
+        if to_partition is not None:
+            raise InputError(f"{target} is a partition device: --to-partition does not apply")
+        return plan(kind, 0, size, None)
+    with RawSource(target) as disk:
+        ttable = read_partition_table(disk)
+    if ttable.partitions:
+        want = to_partition if to_partition is not None else number
+        tp = ttable.get(want)
+        if tp is None:
+            have = ", ".join(f"{p.number} ({format_size(p.size)})" for p in ttable.partitions)
+            raise InputError(f"{target} has no partition {want}", hint=f"its partitions: {have}; "
+                             "choose one with --to-partition")
+        if tp.end > size:
+            raise InputError(f"partition {want} of {target} extends past its end")
+        return plan(kind, tp.start, tp.size, want)
+    if to_partition is not None:
+        raise InputError(f"{target} has no partition table, so no partition {to_partition}")
+    return plan(kind, 0, size if is_block else None, None)
+
+
+def restore_partition(image: Stream, plan: PartitionPlan, *, image_paths: list[str] = (),
+                      confirm=None, progress: Progress | None = None) -> RestoreResult:
+    """Carry out a plan. `confirm(text)` is asked before anything existing is overwritten."""
+    part = SliceStream(image, plan.source.start, plan.source.size)
+    part.chunk_size = getattr(image, "chunk_size", 1 << 20)
+    if plan.target_kind == "new file" or (plan.target_kind == "file" and plan.to_partition is None):
+        # A whole file becomes the partition: the core restore (temp name, sparse, rename).
+        return restore_stream(part, plan.target, image_paths=image_paths, confirm=confirm, progress=progress)
+    progress = progress or NullProgress()
+    started = time.monotonic()
+    st = os.stat(plan.target)
+    is_block = stat.S_ISBLK(st.st_mode)
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    if is_block:
+        refuse_image_on_target(list(image_paths), plan.target, st.st_rdev)
+        check_block_target_free(plan.target, st.st_rdev)
+        flags |= os.O_EXCL
+    else:
+        for p in image_paths:
+            if os.path.samefile(p, plan.target):
+                raise RefusedTarget(f"{plan.target} is the image being read")
+    if confirm is not None and not confirm(f"This will overwrite {plan.describe()[8:]}. "
+                                           "Everything on that partition will be lost."):
+        raise InputError("restore cancelled: nothing was written")
+    try:
+        fd = os.open(plan.target, flags)
+    except OSError as e:
+        raise RefusedTarget(f"{plan.target}: cannot open for writing ({e.strerror})") from None
+    written = 0
+    try:
+        progress.total = part.size
+        for run in part.runs():
+            if run.kind == ZERO:  # the target's old bytes must not show through
+                _zero_range(fd, plan.offset + run.offset, run.length, False)
+            if run.kind != DATA:
+                progress.advance(run.length)  # FREE: unused by the filesystem, left as it is
+        # Pieces aligned to the image's chunks (the slice may start mid-chunk).
+        for (offset, length), data in ordered_map(lambda p: (p, part.read(*p)), _aligned_pieces(part)):
+            _pwrite_all(fd, data, plan.offset + offset)
+            written += length
+            progress.advance(length)
+        os.fsync(fd)
+    except KeyboardInterrupt:
+        raise Interrupted(f"restore interrupted: partition on {plan.target} is partially written") from None
+    finally:
+        os.close(fd)
+    progress.finish()
+    return RestoreResult(plan.target, written, time.monotonic() - started, False)
+
+
+def _aligned_pieces(part: SliceStream):
+    """(offset, length) of the slice's data, cut at the image's chunk boundaries."""
+    chunk = part.chunk_size
+    for run in part.runs():
+        if run.kind != DATA:
+            continue
+        pos = run.offset
+        while pos < run.end:
+            absolute = part.offset + pos
+            n = min(run.end - pos, chunk - absolute % chunk)
+            yield pos, n
+            pos += n

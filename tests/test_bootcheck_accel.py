@@ -1,0 +1,52 @@
+"""--accel auto: KVM only when a probe guest really runs under it, decided within seconds (here
+/dev/kvm exists but hangs), cached per host boot; IMGKIT_ACCEL forces a choice."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from imgkit import accel
+from tests.bootcheck_helpers import boot_check_json
+
+pytestmark = [pytest.mark.qemu]
+
+
+def test_env_forces_tcg(monkeypatch):
+    monkeypatch.setenv("IMGKIT_ACCEL", "tcg")
+    assert accel.choose_accel("auto")[0] == "tcg"
+    monkeypatch.setenv("IMGKIT_ACCEL", "warp")
+    with pytest.raises(Exception, match="IMGKIT_ACCEL"):
+        accel.choose_accel("auto")
+
+
+def test_probe_guest_runs_under_tcg():
+    """The probe itself is sound: under TCG it prints its byte and powers off at once."""
+    works, seconds = accel.probe_kvm(accel_name="tcg")
+    assert works and seconds < accel.PROBE_SECONDS
+
+
+def test_auto_decides_quickly_and_caches(tmp_path, monkeypatch):
+    monkeypatch.delenv("IMGKIT_ACCEL", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    t0 = time.monotonic()
+    first = accel.choose_accel("auto")
+    assert time.monotonic() - t0 < accel.PROBE_SECONDS + 3  # a hanging KVM never blocks us
+    if not os.path.exists("/dev/kvm"):
+        assert first == ("tcg", "no /dev/kvm")
+        return
+    with open(tmp_path / "imgkit" / "kvm-probe.json") as f:
+        cached = json.load(f)
+    assert cached["kvm_works"] == (first[0] == "kvm") and cached["kernel"] == os.uname().release
+    t0 = time.monotonic()
+    second = accel.choose_accel("auto")
+    assert time.monotonic() - t0 < 0.5 and second[0] == first[0] and "cached" in second[1]
+
+
+def test_boot_check_with_auto_accel(tiny_bios_image, tmp_path):
+    code, doc, err = boot_check_json(tiny_bios_image, "--accel", "auto",
+                                     env={"IMGKIT_ACCEL": "", "XDG_CACHE_HOME": str(tmp_path)})
+    assert code == 0, (doc, err)
+    assert doc["accel"] in ("kvm", "tcg") and doc["total_seconds"] < accel.PROBE_SECONDS + 10
