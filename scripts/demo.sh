@@ -42,7 +42,13 @@ qemu-img check -q -f qcow2 demo.qcow2 && echo "qemu-img check: clean"
 qemu-img compare -q -f qcow2 -F raw demo.qcow2 disk.raw && echo "qemu-img compare: demo.qcow2 holds the same disk"
 imgkit convert demo.qcow2 demo.vhd --preset azure
 imgkit info demo.vhd | head -4
-#MOUNT#
+step "imgkit mount demo.imgk: browse the image without restoring it"
+mkdir mnt
+imgkit mount demo.imgk mnt
+ls mnt mnt/partitions
+cmp mnt/disk.raw disk.raw && echo "mnt/disk.raw is the disk, byte for byte"
+echo "files/p1/hello.txt says: $(cat mnt/files/p1/hello.txt)  (read through the libguestfs appliance)"
+imgkit umount mnt
 step "imgkit boot-check: does a captured disk still boot? (vm-fixtures linux-bios: GRUB, Debian kernel)"
 bootable=$(python -m imgkit.testing.fixtures linux-bios | cut -f2)
 imgkit capture "$bootable" bootable.imgk
