@@ -185,7 +185,7 @@ def image_info(img: Stream) -> dict:
     meta = build_metadata(img, {"path": getattr(img, "path", None), "size": img.size}, 0, CapturePlan())
     doc = {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
            "virtual_size": img.size, "partition_table": meta["partition_table"],
-           "optical": meta.get("optical")}
+           "optical": meta.get("optical"), "os": meta.get("os")}
     inspected = getattr(img, "inspected", None)  # a foreign image: what its own header says
     if inspected is not None:
         doc.update({"subformat": inspected.subformat, "file_size": inspected.file_size,

@@ -10,6 +10,7 @@ from typing import Callable
 
 from . import __version__
 from .disk_info import describe_partitions, optical_facts
+from .os_detect import detect_os
 from .errors import InputError, Interrupted, RefusedTarget
 from .formats import imgk_layout as L
 from .formats.imgk_writer import (DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, ChunkEncoder, ImageWriter, PreparedChunk,
@@ -89,6 +90,9 @@ def build_metadata(source: Stream, source_info: dict, level: int, plan: CaptureP
     optical = optical_facts(source)
     if optical:
         meta["optical"] = optical
+    found_os = detect_os(source, parts)
+    if found_os:
+        meta["os"] = found_os
     meta.update(plan.metadata)
     return meta
 

@@ -36,7 +36,9 @@ def render_info(info: dict) -> str:
         lines.append(f"source:       {src.get('path')} ({src.get('kind')}"
                      + (f", {src['model']}" if src.get("model") else "") + ")")
     if info.get("os"):
-        lines.append(f"os:           {info['os']}")
+        o = info["os"]
+        where = f" (partition {o['partition']})" if o.get("partition") else ""
+        lines.append(f"os:           {o.get('name') or o.get('id')}{where}")
     if info.get("optical"):
         o = info["optical"]
         lines.append(f"optical:      ISO 9660 volume {o.get('volume_id')!r}"

@@ -83,6 +83,51 @@ class _Ext:
             if len(out) >= MAX_DIR_BLOCKS:
                 return
 
+    MAX_FILE = 64 << 10
+    MAX_SYMLINKS = 8
+
+    def read_file(self, path: str) -> bytes | None:
+        """The first 64 KiB of a small regular file, following symlinks (bounded); None if absent."""
+        ino = self._resolve(path, 0)
+        if ino is None:
+            return None
+        inode = self._inode(ino)
+        if struct.unpack_from("<H", inode, 0)[0] & 0xF000 != 0x8000:
+            return None
+        size = min(self._size(inode), self.MAX_FILE)
+        data = b"".join(self._block(b) for b in self._data_blocks(inode)[:-(-size // self.bs)])
+        return data[:size]
+
+    @staticmethod
+    def _size(inode: bytes) -> int:
+        return struct.unpack_from("<I", inode, 0x4)[0] | (struct.unpack_from("<I", inode, 0x6C)[0] << 32)
+
+    def _resolve(self, path: str, depth: int, base: list[str] | None = None) -> int | None:
+        if depth > self.MAX_SYMLINKS:
+            return None
+        parts = (base or []) + [p for p in path.split("/") if p and p != "."] if not path.startswith("/") \
+            else [p for p in path.split("/") if p and p != "."]
+        ino, walked = 2, []
+        for i, name in enumerate(parts):
+            if name == "..":
+                return self._resolve("/" + "/".join(walked[:-1] + parts[i + 1:]), depth + 1)
+            child = self.list_dir(ino).get(name)
+            if child is None:
+                return None
+            inode = self._inode(child)
+            if struct.unpack_from("<H", inode, 0)[0] & 0xF000 == 0xA000:  # a symlink
+                size = self._size(inode)
+                flags = struct.unpack_from("<I", inode, 0x20)[0]
+                if size >= 60 or flags & 0x80000:
+                    return None  # slow symlinks are not followed (os-release links are short)
+                target = inode[0x28:0x28 + size].decode("utf-8", "replace")
+                rest = "/".join(parts[i + 1:])
+                joined = target + ("/" + rest if rest else "")
+                return self._resolve(joined, depth + 1, None if target.startswith("/") else walked)
+            walked.append(name)
+            ino = child
+        return ino
+
     def list_dir(self, ino: int) -> dict[str, int]:
         inode = self._inode(ino)
         if struct.unpack_from("<H", inode, 0)[0] & 0xF000 != 0x4000:
