@@ -12,7 +12,7 @@ apt_pkgs=(
   libguestfs-tools linux-image-amd64
   fuse3 libfuse3-dev pkg-config gcc
   fdisk gdisk util-linux e2fsprogs dosfstools mtools ntfs-3g xfsprogs btrfs-progs
-  partclone zstd nbdkit xorriso python3-libnbd fatresize
+  partclone zstd nbdkit xorriso python3-libnbd fatresize exfatprogs guestmount
   busybox-static extlinux syslinux-common isolinux grub-pc-bin grub-efi-amd64-bin cpio
 )
 missing=()
