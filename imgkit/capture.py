@@ -114,7 +114,7 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
     metadata = build_metadata(source, source_info, level, plan)
     writer = ImageWriter(output, source.size, chunk_size, split_size=split_size, sealer_factory=sealer_factory,
                          used_maps=bool(plan.used_maps))
-    encoder = ChunkEncoder(level, writer.sealer)
+    encoder = ChunkEncoder(level, writer.sealer, writer.header.hash_algo)
     count = writer.header.chunk_count
     # Chunks that touch a data run must be read; the rest are holes and read as zeros.
     has_data = bytearray(count)

@@ -159,3 +159,31 @@ def test_bad_inputs_one_line_errors(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert_one_line_error(run_imgkit("capture", src, src, "--force"), 3, "source itself")
     assert src.read_bytes() == pattern_bytes(1 << 20)
+
+
+@pytest.mark.parametrize("algo", ["sha256", "blake3"])
+def test_both_chunk_hash_algorithms_read_and_detect_damage(tmp_path, algo):
+    """hash_algo 1 (SHA-256) images stay readable now that BLAKE3 (2) is the default."""
+    from imgkit.formats import imgk_layout as L
+    from imgkit.formats.imgk_reader import ImageReader
+    from imgkit.formats.imgk_writer import ChunkEncoder, ImageWriter
+    from imgkit.verify import verify_image
+    code = {"sha256": L.HASH_SHA256, "blake3": L.HASH_BLAKE3}[algo]
+    data = pattern_bytes(4 * (64 << 10) + 77, seed=12)
+    path = tmp_path / "h.imgk"
+    w = ImageWriter(str(path), len(data), 64 << 10)
+    w.header.hash_algo = code  # plain images: the header is rewritten at commit
+    enc = ChunkEncoder(3, None, code)
+    for i in range(w.header.chunk_count):
+        piece = data[i * (64 << 10):(i + 1) * (64 << 10)]
+        w.put(enc.prepare(i, piece, len(piece)))
+    w.commit({})
+    with ImageReader(str(path)) as r:
+        assert r.header.hash_algo == code and r.read(0, len(data)) == data
+        entry = r.index[1]
+    buf = bytearray(path.read_bytes())
+    buf[entry.offset + 5] ^= 0x01
+    path.write_bytes(buf)
+    with ImageReader(str(path)) as r:
+        report = verify_image(r)
+    assert report.bad_count == 1 and report.first_bad_offset == 64 << 10

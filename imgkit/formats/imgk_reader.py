@@ -200,7 +200,7 @@ class ImageReader(Stream):
                 raise CorruptChunk(f"chunk at offset {offset} does not decompress (damaged)", offset) from None
         else:
             data = stored
-        if len(data) != length or L.digest(data, self.mac_key) != e.digest:
+        if len(data) != length or L.chunk_digest(self.header.hash_algo, data, self.mac_key) != e.digest:
             raise CorruptChunk(f"chunk at offset {offset} failed its hash check (damaged)", offset)
         return data
 

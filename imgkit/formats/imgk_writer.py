@@ -57,8 +57,9 @@ class PreparedChunk:
 class ChunkEncoder:
     """Turns a chunk's bytes into a PreparedChunk. Thread-safe: one zstd compressor per thread."""
 
-    def __init__(self, level: int, sealer=None):
+    def __init__(self, level: int, sealer=None, hash_algo: int = L.HASH_BLAKE3):
         self.level = level
+        self.hash_algo = hash_algo
         self.sealer = sealer
         self.mac_key = sealer.mac_key if sealer else b""
         self._local = threading.local()
@@ -73,7 +74,7 @@ class ChunkEncoder:
         # Comparing with a zero buffer is a memcmp (~20x faster than bytes.count(0) here).
         if data is None or data == _zeros(len(data)):
             return PreparedChunk(index, length, L.KIND_ZERO)
-        digest = L.digest(data, self.mac_key)
+        digest = L.chunk_digest(self.hash_algo, data, self.mac_key)
         encoding, payload = L.ENCODING_RAW, data
         if self.level != LEVEL_NONE:
             packed = self._compressor().compress(data)
