@@ -186,11 +186,13 @@ def main() -> None:
     imgk = os.path.join(WORK, f"mount-F-{tag}.imgk")
     qcow = os.path.join(WORK, f"mount-F-{tag}.qcow2")
     imgk64 = os.path.join(WORK, f"mount-F-{tag}-64K.imgk")
-    if not os.path.exists(imgk):
-        sh(IMGKIT + ["capture", raw, imgk, "--progress", "none", "--force"])
-    if not os.path.exists(imgk64):
-        sh(IMGKIT + ["capture", raw, imgk64, "--progress", "none", "--force", "--chunk-size", "64K"])
-    if not os.path.exists(qcow):
+    if not os.path.exists(imgk) or os.path.getmtime(imgk) < os.path.getmtime(raw):  # rebuilt input
+        # --sector-by-sector: byte-exact like the qcow2 peer, so every read can be checked against the raw disk
+        sh(IMGKIT + ["capture", raw, imgk, "--progress", "none", "--force", "--sector-by-sector"])
+    if not os.path.exists(imgk64) or os.path.getmtime(imgk64) < os.path.getmtime(raw):  # rebuilt input
+        sh(IMGKIT + ["capture", raw, imgk64, "--progress", "none", "--force", "--chunk-size", "64K",
+                            "--sector-by-sector"])
+    if not os.path.exists(qcow) or os.path.getmtime(qcow) < os.path.getmtime(raw):  # rebuilt input
         sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", raw, qcow + ".tmp"])
         os.rename(qcow + ".tmp", qcow)
     size = os.path.getsize(raw)

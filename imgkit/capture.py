@@ -114,17 +114,21 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
     metadata = build_metadata(source, source_info, level, plan)
     writer = ImageWriter(output, source.size, chunk_size, split_size=split_size, sealer_factory=sealer_factory,
                          used_maps=bool(plan.used_maps))
-    encoder = ChunkEncoder(level, writer.sealer, writer.header.hash_algo)
-    count = writer.header.chunk_count
-    # Chunks that touch a data run must be read; the rest are holes and read as zeros.
-    has_data = bytearray(count)
-    for run in source.runs():
-        if run.kind == DATA:
-            first, last = run.offset // chunk_size, (run.end - 1) // chunk_size
-            has_data[first:last + 1] = b"\1" * (last - first + 1)
-    for i in plan.free_chunks:
-        if 0 <= i < count:
-            has_data[i] = 2
+    try:
+        encoder = ChunkEncoder(level, writer.sealer, writer.header.hash_algo)
+        count = writer.header.chunk_count
+        # Chunks that touch a data run must be read; the rest are holes and read as zeros.
+        has_data = bytearray(count)
+        for run in source.runs():
+            if run.kind == DATA:
+                first, last = run.offset // chunk_size, (run.end - 1) // chunk_size
+                has_data[first:last + 1] = b"\1" * (last - first + 1)
+        for i in plan.free_chunks:
+            if 0 <= i < count:
+                has_data[i] = 2
+    except BaseException:  # the temporary volume exists already: never leave it behind
+        writer.abort()
+        raise
 
     def work(i: int) -> PreparedChunk:  # runs in a worker thread: read, blank, hash, compress, seal
         offset = i * chunk_size

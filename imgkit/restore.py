@@ -138,9 +138,9 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise InputError(f"{directory}: no such directory")
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.imgkit-partial-{os.getpid()}")
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.imgkit-partial-{os.getpid()}-{os.urandom(4).hex()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise InputError(f"{target}: cannot write ({e.strerror})") from None
     try:

@@ -146,3 +146,76 @@ def test_newer_required_feature_refused(small_image, tmp_path):
     newer = tmp_path / "newer.imgk"
     newer.write_bytes(buf)
     assert_one_line_error(run_imgkit("info", newer), 3, "newer imgkit")
+
+
+def _rewrite_with(img_path, tmp_path, name, mutate):
+    """Re-seal a small plain image's sections after mutate(sections) changed them (a forger's
+    image: every checksum is right, only the content is hostile)."""
+    import json
+    import zstandard
+    raw = bytearray(img_path.read_bytes())
+    with ImageReader(str(img_path)) as r:
+        header, sections = r.header, list(r.sections)
+        trailer_at = len(raw) - L.TRAILER_SIZE
+        d_off = L.Trailer.decode(bytes(raw[trailer_at:]), len(raw)).directory_offset
+    body = bytes(raw[:d_off])
+    new_sections, extra = mutate(sections, len(body))
+    body += extra
+    # A fresh volume table stating the final size, so only the mutation is hostile.
+    new_sections = [s for s in new_sections if s.type != L.SECTION_VOLUMES]
+    d_len = L.DIRECTORY_HEAD_SIZE + (len(new_sections) + 1) * L.DIRECTORY_ENTRY_SIZE
+    table = L.encode_volume_table([len(body) + 8 + d_len + L.TRAILER_SIZE])
+    new_sections.append(L.SectionEntry(L.SECTION_VOLUMES, 1, len(body), 8, 8, L.digest(table)))
+    body += table
+    d = L.encode_directory(new_sections)
+    d_off = len(body)
+    trailer = L.Trailer(header.image_id, d_off, len(d), header.volume_count, header.core_digest(), L.digest(d))
+    out = body + d + trailer.encode()
+    path = tmp_path / name
+    path.write_bytes(out)
+    return path
+
+
+def test_forged_frame_size_and_section_floods_refused_without_allocation(small_image, tmp_path):
+    import zstandard
+    img, _ = small_image
+
+    def flood(sections, end):  # 4000 used-map entries all pointing at one frame
+        frame = zstandard.ZstdCompressor().compress(bytes(100))
+        entry = L.SectionEntry(L.SECTION_USED_MAP, 0, end, len(frame), 100, L.digest(frame))
+        return sections + [entry] * 4000, frame
+    with pytest.raises(BadImage, match="used-block maps"):
+        ImageReader(str(_rewrite_with(img, tmp_path, "flood.imgk", flood)))
+
+    def big_meta(sections, end):  # metadata claiming 200 MiB
+        frame = zstandard.ZstdCompressor().compress(b"{}")
+        out = [s for s in sections if s.type != L.SECTION_METADATA]
+        out.append(L.SectionEntry(L.SECTION_METADATA, 1, end, len(frame), 200 << 20, L.digest(frame)))
+        return out, frame
+    with pytest.raises(BadImage, match="metadata declares"):
+        ImageReader(str(_rewrite_with(img, tmp_path, "meta.imgk", big_meta)))
+
+
+def test_chunk_frame_declaring_a_huge_size_is_corrupt_not_allocated(tmp_path):
+    """python-zstandard trusts a frame's declared size: the reader must check it against the chunk."""
+    from imgkit.formats.imgk_reader import bounded_decompress
+    import zstandard
+    frame = bytearray(zstandard.ZstdCompressor(write_content_size=True).compress(b"x" * 1000))
+    with pytest.raises(zstandard.ZstdError):
+        bounded_decompress(zstandard.ZstdDecompressor(), bytes(frame), 10)
+    assert bounded_decompress(zstandard.ZstdDecompressor(), bytes(frame), 1000) == b"x" * 1000
+
+
+def test_deeply_nested_metadata_is_a_clean_error(small_image, tmp_path):
+    import zstandard
+    img, _ = small_image
+
+    def nested(sections, end):
+        raw = b"[" * 100000
+        frame = zstandard.ZstdCompressor().compress(raw)
+        out = [s for s in sections if s.type != L.SECTION_METADATA]
+        out.append(L.SectionEntry(L.SECTION_METADATA, 1, end, len(frame), len(raw), L.digest(frame)))
+        return out, frame
+    path = _rewrite_with(img, tmp_path, "nested.imgk", nested)
+    p = run_imgkit("info", path)
+    assert p.returncode == 3 and "Traceback" not in p.stderr

@@ -7,7 +7,7 @@ import sys
 import click
 
 from .. import api
-from ..errors import BadImage, InputError
+from ..errors import BadImage, InputError, NewerFormat
 from ..formats.imgk_writer import LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
@@ -185,8 +185,8 @@ def verify(image, password_file, progress_mode, as_json):
         report = api.verify(image, password=reading_password(password_file),
                             progress=make_progress("verify", progress_mode))
     except BadImage as e:
-        if not api.is_imgk(image) and os.path.exists(image):
-            raise
+        if isinstance(e, NewerFormat) or (not api.is_imgk(image) and os.path.exists(image)):
+            raise  # not damage: a newer imgkit's image (exit 3 with its hint) or not an image at all
         doc = {"ok": False, "error": str(e), "first_bad_offset": getattr(e, "offset", None)}
         emit_json(doc) if as_json else click.echo(f"DAMAGED: {e}", err=True)
         sys.exit(1)

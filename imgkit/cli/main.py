@@ -22,7 +22,7 @@ class App:
 def cli(ctx, debug):
     """imgkit: capture, restore, inspect and verify disk images.
 
-    Exit codes: 0 ok, 1 problem found, 2 usage, 3 bad input, 4 missing tool/permission, 130 interrupted.
+    Exit codes: 0 ok, 1 problem found, 2 usage, 3 bad input, 4 missing tool or device (qemu, /dev/fuse), 130 interrupted.
     """
     ctx.obj = App(debug)
 

@@ -34,6 +34,7 @@ MAX_SECTIONS = 4096
 MAX_SECTION_LENGTH = 256 << 20
 MAX_METADATA_LENGTH = 16 << 20
 MAX_VOLUMES = 65535
+MAX_USED_MAPS = 1024
 
 HASH_SHA256 = 1
 HASH_BLAKE3 = 2
@@ -373,6 +374,8 @@ class Trailer:
         _m, image_id, d_off, d_len, vols, core, d_digest, mac = _TRAILER.unpack(raw)
         if digest(raw[:104], mac_key)[:24] != mac:
             raise BadImage("trailer checksum mismatch (the trailer is damaged or tampered with)")
+        if d_len < DIRECTORY_HEAD_SIZE or d_len > DIRECTORY_HEAD_SIZE + MAX_SECTIONS * DIRECTORY_ENTRY_SIZE:
+            raise BadImage(f"trailer gives the directory an impossible length {d_len}")
         if d_off < HEADER_SIZE or d_off + d_len != volume_size - TRAILER_SIZE:
             raise BadImage(f"trailer points to a directory at {d_off}+{d_len}, outside the volume")
         return cls(image_id, d_off, d_len, vols, core, d_digest)

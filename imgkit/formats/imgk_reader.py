@@ -18,6 +18,16 @@ from .imgk_writer import volume_path
 PasswordProvider = Callable[[], bytes]
 
 
+def bounded_decompress(dctx, data: bytes, cap: int) -> bytes:
+    """Decompress one zstd frame into at most `cap` bytes. python-zstandard trusts a frame's declared
+    content size over max_output_size, so a forged header could ask for any allocation: check it first.
+    Raises zstandard.ZstdError on anything wrong."""
+    declared = zstandard.get_frame_parameters(data).content_size
+    if declared == zstandard.CONTENTSIZE_ERROR or (declared != zstandard.CONTENTSIZE_UNKNOWN and declared > cap):
+        raise zstandard.ZstdError(f"frame declares {declared} bytes, more than {cap}")
+    return dctx.decompress(data, max_output_size=cap)
+
+
 def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) != length:
@@ -114,6 +124,7 @@ class ImageReader(Stream):
         if L.digest(dir_raw, self.mac_key) != trailer.directory_digest:
             raise BadImage("section directory checksum mismatch")
         self.sections = L.decode_directory(dir_raw, trailer.directory_offset)
+        self._check_section_budget(header)
         by_type: dict[int, list[bytes]] = {}
         for seq, entry in enumerate(self.sections):
             known = entry.type in (L.SECTION_INDEX, L.SECTION_METADATA, L.SECTION_VOLUMES, L.SECTION_USED_MAP)
@@ -137,11 +148,32 @@ class ImageReader(Stream):
             self.metadata = json.loads(by_type[L.SECTION_METADATA][0])
             if not isinstance(self.metadata, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadImage("image metadata is not a JSON object") from None
         self.used_maps = [L.UsedMap.decode(raw) for raw in by_type.get(L.SECTION_USED_MAP, [])]
         self.size = header.logical_size
         self.chunk_size = header.chunk_size
+
+    def _check_section_budget(self, header: L.Header) -> None:
+        """Before decoding anything: one index, metadata and volume table each, a bounded number of
+        used-block maps, and declared lengths that fit what they describe (a crafted directory could
+        otherwise point thousands of entries at one frame that decodes to 256 MiB)."""
+        counts: dict[int, int] = {}
+        for e in self.sections:
+            counts[e.type] = counts.get(e.type, 0) + 1
+        for t, name in ((L.SECTION_INDEX, "index"), (L.SECTION_METADATA, "metadata"),
+                        (L.SECTION_VOLUMES, "volume table")):
+            if counts.get(t, 0) != 1:
+                raise BadImage(f"the image has {counts.get(t, 0)} {name} sections, expected one")
+        if counts.get(L.SECTION_USED_MAP, 0) > L.MAX_USED_MAPS:
+            raise BadImage(f"the image has {counts[L.SECTION_USED_MAP]} used-block maps (at most {L.MAX_USED_MAPS})")
+        for e in self.sections:
+            want = {L.SECTION_INDEX: header.chunk_count * L.INDEX_ENTRY_SIZE,
+                    L.SECTION_VOLUMES: 8 * header.volume_count}.get(e.type)
+            if want is not None and e.length != want:
+                raise BadImage(f"section type {e.type} declares {e.length} bytes, expected {want}")
+            if e.type == L.SECTION_METADATA and e.length > L.MAX_METADATA_LENGTH:
+                raise BadImage(f"metadata declares {e.length} bytes (at most {L.MAX_METADATA_LENGTH})")
 
     def _read_section(self, seq: int, entry: L.SectionEntry) -> bytes:
         stored = _pread_exact(self._fds[-1], entry.stored_length, entry.offset, f"section {entry.type}")
@@ -153,7 +185,7 @@ class ImageReader(Stream):
             raw = stored
         else:
             try:
-                raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=entry.length)
+                raw = bounded_decompress(zstandard.ZstdDecompressor(), stored, entry.length)
             except zstandard.ZstdError as e:
                 raise BadImage(f"section {seq} (type {entry.type}) does not decompress: {e}") from None
         if len(raw) != entry.length:
@@ -195,7 +227,7 @@ class ImageReader(Stream):
             stored = self.sealer.open_chunk(e.object, length, e.encoding, stored, offset)
         if e.encoding == L.ENCODING_ZSTD:
             try:
-                data = self._decompressor().decompress(stored, max_output_size=self.chunk_size)
+                data = bounded_decompress(self._decompressor(), stored, length)
             except zstandard.ZstdError:
                 raise CorruptChunk(f"chunk at offset {offset} does not decompress (damaged)", offset) from None
         else:

@@ -126,7 +126,11 @@ class ImageWriter:
         self.stored_bytes = 0
         self.deduplicated = 0
         self._committed = False
-        self._new_volume()
+        try:
+            self._new_volume()
+        except BaseException:
+            self.abort()
+            raise
 
     # -- volumes --------------------------------------------------------------------------------
     def _new_volume(self) -> None:
@@ -135,9 +139,10 @@ class ImageWriter:
             raise InputError(f"more than {L.MAX_VOLUMES} volumes: choose a larger split size")
         final = volume_path(self.path, number)
         tmp = os.path.join(os.path.dirname(os.path.abspath(final)),
-                           f".{os.path.basename(final)}.imgkit-partial-{os.getpid()}")
+                           f".{os.path.basename(final)}.imgkit-partial-{os.getpid()}-{os.urandom(4).hex()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # O_EXCL | O_NOFOLLOW: a planted symlink or file at the temporary name is never followed.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise InputError(f"{final}: cannot create the image ({e.strerror})") from None
         self._volumes.append((tmp, fd))
