@@ -36,7 +36,7 @@ imgkit restore demo.imgk restored.raw --verify --yes
 step "compare"
 [ "$(sha256sum < restored.raw | cut -d' ' -f1)" = "$(cut -d' ' -f1 disk.sha256)" ] && echo "restored disk is identical to the source"
 
-step "imgkit convert demo.imgk demo.qcow2 --compress (and back)"
+step "imgkit convert: to a zstd qcow2 (checked and compared by qemu-img) and to an Azure VHD"
 imgkit convert demo.imgk demo.qcow2 --compress
 qemu-img check -q -f qcow2 demo.qcow2 && echo "qemu-img check: clean"
 qemu-img compare -q -f qcow2 -F raw demo.qcow2 disk.raw && echo "qemu-img compare: demo.qcow2 holds the same disk"
