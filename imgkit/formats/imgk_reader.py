@@ -134,10 +134,6 @@ class ImageReader(Stream):
                                    "(made by a newer imgkit)")
                 continue
             by_type.setdefault(entry.type, []).append(self._read_section(seq, entry))
-        for t, name in ((L.SECTION_INDEX, "index"), (L.SECTION_METADATA, "metadata"),
-                        (L.SECTION_VOLUMES, "volume table")):
-            if len(by_type.get(t, [])) != 1:
-                raise BadImage(f"the image has {len(by_type.get(t, []))} {name} sections, expected one")
         expected = L.decode_volume_table(by_type[L.SECTION_VOLUMES][0], header.volume_count)
         for n, (want, have) in enumerate(zip(expected, self.volume_sizes), start=1):
             if want != have:
