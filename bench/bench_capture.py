@@ -13,7 +13,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import alternate, sha256_of, table  # noqa: E402
+from harness import alternate, sha256_of, table, publish  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
 IMGKIT = [sys.executable, "-m", "imgkit"]
@@ -84,10 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     runs = args.runs or (2 if args.quick else 3)
     report = "".join(bench_input(n, args.quick, runs) for n in args.inputs)
-    print(report)
-    os.makedirs(os.path.join(os.path.dirname(WORK), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(WORK), "results", "capture.md"), "w") as f:
-        f.write(report)
+    publish("capture.md", report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import alternate, run_measured, table  # noqa: E402
+from harness import alternate, run_measured, table, publish  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
 IMGKIT = " ".join([sys.executable, "-m", "imgkit"])
@@ -163,10 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     runs = args.runs or 3
     report = "".join(bench_input(n, args.quick, runs) for n in args.inputs)
-    print(report)
-    os.makedirs(os.path.join(os.path.dirname(WORK), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(WORK), "results", "convert.md"), "w") as f:
-        f.write(report)
+    publish("convert.md", report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, alternate, sha256_of, table  # noqa: E402
+from harness import Row, alternate, sha256_of, table, publish  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
 IMGKIT = " ".join([sys.executable, "-m", "imgkit"])
@@ -156,10 +156,7 @@ def main() -> None:
               f"+{extra_r:.2f} s on restore ({extra_r / r[0].median('cpu') * 100:.1f}% of "
               f"{r[0].median('cpu'):.2f} s); plus one key derivation per command.", ""]
     report = "\n".join(lines)
-    print(report)
-    os.makedirs(os.path.join(os.path.dirname(WORK), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(WORK), "results", "crypto.md"), "w") as f:
-        f.write(report)
+    publish("crypto.md", report)
     shutil.rmtree(out, ignore_errors=True)
 
 

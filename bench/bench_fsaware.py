@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import alternate, table  # noqa: E402
+from harness import alternate, table, publish  # noqa: E402
 from inputs import WORK, build, build_content  # noqa: E402
 
 IMGKIT = " ".join([sys.executable, "-m", "imgkit"])
@@ -169,10 +169,7 @@ def main() -> None:
     parts = {"B": bench_b, "F": bench_f, "D": bench_d}
     report = "".join(parts[n](args.quick, runs, out_dir) for n in args.inputs)
     shutil.rmtree(out_dir, ignore_errors=True)
-    print(report)
-    os.makedirs(os.path.join(os.path.dirname(WORK), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(WORK), "results", "fsaware.md"), "w") as f:
-        f.write(report)
+    publish("fsaware.md", report)
 
 
 if __name__ == "__main__":

@@ -74,3 +74,12 @@ def table(title: str, rows: list[Row], baseline: str) -> str:
 
 def sha256_of(path: str) -> str:
     return subprocess.run(["sha256sum", path], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+def publish(name: str, report: str) -> None:
+    """Print a benchmark report and keep it as bench/results/NAME (the README cites these files)."""
+    print(report)
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, name), "w") as f:
+        f.write(report)

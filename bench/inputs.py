@@ -10,7 +10,6 @@ every input is rebuilt from this script and the machine's own files, cached unde
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import shutil

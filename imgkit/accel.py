@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import select
-import struct
 import subprocess
 import tempfile
 import time

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import ImgkitError, InputError, Interrupted, OperationFailed, RefusedTarget
+from .errors import InputError, Interrupted, OperationFailed, RefusedTarget
 from .formats.imgk_layout import digest as sha256_digest
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
 from .sources import BLKGETSIZE64
-from .stream import DATA, FREE, ZERO, Stream
+from .stream import DATA, ZERO, Stream
 from .targets import check_block_target_free, refuse_image_on_target
 from .units import format_size
 
