@@ -171,9 +171,11 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
     argv = ["qemu-img", "convert", "-p", *src_args, "-O", foreign.QEMU_DRIVER[plan.to], *_qemu_options(plan)]
     if plan.compress and plan.to == "qcow2":
         argv.append("-c")
-    if plan.to == "qcow2":
+    if plan.compress and plan.to == "qcow2":
         # Out-of-order writes: qcow2 allocates clusters as they come, and with -c the compression of
-        # several clusters overlaps instead of waiting for the previous write (measured faster).
+        # several clusters overlaps instead of waiting for the previous write (measured faster). Not
+        # without -c: over NBD, uncompressed, -W -m 16 made qemu-img 2.5x slower (1.81 s against
+        # 0.73 s for 1.2 GiB from nbdkit's file plugin, all system time).
         argv += ["-W", "-m", "16"]
     argv.append(tmp)
     limits = limits_for_size(size)

@@ -217,6 +217,12 @@ class DiskReader:
         last = (min(self.size, offset + window) - 1) // self.chunk_size
         return [i for i in range(first, last + 1) if self._is_data(i) and i not in self.cache]
 
+    def will_need(self, chunks: list[int]) -> None:
+        """Start the disk reads of chunks a read-ahead will decode (a hint; streams without it ignore it)."""
+        hint = getattr(self.stream, "will_need", None)
+        if hint is not None and chunks:
+            hint(chunks)
+
     def prefetch(self, i: int) -> None:
         """Load chunk i into the cache; errors are left for the read that needs the chunk."""
         try:

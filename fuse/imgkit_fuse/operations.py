@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 import pyfuse3
 import trio
@@ -46,7 +47,7 @@ class ImageOperations(pyfuse3.Operations):
         # into the appliance get their own pool: they wait on the appliance, which itself reads
         # disk.raw through this very filesystem, so they must never hold the threads disk reads need.
         self._limiter = trio.CapacityLimiter(workers)
-        self._prefetch_limiter = trio.CapacityLimiter(workers)
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgkit-prefetch")
         self._files_limiter = trio.CapacityLimiter(8)
         self._nursery: trio.Nursery | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -197,22 +198,24 @@ class ImageOperations(pyfuse3.Operations):
         wanted = [i for i in self.tree.disk.chunks_to_prefetch(start + next_offset, window)
                   if i not in self._queued]
         self._queued.update(wanted)
-        # One worker job per ~1 MiB of chunks: small chunks would otherwise cost a thread hop each.
+        self.tree.disk.will_need(wanted)
+        # Plain threads, not trio.to_thread: a prefetch needs no answer on the trio thread, and that
+        # thread (which also copies every reply into the kernel) was the busiest one of a sequential
+        # read, largely with to_thread bookkeeping. One job per ~1 MiB of chunks.
         per_job = max(1, (1 << 20) // max(1, self.tree.disk.chunk_size))
         for k in range(0, len(wanted), per_job):
-            self._nursery.start_soon(self._prefetch, wanted[k:k + per_job])
-
-    async def _prefetch(self, chunks: list[int]) -> None:
-        try:
-            todo = [i for i in chunks if i not in self.tree.disk.cache]
-            if todo:
-                await trio.to_thread.run_sync(self._prefetch_sync, todo, limiter=self._prefetch_limiter)
-        finally:
-            self._queued.difference_update(chunks)
+            job = wanted[k:k + per_job]
+            fut = self._prefetch_pool.submit(self._prefetch_sync, job)
+            fut.add_done_callback(lambda _f, job=job: self._queued.difference_update(job))
 
     def _prefetch_sync(self, chunks: list[int]) -> None:
         for i in chunks:
             self.tree.disk.prefetch(i)
+
+    def close(self) -> None:
+        """Stop prefetching before the image is closed: queued jobs are dropped, running ones (a few
+        chunks each) are waited for, so none reads a closed file descriptor."""
+        self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
 
     async def release(self, fh):
         self._handles.pop(fh, None)

@@ -57,6 +57,7 @@ def serve(tree: ImageTree, mountpoint: str, *, allow_other: bool = False,
         trio.run(_main, ops, tree, mountpoint, on_ready)
     finally:
         pyfuse3.close(unmount=True)
+        ops.close()
         tree.close()
         log.info("unmounted %s", mountpoint)
 

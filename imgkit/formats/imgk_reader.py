@@ -207,6 +207,18 @@ class ImageReader(Stream):
         return _pread_exact(self._fds[e.volume - 1], e.stored_length, e.offset,
                             f"chunk {i} in volume {e.volume}")
 
+    def will_need(self, chunks: list[int]) -> None:
+        """Ask the kernel to start reading these chunks' stored bytes now (POSIX_FADV_WILLNEED does not
+        block), so that the decoder threads find them in the page cache instead of each waiting on a
+        synchronous read from the disk (a cold sequential mount read was I/O-bound without it)."""
+        for i in chunks:
+            e = self.index[i]
+            if e.kind == L.KIND_DATA:
+                try:
+                    os.posix_fadvise(self._fds[e.volume - 1], e.offset, e.stored_length, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return  # only a hint
+
     def read_chunk(self, i: int) -> bytes:
         """The verified bytes of chunk i (zeros for ZERO and FREE chunks). Raises CorruptChunk."""
         e = self.index[i]
