@@ -15,6 +15,8 @@ import zstandard
 from ..errors import InputError
 from . import imgk_layout as L
 
+WRITEBACK_STEP = 32 << 20  # start the writeback of the image every this many bytes written
+
 # Compression levels: the presets the CLI names, and the range python-zstandard accepts.
 LEVEL_NONE = 0
 LEVEL_FAST = 1
@@ -147,6 +149,7 @@ class ImageWriter:
             raise InputError(f"{final}: cannot create the image ({e.strerror})") from None
         self._volumes.append((tmp, fd))
         self._sizes.append(0)
+        self._flushed = 0
         self.header.volume_number = number
         self._write(self.header.encode())
 
@@ -159,6 +162,16 @@ class ImageWriter:
             n = os.write(fd, view)
             view = view[n:]
         self._sizes[-1] += len(data)
+        if self._sizes[-1] - self._flushed >= WRITEBACK_STEP:
+            # Start writing back what is written so far (DONTNEED starts the writeback of dirty pages
+            # and drops clean ones): the fsync in commit() then waits for the tail only, not for the
+            # whole image, and a capture does not fill the page cache with an image nobody reads.
+            try:
+                start = max(0, self._flushed - WRITEBACK_STEP)  # again: pages then under writeback stayed
+                os.posix_fadvise(fd, start, self._sizes[-1] - start, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            self._flushed = self._sizes[-1]
         return offset
 
     def _room_for(self, n: int) -> None:
