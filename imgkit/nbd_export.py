@@ -372,6 +372,8 @@ class _Session:
             self.submit_read(handle, flags, offset, length)
 
     def submit_read(self, handle: int, flags: int, offset: int, length: int) -> None:
+        if self.structured and self._read_inline(handle, offset, length):
+            return
         fut = self.export._pool.submit(self.read, handle, flags, offset, length)
         with self.pending_lock:
             self.pending.add(fut)
@@ -391,6 +393,20 @@ class _Session:
                 f.result(timeout=30)
             except BaseException:
                 pass
+
+    def _read_inline(self, handle: int, offset: int, length: int) -> bool:
+        """Answer a read within one already-decoded chunk right here, without a worker: with -c,
+        qemu-img asks for 64 KiB at a time, sixteen per 1 MiB chunk, and the hand-off cost more than
+        the read (measured: ~120 us of CPU per request before). False when it needs decoding."""
+        peek = getattr(self.export.stream, "read_if_cached", None)
+        if peek is None:
+            return False
+        data = peek(offset, length)
+        if data is None:
+            return False
+        self.export.bytes_read += length
+        self.chunk(handle, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", offset), data)
+        return True
 
     def read(self, handle: int, flags: int, offset: int, length: int) -> None:
         exp = self.export

@@ -143,3 +143,23 @@ def test_concurrent_small_reads_decode_each_chunk_once(image):
             f.seek(4 * MiB)
             assert b"".join(pieces) == f.read(3 * MiB)
         assert sorted(calls) == [4, 5, 6]
+
+
+def test_small_reads_of_a_decoded_chunk_are_answered_inline(image):
+    """After the first 64 KiB piece of a chunk decodes it (on a worker), the other fifteen are
+    answered on the connection's own thread from the cache: exact bytes, no further decoding."""
+    import threading
+    with open(image["raw"], "rb") as f:
+        want = f.read()
+    with api.open_image(image["imgk"]) as img, export_stream(img) as export:
+        decoded, workers_used = [], []
+        orig_chunk = img.read_chunk
+        img.read_chunk = lambda i: decoded.append(i) or orig_chunk(i)
+        orig_read = img.read
+        img.read = lambda o, n: workers_used.append(threading.current_thread().name) or orig_read(o, n)
+        h = _client(export)
+        got = b"".join(h.pread(65536, 4 * MiB + k * 65536) for k in range(32))  # chunks 4 and 5, in order
+        h.shutdown()
+    assert got == want[4 * MiB:6 * MiB]
+    assert decoded == [4, 5]
+    assert len(workers_used) == 2  # the first piece of each chunk; the rest came from the cache

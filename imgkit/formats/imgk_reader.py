@@ -277,6 +277,25 @@ class ImageReader(Stream):
                 self._loading.pop(i, None)
             loading.set()
 
+    def read_if_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes of [offset, offset+length) when they lie in one cached DATA chunk, else None.
+        Lets a server answer small reads on its own thread instead of handing each one to a worker
+        (qemu-img convert -c reads 64 KiB at a time)."""
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            return None
+        i = offset // self.chunk_size
+        base = i * self.chunk_size
+        if offset + length > base + self.chunk_length(i):
+            return None
+        if self.index[i].kind != L.KIND_DATA:
+            return None
+        with self._cache_lock:
+            data = self._cache.get(i)
+            if data is None:
+                return None
+            self._cache.move_to_end(i)
+        return data[offset - base:offset - base + length]
+
     def clear_cache(self) -> None:
         """Drop cached chunks (long-lived readers such as the mount keep their own bounded cache)."""
         with self._cache_lock:
