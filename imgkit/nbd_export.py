@@ -131,8 +131,37 @@ class NbdExport:
         self.bytes_skipped = 0
         self.errors: list[str] = []
         self.connections = 0
+        self._ahead: set[int] = set()  # chunks queued for read-ahead
+        cs = getattr(stream, "chunk_size", 0)
+        self._ahead_done = bytearray(-(-self.size // cs) if cs else 0)  # one byte a chunk
         self._accepter = threading.Thread(target=self._accept_loop, name="imgkit-nbd-accept", daemon=True)
         self._accepter.start()
+
+    # -- read-ahead -------------------------------------------------------------------------------
+    READ_AHEAD_CHUNKS = 2
+
+    def read_ahead(self, offset: int, length: int) -> None:
+        """For reads smaller than a chunk (qemu-img convert -c asks for 64 KiB at a time, sixteen at
+        once), decode the next chunks before they are asked for: otherwise every new chunk stalls all
+        of qemu-img's requests on one decode while its compression threads idle. Larger reads are
+        left alone: qemu-img keeps several of them in flight already, and they bypass the cache."""
+        stream = self.stream
+        cs = getattr(stream, "chunk_size", 0)
+        if not cs or length >= cs or not hasattr(stream, "prefetch_chunk"):
+            return
+        first = (offset + length - 1) // cs + 1
+        for i in range(first, first + self.READ_AHEAD_CHUNKS):
+            with self._lock:
+                if i >= len(self._ahead_done) or i in self._ahead or self._ahead_done[i]:
+                    continue
+                self._ahead.add(i)
+            fut = self._pool.submit(stream.prefetch_chunk, i)
+            fut.add_done_callback(lambda _f, i=i: self._ahead_finished(i))
+
+    def _ahead_finished(self, i: int) -> None:
+        with self._lock:
+            self._ahead.discard(i)
+            self._ahead_done[i] = 1  # decoded once: never queue it again (it may have left the cache)
 
     # -- names for qemu ---------------------------------------------------------------------------
     @property
@@ -372,6 +401,7 @@ class _Session:
             self.submit_read(handle, flags, offset, length)
 
     def submit_read(self, handle: int, flags: int, offset: int, length: int) -> None:
+        self.export.read_ahead(offset, length)
         if self.structured and self._read_inline(handle, offset, length):
             return
         fut = self.export._pool.submit(self.read, handle, flags, offset, length)

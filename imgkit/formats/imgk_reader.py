@@ -296,6 +296,15 @@ class ImageReader(Stream):
             self._cache.move_to_end(i)
         return data[offset - base:offset - base + length]
 
+    def prefetch_chunk(self, i: int) -> None:
+        """Decode chunk i into the cache ahead of the reads that will want it; a damaged chunk is left
+        for those reads to report."""
+        if 0 <= i < len(self.index) and self.index[i].kind == L.KIND_DATA:
+            try:
+                self.cached_chunk(i)
+            except CorruptChunk:
+                pass
+
     def clear_cache(self) -> None:
         """Drop cached chunks (long-lived readers such as the mount keep their own bounded cache)."""
         with self._cache_lock:
