@@ -22,6 +22,7 @@ from .sources import BLKGETSIZE64
 from .stream import DATA, ZERO, Stream
 from .targets import check_block_target_free, refuse_image_on_target
 from .units import format_size
+from .writeback import WRITEBACK_STEP, start_writeback
 
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
@@ -203,10 +204,15 @@ def _restore_into(image: Stream, fd: int, is_block: bool, discard: bool, progres
             _zero_range(fd, run.offset, run.length, discard)
         progress.advance(run.length)  # FREE runs and file holes cost nothing
     write = _pwrite_all if is_block else _pwrite_sparse
+    since_writeback = 0
     for (offset, length), data in ordered_map(lambda p: (p, image.read(*p)), _pieces(image, {DATA}, piece),
                                               workers):
         write(fd, data, offset)
         written += length
+        since_writeback += length
+        if since_writeback >= WRITEBACK_STEP:  # the final fsync then waits for the tail only
+            start_writeback(fd)
+            since_writeback = 0
         progress.advance(length)
     return written
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import zstandard
 
 from ..errors import InputError
+from ..writeback import WRITEBACK_STEP, start_writeback
 from . import imgk_layout as L
 
-WRITEBACK_STEP = 32 << 20  # start the writeback of the image every this many bytes written
 
 # Compression levels: the presets the CLI names, and the range python-zstandard accepts.
 LEVEL_NONE = 0
@@ -163,14 +163,9 @@ class ImageWriter:
             view = view[n:]
         self._sizes[-1] += len(data)
         if self._sizes[-1] - self._flushed >= WRITEBACK_STEP:
-            # Start writing back what is written so far (DONTNEED starts the writeback of dirty pages
-            # and drops clean ones): the fsync in commit() then waits for the tail only, not for the
-            # whole image, and a capture does not fill the page cache with an image nobody reads.
-            try:
-                start = max(0, self._flushed - WRITEBACK_STEP)  # again: pages then under writeback stayed
-                os.posix_fadvise(fd, start, self._sizes[-1] - start, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
+            # The fsync in commit() then waits for the tail only (see writeback.py).
+            start = max(0, self._flushed - WRITEBACK_STEP)  # again: pages then under writeback stayed
+            start_writeback(fd, start, self._sizes[-1] - start)
             self._flushed = self._sizes[-1]
         return offset
 
