@@ -22,7 +22,7 @@ def plain_mount(tmp_path_factory):
         yield mp
 
 
-def built_disk_raw_is_byte_exact(plain_mount):
+def test_disk_raw_is_byte_exact(plain_mount):
     assert sha256_file(os.path.join(plain_mount, "disk.raw")) == sha256_file(built_disk()["disk"])
     assert os.path.getsize(os.path.join(plain_mount, "disk.raw")) == os.path.getsize(built_disk()["disk"])
 
