@@ -42,20 +42,9 @@ class GuestfsSession:
             raise FilesUnavailable("the appliance was shut down")
         if self._g is not None:
             return self._g
-        try:
-            import guestfs  # lazy: only mounts that touch files/ need libguestfs at all
-        except ImportError:
-            raise EnvironmentProblem("the libguestfs Python binding is missing",
-                                     hint="apt install python3-guestfs libguestfs-tools") from None
-        os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
-        g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+        g, accel = new_handle()
         started = time.monotonic()
         try:
-            accel, why = choose_accel()
-            log.info("accelerator %s: %s", accel, why)
-            if accel == "tcg":
-                g.set_backend_settings(["force_tcg"])
-            g.set_network(False)
             g.set_autosync(False)  # read-only: nothing to sync, and no writes on shutdown
             opts = {"readonly": 1, "format": "raw"}
             if self.protocol:
@@ -130,6 +119,33 @@ class GuestfsSession:
     def pread(self, fs: str, path: str, size: int, offset: int) -> bytes:
         size = min(size, MAX_PREAD)
         return self._call(fs, path, lambda g, p: g.pread(p, size, offset))
+
+
+def new_handle():
+    """(GuestFS handle, accel) set up the imgkit way: the direct backend, KVM or TCG as accel.py
+    decides, no network. Not launched. Raises EnvironmentProblem without the Python binding."""
+    try:
+        import guestfs  # lazy: only what needs the appliance needs libguestfs at all
+    except ImportError:
+        raise EnvironmentProblem("the libguestfs Python binding is missing",
+                                 hint="apt install python3-guestfs libguestfs-tools") from None
+    os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+    g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+    try:
+        accel, why = choose_accel()
+        log.info("accelerator %s: %s", accel, why)
+        if accel == "tcg":
+            g.set_backend_settings(["force_tcg"])
+        g.set_network(False)
+    except BaseException:
+        _close(g)
+        raise
+    return g, accel
+
+
+def close_handle(g) -> None:
+    """Shut the appliance down and close the handle, best effort (never hides the first error)."""
+    _close(g)
 
 
 def _close(g) -> None:

@@ -9,7 +9,7 @@ venv=${IMGKIT_VENV:-$here/.venv}
 apt_pkgs=(
   python3 python3-venv python3-dev python3-guestfs
   qemu-utils qemu-system-x86 ovmf
-  libguestfs-tools linux-image-amd64
+  libguestfs-tools libguestfs-xfs linux-image-amd64
   fuse3 libfuse3-dev pkg-config gcc
   fdisk gdisk util-linux e2fsprogs dosfstools mtools ntfs-3g xfsprogs btrfs-progs
   partclone zstd nbdkit xorriso python3-libnbd fatresize exfatprogs guestmount

@@ -190,26 +190,56 @@ def test_mounted_read_write_source_kept_whole(tmp_path):
             assert table["capture_mode"].startswith(expect), table["capture_mode"]
 
 
-@needs_root
-@pytest.mark.root
-def test_grow_xfs_last_partition_is_reported_unsupported(tmp_path):
-    """XFS grows only while mounted: the partition grows, the filesystem stays, and the notes say why."""
-    disk = str(tmp_path / "xfs-disk.img")
+def _one_partition_disk(tmp_path, name: str, part_mib: int, mkfs: list[str]) -> str:
+    """A GPT disk of one partition (1 MiB in, `part_mib` long) holding a fresh filesystem, captured."""
+    disk = str(tmp_path / f"{name}-disk.img")
     with open(disk, "wb") as f:
-        f.truncate(322 * MiB)
-    D.run("sgdisk", "-n", "1:2048:+320M", "-t", "1:8300", disk)
-    part = str(tmp_path / "p1.xfs")
+        f.truncate((part_mib + 2) * MiB)
+    D.run("sgdisk", "-n", f"1:2048:+{part_mib}M", "-t", "1:8300", disk)
+    part = str(tmp_path / f"p1.{name}")
     with open(part, "wb") as f:
-        f.truncate(320 * MiB)
-    D.run("mkfs.xfs", "-q", "-f", part)
+        f.truncate(part_mib * MiB)
+    D.run(*mkfs, part)
     D.put(disk, MiB, part)
-    img = str(tmp_path / "xfs.imgk")
+    img = str(tmp_path / f"{name}.imgk")
     run_imgkit("capture", "--progress", "none", disk, img, check=True)
+    return img
+
+
+def _restore_grown(tmp_path, img: str, disk_mib: int) -> tuple[dict, str]:
     backing = str(tmp_path / "bigger.img")
     with open(backing, "wb") as f:
-        f.truncate(400 * MiB)
+        f.truncate(disk_mib * MiB)
     with loop(backing) as dev:
-        proc = run_imgkit("restore", "--yes", "--progress", "none", "--grow", img, dev, check=True)
-    assert "xfs grows only while mounted" in proc.stdout and "partition 1 grown" in proc.stdout
-    grown = D.extract(backing, MiB, 320 * MiB, str(tmp_path / "g.xfs"))
+        doc = json.loads(run_imgkit("restore", "--yes", "--json", "--progress", "none", "--grow", img, dev,
+                                    check=True).stdout)
+    return doc["grow"], backing
+
+
+@needs_root
+@pytest.mark.root
+@pytest.mark.guestfs
+def test_grow_xfs_last_partition_inside_the_appliance(tmp_path):
+    """XFS grows only while mounted: it is mounted and grown inside the libguestfs appliance (never by
+    the host kernel); xfs_repair is clean and the filesystem fills the grown partition."""
+    img = _one_partition_disk(tmp_path, "xfs", 320, ["mkfs.xfs", "-q", "-f"])
+    grow, backing = _restore_grown(tmp_path, img, 480)
+    assert grow["grown_partition"] == 1 and grow["filesystem"] == "xfs" and grow["filesystem_grown"], grow
+    grown = D.extract(backing, MiB, grow["new_size"], str(tmp_path / "g.xfs"))
     assert D.run("xfs_repair", "-n", "-f", grown, check=False).returncode == 0
+    dblocks = D.run("xfs_db", "-r", "-c", "sb 0", "-c", "p dblocks", "-c", "p blocksize", grown).stdout.decode().split()
+    assert int(dblocks[2]) * int(dblocks[5]) > 440 * MiB  # was 320 MiB
+
+
+@needs_root
+@pytest.mark.root
+@pytest.mark.guestfs
+def test_grow_btrfs_last_partition_inside_the_appliance(tmp_path):
+    img = _one_partition_disk(tmp_path, "btrfs", 200, ["mkfs.btrfs", "-q", "-f"])
+    grow, backing = _restore_grown(tmp_path, img, 330)
+    assert grow["filesystem"] == "btrfs" and grow["filesystem_grown"], grow
+    grown = D.extract(backing, MiB, grow["new_size"], str(tmp_path / "g.btrfs"))
+    assert D.run("btrfs", "check", "--readonly", grown, check=False).returncode == 0
+    sb = D.run("btrfs", "inspect-internal", "dump-super", grown).stdout.decode()
+    total = int(next(line.split()[1] for line in sb.splitlines() if line.startswith("total_bytes")))
+    assert total > 300 * MiB  # was 200 MiB
