@@ -161,12 +161,21 @@ def grow_filesystem(target: str, start: int, size: int, fs: str | None, report: 
 def _grow_in_appliance(target: str, number: int, fs: str, report: GrowReport) -> None:
     """XFS and btrfs grow only while mounted: mount the partition inside the libguestfs appliance,
     read-write, with an explicit format, and grow it there. 20-30 s under TCG (the appliance start)."""
-    from .guestfs_session import close_handle, new_handle
-    g, accel = new_handle()
+    from .guestfs_session import close_handle, first_line, new_handle
+    keeps = "the partition was grown, the filesystem keeps its size: grow it after booting the restored system"
+    try:
+        g, accel = new_handle()
+    except EnvironmentProblem as e:  # like a missing fatresize: the restore itself succeeded
+        report.notes.append(f"warning: growing {fs} needs the libguestfs appliance ({e}): {keeps}")
+        return
     try:
         try:
             g.add_drive_opts(target, format="raw", readonly=0)
             g.launch()
+        except RuntimeError as e:
+            report.notes.append(f"warning: the libguestfs appliance did not start ({first_line(e)[:200]}): {keeps}")
+            return
+        try:
             device = next((p for p in g.list_partitions() if g.part_to_partnum(p) == number), None)
             if device is None:
                 raise OperationFailed(f"the appliance does not see partition {number} of {target}")
@@ -177,9 +186,8 @@ def _grow_in_appliance(target: str, number: int, fs: str, report: GrowReport) ->
                 g.btrfs_filesystem_resize("/")  # no size: the whole partition
             g.umount_all()
             g.sync()
-        except RuntimeError as e:  # the binding's GuestFSError
-            raise OperationFailed(f"growing the {fs} filesystem in the appliance failed: "
-                                  f"{str(e).splitlines()[0][:300]}",
+        except RuntimeError as e:  # the binding's errors
+            raise OperationFailed(f"growing the {fs} filesystem in the appliance failed: {first_line(e)[:300]}",
                                   hint="the partition was grown; the filesystem keeps its size") from None
     finally:
         close_handle(g)

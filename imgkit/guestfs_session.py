@@ -130,17 +130,28 @@ def new_handle():
         raise EnvironmentProblem("the libguestfs Python binding is missing",
                                  hint="apt install python3-guestfs libguestfs-tools") from None
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
-    g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+    try:
+        g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+    except RuntimeError as e:  # the Debian binding raises RuntimeError
+        raise EnvironmentProblem(f"libguestfs could not create a handle: {first_line(e)}") from None
     try:
         accel, why = choose_accel()
         log.info("accelerator %s: %s", accel, why)
         if accel == "tcg":
             g.set_backend_settings(["force_tcg"])
         g.set_network(False)
+    except RuntimeError as e:
+        _close(g)
+        raise EnvironmentProblem(f"libguestfs handle setup failed: {first_line(e)}") from None
     except BaseException:
         _close(g)
         raise
     return g, accel
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libguestfs errors can be long, or empty)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def close_handle(g) -> None:

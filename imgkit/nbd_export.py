@@ -123,6 +123,9 @@ class NbdExport:
         self._listener.bind(self.socket_path)
         self._listener.listen(8)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imgkit-nbd")
+        # Read-ahead has a thread of its own: in the read pool, a speculative decode would sit in
+        # front of the reads a client is waiting for.
+        self._ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgkit-nbd-ahead")
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -155,7 +158,12 @@ class NbdExport:
                 if i >= len(self._ahead_done) or i in self._ahead or self._ahead_done[i]:
                     continue
                 self._ahead.add(i)
-            fut = self._pool.submit(stream.prefetch_chunk, i)
+            try:
+                fut = self._ahead_pool.submit(stream.prefetch_chunk, i)
+            except RuntimeError:  # closing
+                with self._lock:
+                    self._ahead.discard(i)
+                return
             fut.add_done_callback(lambda _f, i=i: self._ahead_finished(i))
 
     def _ahead_finished(self, i: int) -> None:
@@ -181,9 +189,10 @@ class NbdExport:
 
     # -- life cycle -------------------------------------------------------------------------------
     def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -199,6 +208,7 @@ class NbdExport:
         self._accepter.join(5)
         for t in self._threads:
             t.join(5)
+        self._ahead_pool.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -214,19 +224,24 @@ class NbdExport:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:  # registered here, so that close() sees every connection it must end
+                if self._closing:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+                self.connections += 1
             t = threading.Thread(target=self._serve, args=(conn,), name="imgkit-nbd-conn", daemon=True)
             self._threads.append(t)
             t.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._conns.add(conn)
-            self.connections += 1
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         session = _Session(self, conn)
         try:
             session.run()
         except (_Closed, OSError, struct.error):
+            pass
+        except RuntimeError:  # a submit after close() shut the pools down: the export is ending
             pass
         finally:
             session.drain()
@@ -401,13 +416,14 @@ class _Session:
             self.submit_read(handle, flags, offset, length)
 
     def submit_read(self, handle: int, flags: int, offset: int, length: int) -> None:
-        self.export.read_ahead(offset, length)
         if self.structured and self._read_inline(handle, offset, length):
+            self.export.read_ahead(offset, length)
             return
         fut = self.export._pool.submit(self.read, handle, flags, offset, length)
         with self.pending_lock:
             self.pending.add(fut)
         fut.add_done_callback(self._forget)
+        self.export.read_ahead(offset, length)
 
     def _forget(self, fut) -> None:
         with self.pending_lock:

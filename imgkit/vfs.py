@@ -111,6 +111,11 @@ class ChunkCache:
         with self._lock:
             return key in self._data or key in self._pending
 
+    def cached(self, key: int) -> bool:
+        """Whether key's bytes are here now (not merely being loaded by another thread)."""
+        with self._lock:
+            return key in self._data
+
     def get(self, key: int, load: Callable[[int], bytes]) -> bytes:
         with self._lock:
             data = self._data.get(key)
@@ -207,7 +212,9 @@ class DiskReader:
         index = self.stream.index
         to_decode = 0  # stored bytes this read would decompress here: at most one small chunk's worth
         for i in range(first, last + 1):
-            if self._is_data(i) and i not in self.cache:
+            # cached(), not `in`: a chunk another thread is still decoding would make this thread
+            # (the FUSE loop, when the answer is "cheap") wait for it.
+            if self._is_data(i) and not self.cache.cached(i):
                 to_decode += index[i].stored_length
                 if to_decode > self.INLINE_STORED:
                     return False

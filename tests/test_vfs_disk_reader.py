@@ -42,3 +42,30 @@ def test_only_cached_or_small_reads_are_cheap(small_chunks):
         assert disk.is_cheap(0, MiB)  # sixteen cache hits: joined in place
         assert not disk.is_cheap(0, MiB + 128 * KiB)  # plus two chunks to decode
         assert not disk.is_cheap(0, 4 * MiB)  # more chunks than a read is allowed inline
+
+
+def test_a_chunk_being_decoded_elsewhere_is_not_cheap(small_chunks):
+    """A chunk another thread is still decoding must not count as cached: answering 'cheap' would make
+    the FUSE thread wait for that decode."""
+    import threading
+    imgk, data = small_chunks
+    with api.open_image(imgk) as img:
+        disk = DiskReader(img, 8 * MiB)
+        started, release = threading.Event(), threading.Event()
+        orig = img.read_chunk
+
+        def slow(i):
+            started.set()
+            release.wait(10)
+            return orig(i)
+        t = threading.Thread(target=lambda: disk.cache.get(20, slow))
+        t.start()
+        try:
+            assert started.wait(10)
+            assert 20 in disk.cache and not disk.cache.cached(20)
+            disk.INLINE_STORED = 0  # no decoding allowed inline: only true cache hits are cheap
+            assert not disk.is_cheap(20 * 64 * KiB, 4096)
+        finally:
+            release.set()
+            t.join()
+        assert disk.cache.cached(20) and disk.is_cheap(20 * 64 * KiB, 4096)

@@ -56,9 +56,13 @@ def serve(tree: ImageTree, mountpoint: str, *, allow_other: bool = False,
     try:
         trio.run(_main, ops, tree, mountpoint, on_ready)
     finally:
-        pyfuse3.close(unmount=True)
-        ops.close()
-        tree.close()
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            try:
+                ops.close()  # no prefetch thread may read the image after this
+            finally:
+                tree.close()
         log.info("unmounted %s", mountpoint)
 
 
