@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import needs_root
+from tests.conftest import needs_root, run_imgkit
 from tests.mount.helpers import built_disk, captured, mounted, mounted_here
 
 pytestmark = [needs_root, pytest.mark.root, pytest.mark.fuse, pytest.mark.guestfs, pytest.mark.slow]
@@ -115,3 +115,33 @@ def test_iso_without_partition_table_is_files_disk(tmp_path):
         assert os.listdir(os.path.join(mp, "partitions")) == []
         assert _read(os.path.join(mp, "files", "disk", "sub", "a.txt")) == b"iso hello\n"
         assert _read(os.path.join(mp, "files", "disk", "r.bin")) == (src / "r.bin").read_bytes()
+
+
+def test_xfs_and_btrfs_files(tmp_path):
+    """XFS (Debian ships its libguestfs support apart: libguestfs-xfs) and btrfs partitions in the
+    files view: every file reads back identical. One appliance for both."""
+    import fsaware_disks as D
+    MiB = 1 << 20
+    files = D.make_content(str(tmp_path / "c"), 5, 21)
+    xfs, btrfs = str(tmp_path / "p1.xfs"), str(tmp_path / "p2.btrfs")
+    for path, size in ((xfs, 320 * MiB), (btrfs, 160 * MiB)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    proto = tmp_path / "proto"
+    proto.write_text("/dev/null\n0 0\nd--755 0 0\n" + "".join(
+        f"{n} ---644 0 0 {tmp_path / 'c' / n}\n" for n in files) + "$\n$\n")
+    D.run("mkfs.xfs", "-q", "-f", "-p", proto, xfs)
+    D.run("mkfs.btrfs", "-q", "-f", "--rootdir", tmp_path / "c", btrfs)
+    disk = str(tmp_path / "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(484 * MiB)
+    D.run("sgdisk", "-n", "1:2048:+320M", "-t", "1:8300", "-n", "2:0:+160M", "-t", "2:8300", disk)
+    D.put(disk, MiB, xfs)
+    D.put(disk, 321 * MiB, btrfs)
+    img = str(tmp_path / "disk.imgk")
+    run_imgkit("capture", "--progress", "none", disk, img, check=True)
+    mp = str(tmp_path / "m")
+    with mounted(img, mp):
+        for part in ("p1", "p2"):
+            for name, digest in files.items():
+                assert D.sha(_read(os.path.join(mp, "files", part, name))) == digest, (part, name)
