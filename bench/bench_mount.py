@@ -6,6 +6,8 @@
   seq   cold `dd bs=1M` of the whole disk: page cache dropped and both daemons restarted before each run
   rand  4 KiB reads at seeded random offsets, latency p50/p99, cold (fresh daemon, caches dropped)
         then warm (the same offsets again)
+  floor 4 KiB reads of zero ranges, cold (no disk read, no decoding: the request path alone), and
+        cold 64 KiB preads of the image files themselves (the disk alone)
   rss   peak RSS (VmHWM) of each daemon over a session
   find  `find` over the ext4 partition's files: imgkit files/p2 vs `guestmount --ro` of the qcow2
         (both start a libguestfs appliance: its start is reported apart)
@@ -117,17 +119,30 @@ def seq_read(path: str) -> float:
     return time.monotonic() - start
 
 
-def rand_reads(path: str, offsets: list[int]) -> list[float]:
+def rand_reads(path: str, offsets: list[int], size: int = 4096) -> list[float]:
     fd = os.open(path, os.O_RDONLY)
     try:
         lat = []
         for off in offsets:
             t = time.perf_counter()
-            os.pread(fd, 4096, off)
+            os.pread(fd, size, off)
             lat.append(time.perf_counter() - t)
         return lat
     finally:
         os.close(fd)
+
+
+def _zero_offsets(imgk64: str, rng: random.Random, n: int) -> list[int]:
+    """4 KiB offsets inside 64 KiB ranges the image stores as zero (or free): the same ranges read as
+    zeros from every export, so their latency is each daemon's request path alone."""
+    from imgkit.formats import imgk_layout as L
+    from imgkit.formats.imgk_reader import ImageReader
+    r = ImageReader(imgk64)
+    try:
+        zeros = [i for i, k in enumerate(r.index.kinds()) if k != L.KIND_DATA]
+        return [rng.choice(zeros) * r.chunk_size + rng.randrange(r.chunk_size // 4096) * 4096 for _ in range(n)]
+    finally:
+        r.close()
 
 
 def pct(values: list[float], p: float) -> float:
@@ -203,6 +218,9 @@ def main() -> None:
              QsdMount(qcow, work)]
     seq = {t.name: [] for t in tools}
     rand = {t.name: {"cold": [], "warm": []} for t in tools}
+    zero_lat = {t.name: [] for t in tools}
+    disk_lat = {"imgk": [], "qcow2": []}
+    zero_offsets = _zero_offsets(imgk64, random.Random(7), nreads)
     rss = {t.name: [] for t in tools}
     checked = {}
     rng = random.Random(20261126)
@@ -229,6 +247,16 @@ def main() -> None:
                 rss[t.name].append(t.rss())
             finally:
                 t.stop()
+            t.start()
+            try:
+                drop_caches()
+                zero_lat[t.name].extend(rand_reads(t.file, zero_offsets))
+            finally:
+                t.stop()
+        for key, path in (("imgk", imgk), ("qcow2", qcow)):
+            drop_caches()
+            disk_lat[key].extend(rand_reads(path, [rng.randrange(os.path.getsize(path) // 4096 - 16) * 4096
+                                                   for _ in range(nreads)], 65536))
     names = [t.name for t in tools]
     q = names[-1]
     print("\n" + f"{'':28}" + "".join(f"{n:>26}" for n in names))
@@ -240,9 +268,12 @@ def main() -> None:
             print(f"{f'4K random {phase} p{p} (us)':28}" + "".join(f"{pct(rand[n][phase], p) * 1e6:>26.0f}" for n in names))
             print(f"{'  ratio to qsd':28}" + "".join(f"{pct(rand[n][phase], p) / pct(rand[q][phase], p):>25.2f}x"
                                                      for n in names))
+    print(f"{'floor: 4K zero, cold p50 (us)':28}" + "".join(f"{pct(zero_lat[n], 50) * 1e6:>26.0f}" for n in names))
     print(f"{'daemon peak RSS (MiB)':28}" + "".join(f"{max(rss[n]) / 1024:>26.1f}" for n in names))
     print(f"{'reads match the raw disk':28}" + "".join(f"{str(checked.get(n)):>26}" for n in names))
     print(f"(seq ratio: throughput / qsd's; latency ratio: latency / qsd's, lower is better; imgkit cache {CACHE})")
+    print(f"floor: a cold 64 KiB pread of the image file itself, no FUSE: p50 {pct(disk_lat['imgk'], 50) * 1e6:.0f} us "
+          f"(imgk), {pct(disk_lat['qcow2'], 50) * 1e6:.0f} us (qcow2)")
     if not args.no_find:
         f = bench_find(imgk, qcow, work)
         print(f"\nfiles view of the ext4 partition ({f['imgkit_entries']} vs {f['guestmount_entries']} entries):")
