@@ -7,24 +7,14 @@ Run as root from the repo root with the venv's python (./.venv/bin/python bench/
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import alternate, sha256_of, table, publish  # noqa: E402
+from harness import input_args, IMGKIT_ARGV as IMGKIT, alternate, publish, remover, sha256_of, table  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
-IMGKIT = [sys.executable, "-m", "imgkit"]
-
-
-def rm(*paths):
-    def clean():
-        for p in paths:
-            if os.path.exists(p):
-                os.unlink(p)
-    return clean
 
 
 def bench_input(name: str, quick: bool, runs: int) -> str:
@@ -37,12 +27,12 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
     # restore; filesystem-aware capture (the default since issue 3) is measured in bench_fsaware.py.
     imgkit_cmd = " ".join(IMGKIT) + f" capture --progress none --force --sector-by-sector {src} {imgk}"
     capture = alternate({
-        "imgkit capture --sector-by-sector": (imgkit_cmd, imgk, rm(imgk)),
+        "imgkit capture --sector-by-sector": (imgkit_cmd, imgk, remover(imgk)),
         "imgkit capture, filesystem-aware": (" ".join(IMGKIT) + f" capture --progress none --force {src} {imgk}.fs",
-                                             imgk + ".fs", rm(imgk + ".fs")),
-        "zstd -T2 -3": (f"zstd -q -T2 -3 -f {src} -o {zst}", zst, rm(zst)),
+                                             imgk + ".fs", remover(imgk + ".fs")),
+        "zstd -T2 -3": (f"zstd -q -T2 -3 -f {src} -o {zst}", zst, remover(zst)),
         "qemu-img convert -c zstd": (f"qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd {src} {qcow}",
-                                     qcow, rm(qcow)),
+                                     qcow, remover(qcow)),
     }, runs)
     import subprocess
     ok = subprocess.run(IMGKIT + ["verify", imgk], capture_output=True).returncode == 0
@@ -55,12 +45,12 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
     r_imgk, r_zstd, r_qemu = (os.path.join(out_dir, f"restored-{t}.raw") for t in ("imgk", "zstd", "qemu"))
     restore = alternate({
         "imgkit restore (sparse file)": (" ".join(IMGKIT) + f" restore --yes --progress none {imgk} {r_imgk}",
-                                         None, rm(r_imgk)),
-        "zstd -d --sparse": (f"zstd -q -d --sparse -f {zst} -o {r_zstd}", None, rm(r_zstd)),
+                                         None, remover(r_imgk)),
+        "zstd -d --sparse": (f"zstd -q -d --sparse -f {zst} -o {r_zstd}", None, remover(r_zstd)),
         # imgkit fsyncs before it renames the target into place; this row does the same work.
         "zstd -d --sparse + fsync": (f"zstd -q -d --sparse -f {zst} -o {r_zstd}2 && sync {r_zstd}2", None,
-                                     rm(r_zstd + "2")),
-        "qemu-img convert qcow2->raw": (f"qemu-img convert -f qcow2 -O raw {qcow} {r_qemu}", None, rm(r_qemu)),
+                                     remover(r_zstd + "2")),
+        "qemu-img convert qcow2->raw": (f"qemu-img convert -f qcow2 -O raw {qcow} {r_qemu}", None, remover(r_qemu)),
     }, runs)
     want = sha256_of(src)
     for row, path in zip(restore.values(), (r_imgk, r_zstd, r_zstd + "2", r_qemu)):
@@ -77,13 +67,8 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 GiB inputs, 2 runs")
-    ap.add_argument("--runs", type=int)
-    ap.add_argument("--inputs", nargs="*", default=["A", "B", "F"])
-    args = ap.parse_args()
-    runs = args.runs or (2 if args.quick else 3)
-    report = "".join(bench_input(n, args.quick, runs) for n in args.inputs)
+    args = input_args(__doc__, ["A", "B", "F"])
+    report = "".join(bench_input(n, args.quick, args.runs) for n in args.inputs)
     publish("capture.md", report)
 
 

@@ -14,7 +14,6 @@ Run as root from the repo root with the venv's python (./.venv/bin/python bench/
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -23,20 +22,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import alternate, run_measured, table, publish  # noqa: E402
+from harness import input_args, IMGKIT, alternate, publish, remover, run_measured, table  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
-IMGKIT = " ".join([sys.executable, "-m", "imgkit"])
-
-
-def rm(*paths):
-    def clean():
-        for p in paths:
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.unlink(p)
-    return clean
 
 
 def _allocated_under(paths) -> int:
@@ -88,35 +76,35 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
     sections = [
         ("imgk -> qcow2 (uncompressed)", {
             "imgkit convert imgk->qcow2": (f"{IMGKIT} convert --progress none --force {src_imgk} {o('a.qcow2')}",
-                                           o("a.qcow2"), rm(o("a.qcow2"))),
+                                           o("a.qcow2"), remover(o("a.qcow2"))),
             "qemu-img convert raw->qcow2": (f"qemu-img convert -f raw -O qcow2 -o compat=1.1 {src} {o('b.qcow2')}",
-                                            o("b.qcow2"), rm(o("b.qcow2"))),
+                                            o("b.qcow2"), remover(o("b.qcow2"))),
             # imgkit fsyncs what it writes before renaming it into place; qemu-img does not.
             "(info) qemu-img convert raw->qcow2 + sync": (f"qemu-img convert -f raw -O qcow2 -o compat=1.1 {src} "
                                                           f"{o('i.qcow2')} && sync {o('i.qcow2')}", o("i.qcow2"),
-                                                          rm(o("i.qcow2"))),
+                                                          remover(o("i.qcow2"))),
             # The floor under imgk -> anything: decompressing and hashing every stored chunk.
             "(info) imgkit verify of the imgk": (f"{IMGKIT} verify --progress none {src_imgk}", None, None),
         }, "qemu-img convert raw->qcow2", 1.3),
         ("imgk -> qcow2 (zstd)", {
             "imgkit convert --compress": (f"{IMGKIT} convert --progress none --force --compress {src_imgk} "
-                                          f"{o('c.qcow2')}", o("c.qcow2"), rm(o("c.qcow2"))),
+                                          f"{o('c.qcow2')}", o("c.qcow2"), remover(o("c.qcow2"))),
             "qemu-img convert -c zstd": (f"qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd {src} "
-                                         f"{o('d.qcow2')}", o("d.qcow2"), rm(o("d.qcow2"))),
+                                         f"{o('d.qcow2')}", o("d.qcow2"), remover(o("d.qcow2"))),
             "(info) qemu-img convert -c zstd -W -m 16": (f"qemu-img convert -W -m 16 -f raw -O qcow2 -c -o "
                                                         f"compression_type=zstd {src} {o('h.qcow2')}",
-                                                        o("h.qcow2"), rm(o("h.qcow2"))),
+                                                        o("h.qcow2"), remover(o("h.qcow2"))),
         }, "qemu-img convert -c zstd", 1.0),
         ("qcow2 -> imgk", {
             "imgkit convert qcow2->imgk": (f"{IMGKIT} convert --progress none --force {src_qcow2} {o('e.imgk')}",
-                                           o("e.imgk"), rm(o("e.imgk"))),
+                                           o("e.imgk"), remover(o("e.imgk"))),
             "imgkit convert qcow2->imgk --level 1": (f"{IMGKIT} convert --progress none --force --level 1 "
-                                                     f"{src_qcow2} {o('g.imgk')}", o("g.imgk"), rm(o("g.imgk"))),
+                                                     f"{src_qcow2} {o('g.imgk')}", o("g.imgk"), remover(o("g.imgk"))),
             "qemu-img convert qcow2->raw": (f"qemu-img convert -f qcow2 -O raw {src_qcow2} {o('f.raw')}",
-                                            o("f.raw"), rm(o("f.raw"))),
+                                            o("f.raw"), remover(o("f.raw"))),
             "(info) qemu-img convert qcow2->raw + sync": (f"qemu-img convert -f qcow2 -O raw {src_qcow2} "
                                                           f"{o('j.raw')} && sync {o('j.raw')}", o("j.raw"),
-                                                          rm(o("j.raw"))),
+                                                          remover(o("j.raw"))),
         }, "qemu-img convert qcow2->raw", 1.3),
     ]
     summary = []
@@ -156,13 +144,8 @@ def check(out: str, src: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 GiB inputs, 3 runs")
-    ap.add_argument("--runs", type=int)
-    ap.add_argument("--inputs", nargs="*", default=["F"])
-    args = ap.parse_args()
-    runs = args.runs or 3
-    report = "".join(bench_input(n, args.quick, runs) for n in args.inputs)
+    args = input_args(__doc__, ["F"], quick_runs=3)
+    report = "".join(bench_input(n, args.quick, args.runs) for n in args.inputs)
     publish("convert.md", report)
 
 

@@ -18,10 +18,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, alternate, sha256_of, table, publish  # noqa: E402
+from harness import IMGKIT, Row, alternate, publish, remover, sha256_of, table  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
-IMGKIT = " ".join([sys.executable, "-m", "imgkit"])
 SPLIT = "64M"
 
 
@@ -35,8 +34,6 @@ def rm_image(path: str):
     return clean
 
 
-def rm(path: str):
-    return lambda: os.path.exists(path) and os.unlink(path)
 
 
 def per_run_ratio(a: Row, b: Row, attr: str = "wall") -> float:
@@ -111,9 +108,9 @@ def main() -> None:
     rp, re_, rs = (os.path.join(out, f"restored-{n}.raw") for n in ("plain", "enc", "split"))
     rst = f"{IMGKIT} restore --yes --progress none"
     restore = alternate({
-        "restore": (f"{rst} {plain} {rp}", None, rm(rp)),
-        "restore (encrypted)": (f"{rst} {enc} {re_} --password-file {pw}", None, rm(re_)),
-        f"restore (split {SPLIT})": (f"{rst} {split} {rs}", None, rm(rs)),
+        "restore": (f"{rst} {plain} {rp}", None, remover(rp)),
+        "restore (encrypted)": (f"{rst} {enc} {re_} --password-file {pw}", None, remover(re_)),
+        f"restore (split {SPLIT})": (f"{rst} {split} {rs}", None, remover(rs)),
     }, runs)
     for row, path in zip(restore.values(), (rp, re_, rs)):
         row.check = "sha256 ok" if sha256_of(path) == want else "SHA256 MISMATCH"

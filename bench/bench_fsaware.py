@@ -15,7 +15,6 @@ Usage (root, repo root): ./.venv/bin/python bench/bench_fsaware.py [--quick] [--
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -23,26 +22,14 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import alternate, table, publish  # noqa: E402
+from harness import input_args, IMGKIT, alternate, drop_caches, publish, remover, table  # noqa: E402
 from inputs import WORK, build, build_content  # noqa: E402
 
-IMGKIT = " ".join([sys.executable, "-m", "imgkit"])
 
 
-def rm(*paths):
-    def clean():
-        for p in paths:
-            if os.path.exists(p):
-                os.unlink(p)
-    return clean
-
-
-def drop_caches():
+def drop_page_cache():
     """The peers and imgkit read the same input: give each the same (cold-ish) page cache."""
-    subprocess.run(["sync"])
-    with contextlib.suppress(OSError):
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
+    drop_caches(1)
 
 
 @contextlib.contextmanager
@@ -89,10 +76,10 @@ def bench_b(quick, runs, out_dir):
     src = build("B", quick)
     imgk, pcz = os.path.join(out_dir, "B.imgk"), os.path.join(out_dir, "B.pc.zst")
     rows = alternate({
-        "imgkit capture (fs-aware, L3)": (f"{IMGKIT} capture --progress none --force {src} {imgk}", imgk, rm(imgk)),
+        "imgkit capture (fs-aware, L3)": (f"{IMGKIT} capture --progress none --force {src} {imgk}", imgk, remover(imgk)),
         "partclone.ext4 -c, piped to zstd -T2 -3": (f"partclone.ext4 -q -c -s {src} -o - 2>/dev/null | zstd -q -T2 -3 > {pcz}",
-                                            pcz, rm(pcz)),
-    }, runs, before=drop_caches)
+                                            pcz, remover(pcz)),
+    }, runs, before=drop_page_cache)
     r1 = os.path.join(out_dir, "B.restored")
     subprocess.run(f"{IMGKIT} restore --yes --progress none {imgk} {r1}", shell=True, check=True)
     rows["imgkit capture (fs-aware, L3)"].check = "e2fsck clean" if e2fsck_clean(r1) else "E2FSCK FAILED"
@@ -115,10 +102,10 @@ def bench_f(quick, runs, out_dir):
     src = build("F", quick)
     imgk, qcow = os.path.join(out_dir, "F.imgk"), os.path.join(out_dir, "F.qcow2")
     rows = alternate({
-        "imgkit capture (fs-aware, L3)": (f"{IMGKIT} capture --progress none --force {src} {imgk}", imgk, rm(imgk)),
+        "imgkit capture (fs-aware, L3)": (f"{IMGKIT} capture --progress none --force {src} {imgk}", imgk, remover(imgk)),
         "qemu-img convert -c zstd": (f"qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd {src} {qcow}",
-                                     qcow, rm(qcow)),
-    }, runs, before=drop_caches)
+                                     qcow, remover(qcow)),
+    }, runs, before=drop_page_cache)
     r1 = os.path.join(out_dir, "F.restored")
     subprocess.run(f"{IMGKIT} restore --yes --progress none {imgk} {r1}", shell=True, check=True)
     ok = e2fsck_clean(r1, (1 << 20) + (64 << 20)) and subprocess.run(
@@ -140,11 +127,11 @@ def bench_d(quick, runs, out_dir):
     with loop(small) as dev_a, loop(big) as dev_d:
         rows = alternate({
             f"fs-aware, A ({os.path.getsize(small) >> 30} GiB disk)":
-                (f"{IMGKIT} capture --progress none --force {dev_a} {out_a}", out_a, rm(out_a)),
-            "fs-aware, D (16 GiB disk)": (f"{IMGKIT} capture --progress none --force {dev_d} {out_d}", out_d, rm(out_d)),
+                (f"{IMGKIT} capture --progress none --force {dev_a} {out_a}", out_a, remover(out_a)),
+            "fs-aware, D (16 GiB disk)": (f"{IMGKIT} capture --progress none --force {dev_d} {out_d}", out_d, remover(out_d)),
             "--sector-by-sector, D (16 GiB disk)":
-                (f"{IMGKIT} capture --progress none --force --sector-by-sector {dev_d} {out_s}", out_s, rm(out_s)),
-        }, max(1, runs - 1) if quick else runs, before=drop_caches)
+                (f"{IMGKIT} capture --progress none --force --sector-by-sector {dev_d} {out_s}", out_s, remover(out_s)),
+        }, max(1, runs - 1) if quick else runs, before=drop_page_cache)
     names = list(rows)
     for n in names:
         rows[n].check = "-"
@@ -157,17 +144,12 @@ def bench_d(quick, runs, out_dir):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 GiB inputs, 2 runs")
-    ap.add_argument("--runs", type=int)
-    ap.add_argument("--inputs", nargs="*", default=["B", "F", "D"])
-    args = ap.parse_args()
-    runs = args.runs or (2 if args.quick else 3)
+    args = input_args(__doc__, ["B", "F", "D"])
     out_dir = os.path.join(WORK, "out-fsaware")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     parts = {"B": bench_b, "F": bench_f, "D": bench_d}
-    report = "".join(parts[n](args.quick, runs, out_dir) for n in args.inputs)
+    report = "".join(parts[n](args.quick, args.runs, out_dir) for n in args.inputs)
     shutil.rmtree(out_dir, ignore_errors=True)
     publish("fsaware.md", report)
 

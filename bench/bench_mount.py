@@ -31,9 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
+from harness import IMGKIT_ARGV as IMGKIT, drop_caches  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
-IMGKIT = [sys.executable, "-m", "imgkit"]
 ENV = {**os.environ, "IMGKIT_ACCEL": os.environ.get("IMGKIT_ACCEL", "tcg"),
        "LIBGUESTFS_BACKEND": "direct"}
 CACHE = "64M"
@@ -41,12 +41,6 @@ CACHE = "64M"
 
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV, **kw)
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def mounted(path: str) -> bool:

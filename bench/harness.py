@@ -3,10 +3,49 @@ wall time, user+sys CPU, peak RSS and output size (../shared/guides/benchmarks.m
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+
+IMGKIT_ARGV = [sys.executable, "-m", "imgkit"]  # this interpreter's imgkit (the venv's)
+IMGKIT = " ".join(IMGKIT_ARGV)  # the same, for shell command lines
+
+
+def remover(*paths: str):
+    """A clean-up step for alternate(): delete these files or directories if they exist."""
+    def clean():
+        for p in paths:
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.unlink(p)
+    return clean
+
+
+def input_args(doc: str, inputs: list[str], quick_runs: int = 2, runs: int = 3):
+    """The command line the per-input benchmarks share: --quick (1 GiB inputs), --runs, --inputs.
+    Returns the parsed arguments with .runs filled in."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"1 GiB inputs, {quick_runs} runs")
+    ap.add_argument("--runs", type=int)
+    ap.add_argument("--inputs", nargs="*", default=inputs)
+    args = ap.parse_args()
+    args.runs = args.runs or (quick_runs if args.quick else runs)
+    return args
+
+
+def drop_caches(level: int = 3) -> None:
+    """Give every tool the same cold page cache (1: page cache only; 3: dentries and inodes too)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write(f"{level}\n")
+    except OSError:
+        pass
 
 
 @dataclass
