@@ -4,7 +4,6 @@ boot checker uses (a qcow2 overlay whose backing is the export, with -F raw)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import json
 
 import pytest

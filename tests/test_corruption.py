@@ -151,8 +151,6 @@ def test_newer_required_feature_refused(small_image, tmp_path):
 def _rewrite_with(img_path, tmp_path, name, mutate):
     """Re-seal a small plain image's sections after mutate(sections) changed them (a forger's
     image: every checksum is right, only the content is hostile)."""
-    import json
-    import zstandard
     raw = bytearray(img_path.read_bytes())
     with ImageReader(str(img_path)) as r:
         header, sections = r.header, list(r.sections)

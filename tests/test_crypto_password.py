@@ -10,7 +10,7 @@ import pytest
 
 import imgkit.crypto
 from imgkit.cli.main import main as cli_main
-from imgkit.errors import BadImage, WrongPassword
+from imgkit.errors import BadImage
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
 

@@ -3,7 +3,6 @@ space holds stale data: only used blocks are stored, the maps agree with partclo
 capture -> restore every filesystem checks clean and every file's sha256 matches."""
 import json
 import os
-import shutil
 
 import pytest
 

@@ -3,7 +3,6 @@
 round trips through the CLI with the filesystem checkers; fallbacks to a full capture, with reasons."""
 import json
 import os
-import subprocess
 
 import pytest
 

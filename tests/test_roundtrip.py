@@ -1,7 +1,6 @@
 """Capture -> verify -> restore round trips through the real CLI, byte-identical."""
 import hashlib
 import os
-import subprocess
 
 import pytest
 

@@ -61,4 +61,4 @@ def used_blocks(part: Stream) -> UsedBlocks:
                 n = first + k
                 if n >= 2 and v & mask:
                     bitmap[(n - 2) // 8] |= 1 << ((n - 2) % 8)
-    return UsedBlocks(f"vfat", spc * bps, data_start * bps, clusters, bitmap)
+    return UsedBlocks("vfat", spc * bps, data_start * bps, clusters, bitmap)

@@ -76,7 +76,7 @@ class ImageReader(Stream):
         fd, header, size = self._open_volume(1)
         if header.volume_number != 1:
             raise BadImage(f"{path} is volume {header.volume_number} of an image, not its first volume",
-                           hint=f"open the volume named without a .NNN suffix")
+                           hint="open the volume named without a .NNN suffix")
         self.header = header
         self.volume_sizes = [size]
         core = header.core()
