@@ -1,6 +1,7 @@
 """Shared test helpers. Area-specific fixtures live in tests/<area>/conftest.py."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -53,3 +54,30 @@ def pattern_bytes(size: int, seed: int = 1) -> bytes:
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@contextlib.contextmanager
+def loop_device(path, *extra):
+    """A loop device over `path` (losetup options in `extra`, e.g. "--read-only"), detached after."""
+    dev = subprocess.run(["losetup", "--find", "--show", *extra, str(path)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.fixture(scope="session")
+def fsaware_gpt_disk(tmp_path_factory):
+    """tests/fsaware_disks.py's GPT disk (ESP, BIOS boot, NTFS, FAT, ext4 root; stale free space),
+    captured once filesystem-aware ("aware") and once --sector-by-sector ("full") for every test that
+    reads it. Tests write their outputs elsewhere: the disk and images stay as built."""
+    import fsaware_disks as D
+    work = tmp_path_factory.mktemp("fsaware-disk")
+    path = os.path.join(work, "disk.img")
+    facts = D.build_gpt_disk(path, str(work))
+    aware = os.path.join(work, "aware.imgk")
+    full = os.path.join(work, "full.imgk")
+    run_imgkit("capture", "--progress", "none", path, aware, check=True)
+    run_imgkit("capture", "--progress", "none", "--sector-by-sector", path, full, check=True)
+    return {"path": path, "facts": facts, "aware": aware, "full": full}

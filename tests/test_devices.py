@@ -1,23 +1,12 @@
 """Real loop devices: capture from a block device, restore to one, and every restore refusal."""
-import contextlib
 import os
 import subprocess
 
 import pytest
 
-from conftest import assert_one_line_error, needs_root, pattern_bytes, run_imgkit
+from conftest import assert_one_line_error, loop_device, needs_root, pattern_bytes, run_imgkit
 
 pytestmark = [needs_root, pytest.mark.root]
-
-
-@contextlib.contextmanager
-def loop_device(path, *extra):
-    dev = subprocess.run(["losetup", "--find", "--show", *extra, str(path)], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,9 @@ MiB = D.MiB
 
 
 @pytest.fixture(scope="session")
-def disk(tmp_path_factory):
-    work = tmp_path_factory.mktemp("fsaware-disk")
-    path = os.path.join(work, "disk.img")
-    facts = D.build_gpt_disk(path, str(work))
-    aware = os.path.join(work, "aware.imgk")
-    full = os.path.join(work, "full.imgk")
-    run_imgkit("capture", "--progress", "none", path, aware, check=True)
-    run_imgkit("capture", "--progress", "none", "--sector-by-sector", path, full, check=True)
-    return {"path": path, "work": str(work), "facts": facts, "aware": aware, "full": full}
+def disk(fsaware_gpt_disk, tmp_path_factory):
+    """The shared GPT disk and its two images (conftest.py), with a directory for this module's outputs."""
+    return {**fsaware_gpt_disk, "work": str(tmp_path_factory.mktemp("fsaware-capture"))}
 
 
 def part_range(n):

@@ -1,15 +1,13 @@
 """An MBR disk (active FAT16, an extended partition with a logical ext4, NTFS last): logical
 partitions are mapped, the active partition is guarded by the selection warning, and --grow grows
 NTFS (ntfsresize) and FAT (fatresize) as the last partition."""
-import contextlib
 import json
 import os
-import subprocess
 
 import pytest
 
 import fsaware_disks as D
-from conftest import needs_root, run_imgkit
+from conftest import loop_device, needs_root, run_imgkit
 
 MiB = D.MiB
 # number, start MiB, size MiB
@@ -68,22 +66,13 @@ def test_selection_without_active_partition_warns(mbr):
     os.unlink(out)
 
 
-@contextlib.contextmanager
-def loop(path):
-    dev = subprocess.run(["losetup", "-f", "--show", path], capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev])
-
-
 @needs_root
 @pytest.mark.root
 def test_grow_ntfs_last_partition(mbr):
     backing = os.path.join(mbr["work"], "bigger.img")
     with open(backing, "wb") as f:
         f.truncate(140 * MiB)
-    with loop(backing) as dev:
+    with loop_device(backing) as dev:
         doc = json.loads(run_imgkit("restore", "--yes", "--json", "--progress", "none", "--grow", mbr["image"], dev,
                                     check=True).stdout)
     g = doc["grow"]
@@ -117,7 +106,7 @@ def test_grow_fat32_last_partition(tmp_path):
     backing = str(tmp_path / "bigger.img")
     with open(backing, "wb") as f:
         f.truncate(500 * MiB)
-    with loop(backing) as dev:
+    with loop_device(backing) as dev:
         doc = json.loads(run_imgkit("restore", "--yes", "--json", "--progress", "none", "--grow", img, dev,
                                     check=True).stdout)
     assert doc["grow"]["filesystem"] == "vfat" and doc["grow"]["filesystem_grown"], doc["grow"]

@@ -1,6 +1,5 @@
 """Partition restore (planned by the tool, to a file, a disk's matching partition, a loop partition
 device), dry runs, refusals, and whole-disk restore to a larger disk with --grow, on real disks."""
-import contextlib
 import json
 import os
 import subprocess
@@ -8,29 +7,16 @@ import subprocess
 import pytest
 
 import fsaware_disks as D
-from conftest import assert_one_line_error, needs_root, run_imgkit
+from conftest import assert_one_line_error, loop_device, needs_root, run_imgkit
 
 MiB = D.MiB
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    work = tmp_path_factory.mktemp("fsaware-restore")
-    path = os.path.join(work, "disk.img")
-    facts = D.build_gpt_disk(path, str(work))
-    img = os.path.join(work, "disk.imgk")
-    run_imgkit("capture", "--progress", "none", path, img, check=True)
-    return {"work": str(work), "disk": path, "image": img, "facts": facts}
-
-
-@contextlib.contextmanager
-def loop(path, *extra):
-    dev = subprocess.run(["losetup", "-f", "--show", *extra, path], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
+def image(fsaware_gpt_disk, tmp_path_factory):
+    """The shared GPT disk's filesystem-aware image (conftest.py); outputs go to this module's directory."""
+    return {"work": str(tmp_path_factory.mktemp("fsaware-restore")), "disk": fsaware_gpt_disk["path"],
+            "image": fsaware_gpt_disk["aware"], "facts": fsaware_gpt_disk["facts"]}
 
 
 def check_root(path, facts):
@@ -104,13 +90,13 @@ def test_too_small_partition_refused_with_sizes(image):
 def test_to_loop_partition_device(image):
     backing = os.path.join(image["work"], "loop-backing.img")
     D.stale_file(backing, 100 * MiB, 80)
-    with loop(backing, "-o", str(8 * MiB), "--sizelimit", str(70 * MiB)) as dev:
+    with loop_device(backing, "-o", str(8 * MiB), "--sizelimit", str(70 * MiB)) as dev:
         proc = run_imgkit("restore", "--yes", "--progress", "none", "--partition", "5", image["image"], dev,
                           check=True)
         assert "partition 5" in proc.stdout
     part = D.extract(backing, 8 * MiB, 64 * MiB, backing + ".p")
     check_root(part, image["facts"])
-    with loop(backing, "-o", str(8 * MiB), "--sizelimit", str(40 * MiB)) as dev:
+    with loop_device(backing, "-o", str(8 * MiB), "--sizelimit", str(40 * MiB)) as dev:
         proc = run_imgkit("restore", "--yes", "--partition", "5", image["image"], dev)
         assert_one_line_error(proc, 3, "smaller than partition 5", "40.0 MiB")
     os.unlink(backing), os.unlink(backing + ".p")
@@ -121,7 +107,7 @@ def test_to_loop_partition_device(image):
 def test_whole_disk_to_larger_disk_with_grow(image):
     backing = os.path.join(image["work"], "bigger.img")
     D.stale_file(backing, 256 * MiB, 81)
-    with loop(backing) as dev:
+    with loop_device(backing) as dev:
         doc = json.loads(run_imgkit("restore", "--yes", "--json", "--progress", "none", "--grow", image["image"],
                                     dev, check=True).stdout)
         assert doc["grow"]["moved_gpt"] and doc["grow"]["grown_partition"] == 5
@@ -146,7 +132,7 @@ def test_whole_disk_to_larger_disk_without_grow_keeps_gpt_valid(image):
     backing = os.path.join(image["work"], "bigger2.img")
     with open(backing, "wb") as f:
         f.truncate(200 * MiB)
-    with loop(backing) as dev:
+    with loop_device(backing) as dev:
         proc = run_imgkit("restore", "--yes", "--progress", "none", image["image"], dev, check=True)
         assert "backup GPT moved" in proc.stdout
         assert "No problems found" in D.run("sgdisk", "-v", dev).stdout.decode()
@@ -179,7 +165,7 @@ def test_mounted_read_write_source_kept_whole(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     img = str(tmp_path / "live.imgk")
-    with loop(fs) as dev:
+    with loop_device(fs) as dev:
         for opts, expect in (("rw", "full: mounted read-write on"), ("ro", "used-blocks (ext4)")):
             subprocess.run(["mount", "-o", opts, dev, str(mnt)], check=True)
             try:
@@ -210,7 +196,7 @@ def _restore_grown(tmp_path, img: str, disk_mib: int) -> tuple[dict, str]:
     backing = str(tmp_path / "bigger.img")
     with open(backing, "wb") as f:
         f.truncate(disk_mib * MiB)
-    with loop(backing) as dev:
+    with loop_device(backing) as dev:
         doc = json.loads(run_imgkit("restore", "--yes", "--json", "--progress", "none", "--grow", img, dev,
                                     check=True).stdout)
     return doc["grow"], backing
