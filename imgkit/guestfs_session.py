@@ -53,8 +53,8 @@ class GuestfsSession:
             log.info("starting the libguestfs appliance (%s) on %s", accel, self.drive)
             g.launch()
         except Exception as e:  # GuestFSError or RuntimeError from the binding
-            _close(g)
-            raise FilesUnavailable(f"the libguestfs appliance did not start: {str(e).splitlines()[0]}",
+            close_handle(g)
+            raise FilesUnavailable(f"the libguestfs appliance did not start: {first_line(e)}",
                                    hint="run libguestfs-test-tool to see why") from None
         self.launch_seconds = time.monotonic() - started
         log.info("appliance up in %.1f s", self.launch_seconds)
@@ -77,7 +77,7 @@ class GuestfsSession:
             g.mount_ro(device, where)
             self._mounted[fs] = None
         except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             self._mounted[fs] = FilesUnavailable(f"cannot mount {device} read-only: {msg}")
             log.error("files/%s: cannot mount %s: %s", fs, device, msg)
             raise self._mounted[fs]
@@ -90,14 +90,14 @@ class GuestfsSession:
             try:
                 return fn(self._g, full)
             except RuntimeError as e:  # guestfs.GuestFSError derives from RuntimeError
-                raise FilesUnavailable(f"files/{fs}/{path}: {str(e).splitlines()[0] if str(e) else e}") from None
+                raise FilesUnavailable(f"files/{fs}/{path}: {first_line(e)}") from None
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             g, self._g = self._g, None
         if g is not None:
-            _close(g)
+            close_handle(g)
 
     # the FilesBackend interface (imgkit.vfs) --------------------------------------------------
     def root_stat(self, fs: str) -> dict:
@@ -141,10 +141,10 @@ def new_handle():
             g.set_backend_settings(["force_tcg"])
         g.set_network(False)
     except RuntimeError as e:
-        _close(g)
+        close_handle(g)
         raise EnvironmentProblem(f"libguestfs handle setup failed: {first_line(e)}") from None
     except BaseException:
-        _close(g)
+        close_handle(g)
         raise
     return g, accel
 
@@ -156,10 +156,6 @@ def first_line(e: BaseException) -> str:
 
 def close_handle(g) -> None:
     """Shut the appliance down and close the handle, best effort (never hides the first error)."""
-    _close(g)
-
-
-def _close(g) -> None:
     for step in (g.shutdown, g.close):
         try:
             step()

@@ -42,12 +42,13 @@ def _unescape(field: str) -> str:
 def find_mount(mountpoint: str) -> MountEntry | None:
     """The last (topmost) mount on this path in /proc/self/mountinfo."""
     target = os.path.abspath(mountpoint)
+    names = (target, os.path.realpath(target))
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             a, b = left.split(), right.split()
-            if len(a) >= 5 and len(b) >= 2 and _unescape(a[4]) in (target, os.path.realpath(target)):
+            if len(a) >= 5 and len(b) >= 2 and _unescape(a[4]) in names:
                 found = MountEntry(_unescape(a[4]), b[0], _unescape(b[1]), a[2])
     return found
 

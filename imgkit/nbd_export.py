@@ -108,9 +108,8 @@ def _as_data_or_zero(runs):
 
 
 class NbdExport:
-    """A running export. `socket_path`, `qemu_filename` (use with `-f raw`), `image_opts` (for
-    --image-opts), `json_filename`; `bytes_read` counts bytes sent as data, `bytes_skipped` bytes
-    answered as holes; `errors` collects read failures (the client only sees EIO)."""
+    """A running export. `socket_path`, `qemu_filename` (use with `-f raw`); `bytes_read` counts bytes
+    sent as data, `bytes_skipped` bytes answered as holes; `errors` collects read failures (the client only sees EIO)."""
 
     def __init__(self, stream: Stream, *, workers: int = 2, socket_dir: str | None = None):
         self.stream = stream
@@ -176,16 +175,6 @@ class NbdExport:
     def qemu_filename(self) -> str:
         """An NBD URI for qemu: always pair it with `-f raw` (or `-F raw` as a backing file)."""
         return f"nbd+unix:///?socket={self.socket_path}"
-
-    @property
-    def image_opts(self) -> str:
-        return f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={self.socket_path}"
-
-    @property
-    def json_filename(self) -> str:
-        import json
-        return "json:" + json.dumps({"driver": "raw", "file": {"driver": "nbd", "server": {
-            "type": "unix", "path": self.socket_path}}})
 
     # -- life cycle -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -22,7 +22,7 @@ from .sources import BLKGETSIZE64
 from .stream import DATA, ZERO, Stream
 from .targets import check_block_target_free, refuse_image_on_target
 from .units import format_size
-from .writeback import WRITEBACK_STEP, start_writeback
+from .writeback import WRITEBACK_STEP, fsync_parent_dir, start_writeback
 
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
@@ -153,11 +153,7 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
         if verify:
             _verify_target(image, tmp, progress)
         os.rename(tmp, target)
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_parent_dir(target)
     except KeyboardInterrupt:
         _cleanup(fd, tmp)
         raise Interrupted(f"restore interrupted: {target} was not written") from None

@@ -17,6 +17,7 @@ from .errors import InputError
 from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader, PasswordProvider
 from .formats.imgk_writer import ImageWriter, volume_path
+from .writeback import fsync_parent_dir
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
 
@@ -27,14 +28,6 @@ class RelayoutResult:
     stored_bytes: int
     chunks_copied: int
     seconds: float
-
-
-def _fsync_dir(path: str) -> None:
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def change_password(image: str, old_password: PasswordProvider,
@@ -158,7 +151,7 @@ def relayout(image: str, output: str | None = None, *, split_size: int | None = 
         except FileNotFoundError:
             pass
     if len(old_volumes) > len(paths):
-        _fsync_dir(target)
+        fsync_parent_dir(target)
     progress.finish(stored_bytes=writer.stored_bytes)
     return RelayoutResult(paths, sum(os.path.getsize(p) for p in paths), copied,
                           time.monotonic() - started)

@@ -1,5 +1,6 @@
-"""Start the writeback of a file's dirty pages early, so that the fsync before an atomic rename waits
-for the tail of the output only, not for all of it.
+"""Durability of outputs: start the writeback of a file's dirty pages early, so that the fsync before
+an atomic rename waits for the tail of the output only, not for all of it; fsync the directory after
+the rename.
 
 POSIX_FADV_DONTNEED starts the writeback of the dirty pages in the range (without waiting) and drops
 the clean ones; an output nobody reads next then does not fill the page cache either. Measured: the
@@ -19,6 +20,15 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass
+
+
+def fsync_parent_dir(path: str) -> None:
+    """fsync the directory holding `path`: after a rename, the new name is durable only then."""
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class WritebackNudger:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import zstandard
 
 from ..errors import InputError
-from ..writeback import WRITEBACK_STEP, start_writeback
+from ..writeback import WRITEBACK_STEP, fsync_parent_dir, start_writeback
 from . import imgk_layout as L
 
 
@@ -282,11 +282,7 @@ class ImageWriter:
         order = list(range(1, count)) + [0]  # volume 1, the name users open, appears last
         for i in order:
             os.rename(self._volumes[i][0], finals[i])
-        dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_parent_dir(self.path)
         self._close_fds()
         self._committed = True
         return finals

@@ -127,15 +127,17 @@ def input_hash(name: str) -> str:
     return h.hexdigest()
 
 
-def fixture_dir(name: str) -> str:
-    return os.path.join(cache_dir(), f"{name}-{input_hash(name)[:16]}")
+def fixture_dir(name: str, key: str | None = None) -> str:
+    """Where the build for `name`'s current inputs lives (`key`: input_hash(name), if known)."""
+    return os.path.join(cache_dir(), f"{name}-{(key or input_hash(name))[:16]}")
 
 
 def build_fixture(name: str, rebuild: bool = False) -> str:
     """The path of the fixture's image, built first if the cache has no build for its inputs.
     Safe to call from several processes at once (a lock per fixture)."""
     info = fixture_info(name)
-    final = fixture_dir(name)
+    key = input_hash(name)  # hashes every input: once per call
+    final = fixture_dir(name, key)
     image = os.path.join(final, info.output)
     if os.path.isfile(image) and not rebuild:
         return image
@@ -152,7 +154,7 @@ def build_fixture(name: str, rebuild: bool = False) -> str:
             if os.path.basename(built) != info.output:
                 raise FixtureError(f"recipe {name} made {built}, the manifest says {info.output}")
             with open(os.path.join(work, "input-hash"), "w") as f:
-                f.write(input_hash(name) + "\n")
+                f.write(key + "\n")
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(work, final)  # the directory appears complete or not at all
