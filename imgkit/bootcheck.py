@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from .accel import choose_accel
 from .errors import EnvironmentProblem, InputError
 from .qemu_tools import Limits, find_program, kill_group, popen
+from .qemu_tools import run as run_qemu
 from .qmp import QmpClient
 from .stream import Stream
 
@@ -172,14 +173,6 @@ def find_ovmf() -> tuple[str, str]:
                              hint="apt-get install ovmf, or set IMGKIT_OVMF_CODE and IMGKIT_OVMF_VARS")
 
 
-def _qemu_binary() -> str:
-    path = shutil.which("qemu-system-x86_64")
-    if not path:
-        raise EnvironmentProblem("qemu-system-x86_64 is not installed (needed for boot-check)",
-                                 hint="apt-get install qemu-system-x86")
-    return path
-
-
 _SANDBOX: dict[str, bool] = {}
 
 
@@ -221,7 +214,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
         raise InputError("--timeout must be between 0 and 86400 seconds")
     if not (MIN_MEMORY <= memory <= MAX_MEMORY):
         raise InputError("--memory must be between 16 MiB and 64 GiB")
-    qemu = _qemu_binary()
+    qemu = find_program("qemu-system-x86_64")
     foreign.refuse_json_name(image)
     if not os.path.exists(image):
         raise InputError(f"{image}: no such file or device")
@@ -287,10 +280,11 @@ def _qemu_argv(qemu: str, plan: BootPlan, src: dict, work: str, memory: int, acc
     else:
         overlay = os.path.join(work, "overlay.qcow2")
         # No backing file in the overlay's header: the backing node is given at run time (-blockdev).
-        cmd = [find_program("qemu-img"), "create", "-q", "-f", "qcow2"]
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
         if streamed:
             cmd += ["-o", f"cluster_size={STREAM_CLUSTER}"]
-        subprocess.run(cmd + [overlay, str(max(plan.size, 512))], check=True, capture_output=True, timeout=60)
+        # qemu_tools.run: the same limits, locale and process group as every other qemu-img call
+        run_qemu(cmd + [overlay, str(max(plan.size, 512))], what="qemu-img create (the overlay)")
         argv += ["-blockdev", json.dumps({"driver": "qcow2", "node-name": "disk", "backing": "src",
                                           "file": {"driver": "file", "filename": overlay}})]
         top = "disk"

@@ -36,11 +36,17 @@ def limits_for_size(size: int) -> Limits:
     return Limits(cpu_seconds=120 + mib // 8, address_space=WORK_ADDRESS_SPACE, wall_seconds=300 + mib / 4)
 
 
+_INSTALL_HINTS = {
+    "qemu-system-x86_64": ("boot-check", "apt-get install qemu-system-x86"),
+}
+
+
 def find_program(name: str) -> str:
     path = shutil.which(name)
     if not path:
-        raise EnvironmentProblem(f"{name} is not installed (needed for foreign image formats)",
-                                 hint="apt-get install qemu-utils (Debian/Ubuntu) or qemu-img (Fedora)")
+        need, hint = _INSTALL_HINTS.get(name, (
+            "foreign image formats", "apt-get install qemu-utils (Debian/Ubuntu) or qemu-img (Fedora)"))
+        raise EnvironmentProblem(f"{name} is not installed (needed for {need})", hint=hint)
     return path
 
 
