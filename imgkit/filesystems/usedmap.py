@@ -67,7 +67,3 @@ def set_range(bitmap: bytearray, start: int, count: int) -> None:
     while start < end:
         bitmap[start // 8] |= 1 << (start % 8)
         start += 1
-
-
-def full_bitmap(count: int) -> bytearray:
-    return bytearray(b"\xff" * (-(-count // 8)))

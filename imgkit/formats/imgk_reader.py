@@ -140,6 +140,7 @@ class ImageReader(Stream):
                 state = "truncated" if have < want else "longer than written"
                 raise BadImage(f"volume {n} ({volume_path(path, n)}) is {state}: {have} bytes, expected {want}")
         self.index = L.decode_index(by_type[L.SECTION_INDEX][0], header, self.volume_sizes)
+        self._kinds = self.index.kinds()  # one byte a chunk: kind tests on the read path decode no entry
         try:
             self.metadata = json.loads(by_type[L.SECTION_METADATA][0])
             if not isinstance(self.metadata, dict):
@@ -202,8 +203,12 @@ class ImageReader(Stream):
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def read_stored(self, i: int) -> bytes:
-        e = self.index[i]
+    def _is_data(self, i: int) -> bool:
+        return self._kinds[i] == L.KIND_DATA
+
+    def read_stored(self, i: int, e: L.IndexEntry | None = None) -> bytes:
+        """The stored bytes of DATA chunk i (`e`: its index entry, when the caller has it)."""
+        e = e or self.index[i]
         return _pread_exact(self._fds[e.volume - 1], e.stored_length, e.offset,
                             f"chunk {i} in volume {e.volume}")
 
@@ -212,8 +217,8 @@ class ImageReader(Stream):
         block), so that the decoder threads find them in the page cache instead of each waiting on a
         synchronous read from the disk (a cold sequential mount read was I/O-bound without it)."""
         for i in chunks:
-            e = self.index[i]
-            if e.kind == L.KIND_DATA:
+            if self._is_data(i):
+                e = self.index[i]
                 try:
                     os.posix_fadvise(self._fds[e.volume - 1], e.offset, e.stored_length, os.POSIX_FADV_WILLNEED)
                 except OSError:
@@ -221,14 +226,14 @@ class ImageReader(Stream):
 
     def read_chunk(self, i: int) -> bytes:
         """The verified bytes of chunk i (zeros for ZERO and FREE chunks). Raises CorruptChunk."""
-        e = self.index[i]
-        if e.kind != L.KIND_DATA:
+        if not self._is_data(i):
             return bytes(self.chunk_length(i))
-        return self.decode_stored(i, self.read_stored(i))
-
-    def decode_stored(self, i: int, stored: bytes) -> bytes:
-        """Authenticate, decompress and hash-check the stored bytes of DATA chunk i."""
         e = self.index[i]
+        return self.decode_stored(i, self.read_stored(i, e), e)
+
+    def decode_stored(self, i: int, stored: bytes, e: L.IndexEntry | None = None) -> bytes:
+        """Authenticate, decompress and hash-check the stored bytes of DATA chunk i."""
+        e = e or self.index[i]
         length = self.chunk_length(i)
         offset = i * self.chunk_size
         if self.sealer:
@@ -287,7 +292,7 @@ class ImageReader(Stream):
         base = i * self.chunk_size
         if offset + length > base + self.chunk_length(i):
             return None
-        if self.index[i].kind != L.KIND_DATA:
+        if not self._is_data(i):
             return None
         with self._cache_lock:
             data = self._cache.get(i)
@@ -299,7 +304,7 @@ class ImageReader(Stream):
     def prefetch_chunk(self, i: int) -> None:
         """Decode chunk i into the cache ahead of the reads that will want it; a damaged chunk is left
         for those reads to report."""
-        if 0 <= i < len(self.index) and self.index[i].kind == L.KIND_DATA:
+        if 0 <= i < len(self.index) and self._is_data(i):
             try:
                 self.cached_chunk(i)
             except CorruptChunk:
@@ -320,7 +325,7 @@ class ImageReader(Stream):
         while pos < end:
             i = pos // self.chunk_size
             base = i * self.chunk_size
-            if self.index[i].kind != L.KIND_DATA:
+            if not self._is_data(i):
                 n = min(end, base + self.chunk_length(i)) - pos
                 parts.append(bytes(n))
             elif pos == base and end - base >= self.chunk_length(i):
@@ -334,7 +339,7 @@ class ImageReader(Stream):
     def runs(self) -> Iterator[Run]:
         kinds = {L.KIND_DATA: DATA, L.KIND_ZERO: ZERO, L.KIND_FREE: FREE}
         return merge_runs(Run(kinds[k], i * self.chunk_size, self.chunk_length(i))
-                          for i, k in enumerate(self.index.kinds()))
+                          for i, k in enumerate(self._kinds))
 
     def close(self) -> None:
         for fd in self._fds:

@@ -216,8 +216,7 @@ class ImageWriter:
     # -- completion -----------------------------------------------------------------------------
     def commit(self, metadata: dict) -> list[str]:
         """Write sections, directory and trailer; make the image durable and visible. Returns paths."""
-        level = 19
-        z = zstandard.ZstdCompressor(level=level)
+        z = zstandard.ZstdCompressor(level=LEVEL_HIGH)  # sections are small and written once
         meta_raw = json.dumps(metadata, sort_keys=True).encode()
         if len(meta_raw) > L.MAX_METADATA_LENGTH:
             raise InputError("image metadata exceeds 16 MiB")
