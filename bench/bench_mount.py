@@ -208,7 +208,7 @@ def main() -> None:
     print(f"input F ({tag}): {size >> 20} MiB raw; imgk {os.path.getsize(imgk) >> 20} MiB; "
           f"imgk 64K chunks {os.path.getsize(imgk64) >> 20} MiB; qcow2 zstd {os.path.getsize(qcow) >> 20} MiB; {runs} runs, {nreads} random reads per run")
     work = tempfile.mkdtemp(prefix="bench-mount-", dir=WORK)
-    tools = [ImgkitMount(imgk, work, "imgkit (1M chunks)"), ImgkitMount(imgk64, work, "imgkit (64K chunks)"),
+    tools = [ImgkitMount(imgk, work, "imgkit (2M chunks, default)"), ImgkitMount(imgk64, work, "imgkit (64K chunks)"),
              QsdMount(qcow, work)]
     seq = {t.name: [] for t in tools}
     rand = {t.name: {"cold": [], "warm": []} for t in tools}

@@ -45,7 +45,8 @@ FIRMWARE_POLL = 0.1          # seconds between reads of the firmware log file
 SCREEN_POLL = 1.0            # seconds between reads of the VGA text screen (BIOS guests)
 VGA_TEXT = 0xB8000           # VGA text-mode buffer: 80x25 cells of (character, attribute)
 VGA_COLUMNS, VGA_ROWS = 80, 25
-STREAM_CLUSTER = 1 << 20    # overlay cluster for streamed images: one imgk chunk (default size)
+STREAM_CLUSTER = 2 << 20    # overlay cluster for streamed images: one imgk chunk of the default size
+                             # (2 MiB, also qcow2's largest cluster)
 TCG_TB_MIB = 256             # TCG translation cache; the 1 GiB default would count against RLIMIT_AS
 
 PASS = None

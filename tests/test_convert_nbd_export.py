@@ -33,7 +33,8 @@ def image(tmp_path_factory):
             f.seek(off)
             f.write(pattern_bytes(n, seed=i))
     imgk = str(d / "disk.imgk")
-    api.capture(raw, imgk, sector_by_sector=True)
+    # 1 MiB chunks: the export reports extents at chunk granularity, and LAYOUT is cut to 1 MiB
+    api.capture(raw, imgk, sector_by_sector=True, chunk_size=MiB)
     return {"dir": d, "raw": raw, "imgk": imgk}
 
 

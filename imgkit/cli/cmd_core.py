@@ -37,7 +37,7 @@ def confirm_or_refuse(yes: bool):
 @click.option("--fast", "preset", flag_value="fast", help=f"zstd level {LEVEL_FAST}.")
 @click.option("--high", "preset", flag_value="high", help=f"zstd level {LEVEL_HIGH}.")
 @click.option("--no-compress", "preset", flag_value="none", help="Store chunks uncompressed.")
-@click.option("--chunk-size", type=SIZE, default="1M", show_default=True, help="Chunk size (64K..64M, power of two).")
+@click.option("--chunk-size", type=SIZE, default="2M", show_default=True, help="Chunk size (64K..64M, power of two).")
 @click.option("--split-size", type=SPLIT_SIZE,
               help="Split into volumes of at most SIZE (650M, 4000M) or a preset: fat32 (4 GiB - 1 byte), "
                    "dvd (single-layer DVD, 4,692 MB).")
