@@ -18,12 +18,11 @@ import time
 from dataclasses import dataclass
 
 from .errors import InputError, Interrupted, RefusedTarget
-from .parallel import ordered_map
 from .partitions import Partition, read_partition_table
 from .progress import NullProgress, Progress
-from .restore import RestoreResult, _pwrite_all, _zero_range, restore_stream
+from .restore import WRITE_PIECE, RestoreResult, restore_stream, write_stream
 from .sources import BLKGETSIZE64, RawSource
-from .stream import DATA, ZERO, SliceStream, Stream
+from .stream import SliceStream, Stream
 from .targets import check_block_target_free, refuse_image_on_target
 from .units import format_size
 
@@ -138,7 +137,9 @@ def restore_partition(image: Stream, plan: PartitionPlan, *, image_paths: list[s
                       confirm=None, progress: Progress | None = None) -> RestoreResult:
     """Carry out a plan. `confirm(text)` is asked before anything existing is overwritten."""
     part = SliceStream(image, plan.source.start, plan.source.size)
-    part.chunk_size = getattr(image, "chunk_size", 1 << 20)
+    # Pieces are cut where the image's chunks are (restore._pieces): a partition starts mid-chunk.
+    part.chunk_size = getattr(image, "chunk_size", WRITE_PIECE)
+    part.chunk_phase = plan.source.start
     if plan.target_kind == "new file" or (plan.target_kind == "file" and plan.to_partition is None):
         # A whole file becomes the partition: the core restore (temp name, sparse, rename).
         return restore_stream(part, plan.target, image_paths=image_paths, confirm=confirm, progress=progress)
@@ -162,19 +163,10 @@ def restore_partition(image: Stream, plan: PartitionPlan, *, image_paths: list[s
         fd = os.open(plan.target, flags)
     except OSError as e:
         raise RefusedTarget(f"{plan.target}: cannot open for writing ({e.strerror})") from None
-    written = 0
     try:
-        progress.total = part.size
-        for run in part.runs():
-            if run.kind == ZERO:  # the target's old bytes must not show through
-                _zero_range(fd, plan.offset + run.offset, run.length, False)
-            if run.kind != DATA:
-                progress.advance(run.length)  # FREE: unused by the filesystem, left as it is
-        # Pieces aligned to the image's chunks (the slice may start mid-chunk).
-        for (offset, length), data in ordered_map(lambda p: (p, part.read(*p)), _aligned_pieces(part)):
-            _pwrite_all(fd, data, plan.offset + offset)
-            written += length
-            progress.advance(length)
+        # ZERO runs are zeroed (the target's old bytes must not show through); FREE runs are unused
+        # by the filesystem and left as they are.
+        written = write_stream(part, fd, base=plan.offset, zero_old=True, sparse=False, progress=progress)
         os.fsync(fd)
     except KeyboardInterrupt:
         raise Interrupted(f"restore interrupted: partition on {plan.target} is partially written") from None
@@ -183,16 +175,3 @@ def restore_partition(image: Stream, plan: PartitionPlan, *, image_paths: list[s
     progress.finish()
     return RestoreResult(plan.target, written, time.monotonic() - started, False)
 
-
-def _aligned_pieces(part: SliceStream):
-    """(offset, length) of the slice's data, cut at the image's chunk boundaries."""
-    chunk = part.chunk_size
-    for run in part.runs():
-        if run.kind != DATA:
-            continue
-        pos = run.offset
-        while pos < run.end:
-            absolute = part.offset + pos
-            n = min(run.end - pos, chunk - absolute % chunk)
-            yield pos, n
-            pos += n

@@ -119,7 +119,8 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
                                     f"than the image's {format_size(image.size)} ({image.size} bytes)")
             if confirm is not None and not confirm(plan_text(image, target, target_size, True)):
                 raise InputError("restore cancelled: nothing was written")
-            written = _restore_into(image, fd, True, discard, progress, workers)
+            written = write_stream(image, fd, zero_old=True, sparse=False, discard=discard, progress=progress,
+                                   workers=workers)
             os.fsync(fd)
             if verify:
                 _verify_target(image, target, progress)
@@ -145,7 +146,7 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
         raise InputError(f"{target}: cannot write ({e.strerror})") from None
     try:
         os.ftruncate(fd, image.size)  # holes everywhere; only data is written
-        written = _restore_into(image, fd, False, discard, progress, workers)
+        written = write_stream(image, fd, zero_old=False, sparse=True, progress=progress, workers=workers)
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -175,34 +176,41 @@ def _cleanup(fd: int, tmp: str) -> None:
 
 
 def _pieces(image: Stream, kinds: set[str], piece: int):
-    """(offset, length) pieces of at most `piece` bytes covering the runs of the given kinds,
-    aligned to `piece` so they match the image's chunks."""
+    """(offset, length) pieces of at most `piece` bytes covering the runs of the given kinds, cut
+    where the image's chunks are cut, so no piece makes two chunks decode. A partition's slice starts
+    mid-chunk: its `chunk_phase` says where its byte 0 lies in the image."""
+    phase = getattr(image, "chunk_phase", 0)
     for run in image.runs():
         if run.kind not in kinds:
             continue
         pos = run.offset
         while pos < run.end:
-            n = min(run.end, (pos // piece + 1) * piece) - pos
+            n = min(run.end - pos, piece - (phase + pos) % piece)
             yield pos, n
             pos += n
 
 
-def _restore_into(image: Stream, fd: int, is_block: bool, discard: bool, progress: Progress,
-                  workers: int | None) -> int:
+def write_stream(image: Stream, fd: int, *, base: int = 0, zero_old: bool, sparse: bool,
+                 discard: bool = False, progress: Progress,
+                 workers: int | None = None) -> int:
+    """Write `image` into fd at byte `base`; the data bytes written. `zero_old`: the target's old
+    bytes must not show through zero runs (a device, or a partition inside an existing disk file);
+    `sparse`: the target is all holes, and zero 64 KiB pieces of data stay holes. FREE runs (unused
+    by the filesystem) are left as they are."""
     piece = getattr(image, "chunk_size", WRITE_PIECE)
     written = 0
     progress.total = image.size
     for run in image.runs():
         if run.kind == DATA:
             continue
-        if run.kind == ZERO and is_block:
-            _zero_range(fd, run.offset, run.length, discard)
+        if run.kind == ZERO and zero_old:
+            _zero_range(fd, base + run.offset, run.length, discard)
         progress.advance(run.length)  # FREE runs and file holes cost nothing
-    write = _pwrite_all if is_block else _pwrite_sparse
+    write = _pwrite_sparse if sparse else _pwrite_all
     since_writeback = 0
     for (offset, length), data in ordered_map(lambda p: (p, image.read(*p)), _pieces(image, {DATA}, piece),
                                               workers):
-        write(fd, data, offset)
+        write(fd, data, base + offset)
         written += length
         since_writeback += length
         if since_writeback >= WRITEBACK_STEP:  # the final fsync then waits for the tail only
