@@ -18,6 +18,7 @@ import time
 
 from .errors import EnvironmentProblem, InputError
 from .qemu_tools import Limits, kill_group, popen
+from .writeback import replace_small_file
 
 PROBE_SECONDS = 3.0
 PROBE_BYTE = b"K"
@@ -63,11 +64,8 @@ def _store_verdict(works: bool, seconds: float) -> None:
     path = _cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({**_host_key(), "kvm_works": works, "probe_seconds": round(seconds, 3),
-                       "checked": int(time.time())}, f)
-        os.replace(tmp, path)
+        replace_small_file(path, json.dumps({**_host_key(), "kvm_works": works, "probe_seconds": round(seconds, 3),
+                                             "checked": int(time.time())}))
     except OSError:
         pass  # a read-only home only costs a probe per check
 

@@ -32,6 +32,7 @@ from .qemu_tools import Limits, find_program, kill_group, popen
 from .qemu_tools import run as run_qemu
 from .qmp import QmpClient
 from .stream import Stream
+from .writeback import replace_small_file
 
 DEFAULT_EXPECT = r"IMGKIT-BOOT-OK|\blogin:\s*$"
 DEFAULT_TIMEOUT = 120.0
@@ -589,11 +590,3 @@ def junit_xml(result: BootResult, suite: str = "imgkit.boot-check") -> str:
     out.text = "\n".join(result.console_tail)
     ET.indent(ts)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(ts, encoding="unicode") + "\n"
-
-
-def write_atomically(path: str, text: str) -> None:
-    final = os.path.abspath(path)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, final)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from . import api
 from .errors import EnvironmentProblem, ImgkitError, InputError, OperationFailed
 from .vfs import ImageTree
+from .writeback import replace_small_file
 
 log = logging.getLogger("imgkit.mount")
 DEFAULT_CACHE = 64 << 20
@@ -168,10 +169,8 @@ def _setup_logging(log_file: str | None, foreground: bool, debug: bool) -> None:
 def _write_runtime_file(mountpoint: str, image: str) -> str:
     path = _runtime_file(mountpoint)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"pid": os.getpid(), "mountpoint": mountpoint, "image": os.path.abspath(image)}, f)
-    os.replace(tmp, path)
+    replace_small_file(path, json.dumps({"pid": os.getpid(), "mountpoint": mountpoint,
+                                         "image": os.path.abspath(image)}), mode=0o600)
     return path
 
 

@@ -29,3 +29,21 @@ def test_nudger_waits_for_the_file_and_keeps_data_intact(tmp_path):
     n.close()
     assert n._fd is None
     assert path.read_bytes() == data  # dropped pages are written back, never lost
+
+
+def test_replace_small_file_is_whole_or_old_and_leaves_no_temp(tmp_path):
+    from imgkit.writeback import replace_small_file
+    path = tmp_path / "report.xml"
+    path.write_text("old")
+    replace_small_file(str(path), "new text", mode=0o600)
+    assert path.read_text() == "new text" and (path.stat().st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.xml"]
+
+    try:  # a write that fails half way (here: not text): the old file stays, the temp goes
+        replace_small_file(str(path), 12345)
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("the write should have failed")
+    assert path.read_text() == "new text"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.xml"]

@@ -11,6 +11,7 @@ from .. import bootcheck
 from ..errors import OperationFailed
 from ..formats.foreign import FORMATS
 from ..units import format_size
+from ..writeback import replace_small_file
 from .main import cli
 from .options import SIZE, json_option, password_options, reading_password
 from .output import emit_json
@@ -90,7 +91,7 @@ def boot_check(image, expect, firmware, timeout, memory, accel, image_format, sc
                                   accel=accel, screenshot=screenshot, password=reading_password(password_file),
                                   fmt=image_format, console_log=console_log)
     if junit:
-        bootcheck.write_atomically(junit, bootcheck.junit_xml(result))
+        replace_small_file(junit, bootcheck.junit_xml(result))
     if as_json:
         emit_json(result.to_json())
     else:
