@@ -32,7 +32,6 @@ from .qemu_tools import Limits, find_program, kill_group, popen
 from .qemu_tools import run as run_qemu
 from .qmp import QmpClient
 from .stream import Stream
-from .writeback import replace_small_file
 
 DEFAULT_EXPECT = r"IMGKIT-BOOT-OK|\blogin:\s*$"
 DEFAULT_TIMEOUT = 120.0

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import __version__
+from .blockdev import whole_disk
 from .disk_info import describe_partitions, optical_facts
 from .os_detect import detect_os
 from .errors import InputError, Interrupted, RefusedTarget
@@ -48,20 +49,6 @@ def _device_of_path(path: str) -> int:
     return os.stat(os.path.dirname(os.path.abspath(path)) or ".").st_dev
 
 
-def _whole_disk(dev: int) -> int:
-    """The whole-disk device number of a partition device (itself when it is a whole disk)."""
-    sys_path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
-    try:
-        real = os.path.realpath(sys_path)
-        if os.path.exists(os.path.join(real, "partition")):
-            with open(os.path.join(os.path.dirname(real), "dev")) as f:
-                major, minor = f.read().strip().split(":")
-                return os.makedev(int(major), int(minor))
-    except OSError:
-        pass
-    return dev
-
-
 def refuse_output_on_source(source_path: str, output: str) -> None:
     """Refuse to write an image onto the device being captured, a partition of it, or the source file."""
     st = os.stat(source_path)
@@ -72,7 +59,7 @@ def refuse_output_on_source(source_path: str, output: str) -> None:
         return
     if stat.S_ISBLK(st.st_mode):
         out_dev = _device_of_path(out_abs)
-        if _whole_disk(out_dev) == _whole_disk(st.st_rdev) or out_dev == st.st_rdev:
+        if whole_disk(out_dev) == whole_disk(st.st_rdev) or out_dev == st.st_rdev:
             raise RefusedTarget(f"{output} lies on {source_path}, the device being captured",
                                 hint="write the image to another disk")
 

@@ -85,6 +85,7 @@ def mounted_rw(path: str | None) -> dict[int, str]:
     partitions are mounted read-write: their allocation maps can change while they are read."""
     import os
     import stat
+    from .blockdev import mounts, partitions
     if not path:
         return {}
     try:
@@ -93,35 +94,10 @@ def mounted_rw(path: str | None) -> dict[int, str]:
         return {}
     if not stat.S_ISBLK(st.st_mode):
         return {}
-    rw: dict[int, str] = {}
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 5 and "rw" in fields[5].split(","):
-                    major, minor = fields[2].split(":")
-                    rw.setdefault(os.makedev(int(major), int(minor)), fields[4])
-    except (OSError, ValueError):
-        return {}
-    out = {}
+    rw = mounts(rw_only=True)
+    out = {number: rw[dev] for number, dev in partitions(st.st_rdev).items() if dev in rw}
     if st.st_rdev in rw:
         out[0] = rw[st.st_rdev]
-    base = os.path.realpath(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-    try:
-        children = os.listdir(base)
-    except OSError:
-        children = []
-    for child in children:
-        try:
-            with open(os.path.join(base, child, "partition")) as f:
-                number = int(f.read().strip())
-            with open(os.path.join(base, child, "dev")) as f:
-                major, minor = f.read().strip().split(":")
-        except (OSError, ValueError):
-            continue
-        dev = os.makedev(int(major), int(minor))
-        if dev in rw:
-            out[number] = rw[dev]
     return out
 
 

@@ -10,18 +10,17 @@ A target partition that is too small is refused, naming both sizes.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
-import struct
 import time
 from dataclasses import dataclass
 
+from .blockdev import device_size, is_partition, loop_offset
 from .errors import InputError, Interrupted, RefusedTarget
 from .partitions import Partition, read_partition_table
 from .progress import NullProgress, Progress
 from .restore import WRITE_PIECE, RestoreResult, restore_stream, write_stream
-from .sources import BLKGETSIZE64, RawSource
+from .sources import RawSource
 from .stream import SliceStream, Stream
 from .targets import check_block_target_free, refuse_image_on_target
 from .units import format_size
@@ -59,22 +58,7 @@ class PartitionPlan:
 
 def _is_partition_device(st: os.stat_result) -> bool:
     """A kernel partition, or a loop device over part of a file (losetup -o): holds one filesystem."""
-    sysdir = os.path.realpath(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-    if os.path.exists(os.path.join(sysdir, "partition")):
-        return True
-    try:
-        with open(os.path.join(sysdir, "loop", "offset")) as f:
-            return int(f.read().strip() or 0) > 0
-    except (OSError, ValueError):
-        return False
-
-
-def _device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
-    finally:
-        os.close(fd)
+    return is_partition(st.st_rdev) or loop_offset(st.st_rdev) > 0
 
 
 def plan_partition_restore(image: Stream, target: str, number: int, to_partition: int | None = None,
@@ -111,7 +95,7 @@ def plan_partition_restore(image: Stream, target: str, number: int, to_partition
     if not is_block and not stat.S_ISREG(st.st_mode):
         raise InputError(f"{target}: not a block device or regular file")
     kind = "block device" if is_block else "file"
-    size = _device_size(target) if is_block else st.st_size
+    size = device_size(target) if is_block else st.st_size
     if is_block and _is_partition_device(st):
         if to_partition is not None:
             raise InputError(f"{target} is a partition device: --to-partition does not apply")

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .blockdev import fd_size
 from .errors import InputError, Interrupted, OperationFailed, RefusedTarget
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
-from .sources import BLKGETSIZE64
 from .stream import DATA, ZERO, Stream
 from .targets import check_block_target_free, refuse_image_on_target
 from .units import format_size
@@ -113,7 +113,7 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
         except OSError as e:
             raise RefusedTarget(f"{target}: cannot open exclusively ({e.strerror}): in use?") from None
         try:
-            target_size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
+            target_size = fd_size(fd)
             if target_size < image.size:
                 raise RefusedTarget(f"{target} is {format_size(target_size)} ({target_size} bytes), smaller "
                                     f"than the image's {format_size(image.size)} ({image.size} bytes)")

@@ -2,27 +2,13 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
-import struct
 from typing import Iterator
 
+from .blockdev import BLKGETSIZE64, BLKPBSZGET, BLKSSZGET, ioctl_int
 from .errors import InputError
 from .stream import DATA, ZERO, Run, Stream
-
-BLKGETSIZE64 = 0x80081272
-BLKSSZGET = 0x1268
-BLKPBSZGET = 0x127B
-
-
-def _ioctl_int(fd: int, req: int, fmt: str) -> int | None:
-    try:
-        buf = fcntl.ioctl(fd, req, bytes(struct.calcsize(fmt)))
-        return struct.unpack(fmt, buf)[0]
-    except OSError:
-        return None
-
 
 def _sys_attr(path: str) -> str | None:
     try:
@@ -49,9 +35,9 @@ class RawSource(Stream):
         self.st = st
         self.is_block = stat.S_ISBLK(st.st_mode)
         if self.is_block:
-            self.size = _ioctl_int(self.fd, BLKGETSIZE64, "Q") or os.lseek(self.fd, 0, os.SEEK_END)
-            self.logical_sector_size = _ioctl_int(self.fd, BLKSSZGET, "i") or 512
-            self.physical_sector_size = _ioctl_int(self.fd, BLKPBSZGET, "I") or self.logical_sector_size
+            self.size = ioctl_int(self.fd, BLKGETSIZE64, "Q") or os.lseek(self.fd, 0, os.SEEK_END)
+            self.logical_sector_size = ioctl_int(self.fd, BLKSSZGET, "i") or 512
+            self.physical_sector_size = ioctl_int(self.fd, BLKPBSZGET, "I") or self.logical_sector_size
         elif stat.S_ISREG(st.st_mode):
             self.size = st.st_size
             self.logical_sector_size = self.physical_sector_size = 512
