@@ -202,6 +202,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     or images, EnvironmentProblem when QEMU or OVMF is missing; a failed boot is a BootResult."""
     from . import api
     from .formats import foreign
+    from .formats.qemu_image import format_node
 
     started = time.monotonic()
     expect = expect or DEFAULT_EXPECT
@@ -239,10 +240,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
                     return _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel_name,
                                 accel_why, screenshot, True, started, console_log)
             protocol = "file" if os.path.isfile(image) else "host_device"  # a block device
-            src = {"driver": foreign.QEMU_DRIVER[fmt], "node-name": "src", "read-only": True,
-                   "file": {"driver": protocol, "filename": os.path.abspath(image)}}
-            if fmt in ("qcow2", "vmdk"):
-                src["backing"] = None  # never follow a backing file named inside the image
+            src = format_node(image, fmt, node_name="src", protocol=protocol)  # never a backing file
             return _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel_name,
                         accel_why, screenshot, False, started, console_log)
     finally:

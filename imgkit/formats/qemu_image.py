@@ -47,22 +47,27 @@ def _import_nbd():
     return nbd
 
 
-def blockdev_args(path: str, fmt: str) -> list[str]:
-    """qemu --blockdev options opening `path` read-only as `fmt`, nothing guessed, no backing."""
-    file_node = {"driver": "file", "node-name": "file0", "filename": os.path.abspath(path), "read-only": True}
-    fmt_node = {"driver": QEMU_DRIVER[fmt], "node-name": "fmt0", "file": "file0", "read-only": True}
+def format_node(path: str, fmt: str, *, node_name: str | None = None, protocol: str = "file") -> dict:
+    """The explicit read-only qemu driver chain protocol -> `fmt` for `path`: nothing probed, and
+    `backing: null` where the format can name a backing file (the inspector already refused those:
+    belt and braces). Every qemu process imgkit starts on a foreign image opens it through this."""
+    node = {"driver": QEMU_DRIVER[fmt], "read-only": True,
+            "file": {"driver": protocol, "filename": os.path.abspath(path), "read-only": True}}
+    if node_name:
+        node["node-name"] = node_name
     if fmt in ("qcow2", "vmdk"):
-        fmt_node["backing"] = None  # belt and braces: the inspector already refused backing files
-    return ["--blockdev", json.dumps(file_node), "--blockdev", json.dumps(fmt_node)]
+        node["backing"] = None
+    return node
+
+
+def blockdev_args(path: str, fmt: str) -> list[str]:
+    """qemu-storage-daemon --blockdev options opening `path` as node "fmt0"."""
+    return ["--blockdev", json.dumps(format_node(path, fmt, node_name="fmt0"))]
 
 
 def image_spec(path: str, fmt: str) -> str:
-    """The same explicit chain as one qemu `json:` name, built by imgkit (never taken from a user)."""
-    node = {"driver": QEMU_DRIVER[fmt], "read-only": True,
-            "file": {"driver": "file", "filename": os.path.abspath(path), "read-only": True}}
-    if fmt in ("qcow2", "vmdk"):
-        node["backing"] = None
-    return "json:" + json.dumps(node)
+    """The same chain as one qemu `json:` name (for qemu-img), built by imgkit, never taken from a user."""
+    return "json:" + json.dumps(format_node(path, fmt))
 
 
 class HostMap:
