@@ -39,12 +39,14 @@ def is_imgk(path: str) -> bool:
 
 
 def open_image(path: str, password: Password = None, *, fmt: str | None = None,
-               allow_raw: bool = True) -> Stream:
+               allow_raw: bool = True, serving: bool = False) -> Stream:
     """Open any image imgkit reads as a Stream: imgk, raw (a file or block device), ISO, or a foreign
     qcow2/vhd/vhdx/vmdk image read through qemu. The format is `fmt` if given ("raw" always takes the
     bytes as they are), else imgkit's own reading of the header, never qemu's guess. A foreign image
     is inspected and refused (RefusedImage) before qemu opens it if it is hostile or malformed. With
-    allow_raw=False, a file in no recognised format is refused instead of being taken as raw bytes."""
+    allow_raw=False, a file in no recognised format is refused instead of being taken as raw bytes.
+    `serving`: the stream backs a mount, so the qemu process behind a foreign image gets no CPU or
+    time limit (batch work keeps limits proportional to the disk size)."""
     from .formats import foreign
     foreign.refuse_json_name(path)
     if not os.path.exists(path):
@@ -61,7 +63,8 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     if fmt in foreign.QEMU_FORMATS:
         inspected = foreign.inspect(path, fmt)
         from .formats.qemu_image import QemuImage
-        return QemuImage(path, fmt, inspected)
+        from .qemu_tools import SERVING_LIMITS
+        return QemuImage(path, fmt, inspected, SERVING_LIMITS if serving else None)
     raise InputError(f"unknown image format {fmt!r}", hint="formats: " + ", ".join(foreign.FORMATS))
 
 

@@ -15,7 +15,7 @@ def describe_partitions(disk: Stream) -> tuple[PartitionTable, dict]:
         entry = {"number": p.number, "start": p.start, "size": p.size, "type": p.type,
                  "type_name": p.type_name, "uuid": p.uuid, "name": p.name, "bootable": p.bootable,
                  "logical": p.logical, "filesystem": None, "label": None}
-        if p.type_name not in ("Extended", "W95 Extended (LBA)", "Linux extended") and p.end <= disk.size:
+        if not p.is_extended and p.end <= disk.size:
             found = probe(SliceStream(disk, p.start, p.size))
             entry["filesystem"], entry["label"] = found.type, found.label
         doc["partitions"].append(entry)

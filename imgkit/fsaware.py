@@ -22,7 +22,6 @@ from .formats.imgk_writer import DEFAULT_CHUNK_SIZE
 from .partitions import Partition
 from .stream import SliceStream, Stream
 
-EXTENDED_TYPES = ("0x05", "0x0f", "0x85")
 
 
 @dataclass
@@ -106,7 +105,7 @@ def build_plan(source: Stream, *, partitions: str | None = None, path: str | Non
     """The plan of a filesystem-aware capture of `source` (`path`: its file or device, for partclone)."""
     table, described = describe_partitions(source)
     entries = {e["number"]: e for e in described["partitions"]}
-    parts = [p for p in table.partitions if p.type.lower() not in EXTENDED_TYPES]
+    parts = [p for p in table.partitions if not p.is_extended]
     if not parts:  # no partitions: a superfloppy (a FAT boot sector can pass for an empty MBR)
         from .filesystems.probe import probe
         whole = probe(source)

@@ -113,7 +113,7 @@ def check_fuse() -> None:
 # -- mount --------------------------------------------------------------------------------------
 def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageTree:
     """Open the image (asks the password now, before any daemon exists) and describe it."""
-    img = api.open_image(image, password)
+    img = api.open_image(image, password, serving=True)
     try:
         info = api.image_info(img)
         if hasattr(img, "clear_cache"):
@@ -136,14 +136,6 @@ def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageT
 def _opens_in_process(image: str) -> bool:
     from .formats import foreign
     return not os.path.isfile(image) or foreign.detect_format(image) in ("imgk", "raw", "iso")
-
-
-def _build_foreign_tree(image: str, path: str, password, cache_size: int) -> ImageTree:
-    tree = build_tree(image, path, password, cache_size)
-    timer = getattr(tree.disk.stream, "_timer", None)
-    if timer is not None:
-        timer.cancel()  # its wall-clock limit is meant for batch reads; a mount lives until unmounted
-    return tree
 
 
 def _setup_logging(log_file: str | None, foreground: bool, debug: bool) -> None:
@@ -187,9 +179,10 @@ def mount(image: str, mountpoint: str, *, password=None, foreground: bool = Fals
         tree = build_tree(image, path, password, cache_size)  # errors and the password prompt: here
     else:
         # A foreign image is read through a qemu-storage-daemon child with worker threads: it must
-        # be started by the process that serves it, after the fork. Check it opens first.
-        build_tree(image, path, password, cache_size).disk.stream.close()
-        tree = functools.partial(_build_foreign_tree, image, path, password, cache_size)
+        # be started by the process that serves it, after the fork. Check that it opens first, so
+        # a refused or damaged image is an error here, not in the daemon's log.
+        api.open_image(image, password).close()
+        tree = functools.partial(build_tree, image, path, password, cache_size)
     if foreground:
         tree = tree() if callable(tree) else tree
         _setup_logging(log_file, True, debug)

@@ -38,6 +38,15 @@ GPT_ESP = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 GPT_BIOS_BOOT = "21686148-6449-6e6f-744e-656564454649"
 
 
+MBR_EXTENDED = (0x05, 0x0F, 0x85)  # containers of logical partitions (an EBR chain), not filesystems
+
+
+def is_extended_type(ptype: str) -> bool:
+    """Whether a partition type, as Partition.type and image metadata spell it ("0x0f"), is an
+    MBR extended partition."""
+    return ptype.lower() in {f"0x{t:02x}" for t in MBR_EXTENDED}
+
+
 @dataclass
 class Partition:
     number: int
@@ -62,6 +71,10 @@ class Partition:
     @property
     def is_bios_boot(self) -> bool:
         return self.type == GPT_BIOS_BOOT
+
+    @property
+    def is_extended(self) -> bool:
+        return is_extended_type(self.type)
 
 
 @dataclass
@@ -103,7 +116,7 @@ def _parse_mbr(disk: Stream, sector: bytes, ss: int) -> PartitionTable:
         start, length = lba * ss, count * ss
         if start + length > size:
             table.problems.append(f"partition {i + 1} extends past the end of the disk")
-        if ptype in (0x05, 0x0F, 0x85):
+        if ptype in MBR_EXTENDED:
             extended_start = lba
         table.partitions.append(Partition(i + 1, start, length, f"0x{ptype:02x}",
                                           MBR_TYPES.get(ptype, "unknown"), bootable=status == 0x80))

@@ -21,12 +21,17 @@ WORK_ADDRESS_SPACE = 4 << 30   # convert/serve: qemu's coroutine stacks and buff
 
 @dataclass(frozen=True)
 class Limits:
-    cpu_seconds: int
+    cpu_seconds: int | None  # None: no CPU limit (a daemon that lives as long as a mount)
     address_space: int
-    wall_seconds: float
+    wall_seconds: float | None  # None: no deadline (same)
 
 
 INFO_LIMITS = Limits(INFO_CPU_SECONDS, INFO_ADDRESS_SPACE, 60)
+
+
+# A qemu-storage-daemon behind a mount serves reads for as long as the mount lives, so it gets no
+# CPU or time limit (either would turn into EIO hours later); its memory stays bounded.
+SERVING_LIMITS = Limits(cpu_seconds=None, address_space=WORK_ADDRESS_SPACE, wall_seconds=None)
 
 
 def limits_for_size(size: int) -> Limits:
@@ -66,7 +71,8 @@ _LIBC = _libc()
 
 def _preexec(limits: Limits, die_with_parent: bool):
     def apply():
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
+        if limits.cpu_seconds is not None:
+            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
         resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if die_with_parent and _LIBC is not None:

@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 
 from .errors import ImgkitError, InputError
 from .formats.imgk_layout import KIND_DATA as _KIND_DATA
+from .partitions import is_extended_type
 from .stream import Stream
 
 ROOT_INO = 1
@@ -319,7 +320,7 @@ class ImageTree:
         table = self.info.get("partition_table") or {}
         aliases: dict[bytes, list[bytes]] = {}
         for k, p in enumerate(table.get("partitions") or []):
-            if p.get("type_name") in ("Extended", "W95 Extended (LBA)", "Linux extended"):
+            if is_extended_type(str(p.get("type") or "")):
                 continue  # a container of logical partitions, not a partition with contents
             start, psize = int(p["start"]), int(p["size"])
             if start >= size:

@@ -193,3 +193,20 @@ def test_damage_only_qemu_sees_is_bad_input(tmp_path):
     proc = run_imgkit("convert", bad, tmp_path / "out.imgk")
     assert_one_line_error(proc, 3, "qemu could not open it as vhdx")
     assert sorted(os.listdir(tmp_path)) == ["bad.vhdx"]
+
+
+def _cpu_limit(pid: int) -> str:
+    with open(f"/proc/{pid}/limits") as f:
+        return next(line for line in f if line.startswith("Max cpu time")).split()[3]
+
+
+def test_qemu_behind_a_mount_has_no_cpu_or_time_limit_and_batch_reads_do(tmp_path):
+    # A mount lives for hours: a CPU rlimit or wall-clock timer on its qemu-storage-daemon would turn
+    # into EIO then. Batch reads (convert, capture) keep limits proportional to the disk size.
+    from imgkit import api
+    q = str(tmp_path / "d.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", q, str(8 * MiB))
+    with api.open_image(q, serving=True) as served, api.open_image(q) as batch:
+        assert _cpu_limit(served._proc.pid) == "unlimited" and served._timer is None
+        assert _cpu_limit(batch._proc.pid) != "unlimited" and batch._timer is not None
+        assert served.read(0, 4096) == bytes(4096)

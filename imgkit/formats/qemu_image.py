@@ -173,9 +173,10 @@ class QemuImage(Stream):
             # qemu refused the file: damaged beyond what imgkit's inspection checks (e.g. checksums)
             reason = str(e).split(": ", 1)[-1].rsplit(": ", 1)[-1]
             raise BadImage(f"{self.path}: qemu could not open it as {self.format_name}: {reason}") from None
-        self._timer = threading.Timer(limits.wall_seconds, kill_group, args=(self._proc,))
-        self._timer.daemon = True
-        self._timer.start()
+        if limits.wall_seconds is not None:
+            self._timer = threading.Timer(limits.wall_seconds, kill_group, args=(self._proc,))
+            self._timer.daemon = True
+            self._timer.start()
         # A stream nobody closed must not leave qemu-storage-daemon running: stop it when this
         # object is collected or the interpreter exits.
         self._finalizer = weakref.finalize(self, _stop_daemon, self._proc, self._timer, self._dir)
