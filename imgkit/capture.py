@@ -129,9 +129,19 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
             data = plan.blank(offset, data)
         return encoder.prepare(i, data, length)
 
+    prefetch = getattr(source, "prefetch", None)
+
+    def chunks_to_do():
+        # Runs as work is queued, a few chunks ahead of the workers: the disk reads the next chunks
+        # while the workers compress the current ones, instead of each worker waiting on its read.
+        for i in range(count):
+            if prefetch is not None and has_data[i] == 1:
+                prefetch(i * chunk_size, min(chunk_size, source.size - i * chunk_size))
+            yield i
+
     counts = {L.KIND_DATA: 0, L.KIND_ZERO: 0, L.KIND_FREE: 0}
     try:
-        for chunk in ordered_map(work, range(count), workers or default_workers()):
+        for chunk in ordered_map(work, chunks_to_do(), workers or default_workers()):
             writer.put(chunk)
             counts[chunk.kind] += 1
             progress.advance(chunk.length)

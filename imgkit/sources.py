@@ -70,6 +70,14 @@ class RawSource(Stream):
             out += more
         return out
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading [offset, offset+length) into the page cache without waiting
+        (POSIX_FADV_WILLNEED), so a later read() of it does not block on the disk."""
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
+
     def runs(self) -> Iterator[Run]:
         if self.is_block:
             yield from super().runs()
