@@ -96,13 +96,8 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
                                                                  "kind": "image", "size": src.size}
         sealer_factory = None
         if password is not None:
-            from .crypto import ImageKeys, Sealer, new_key_slot
-            secret = _password_provider(password)()
-
-            def sealer_factory(image_id: bytes, core_digest: bytes):
-                data_key = os.urandom(32)
-                slot = new_key_slot(secret, data_key, core_digest)
-                return Sealer(ImageKeys.from_data_key(data_key, image_id), core_digest), slot
+            from .crypto import sealer_factory_for
+            sealer_factory = sealer_factory_for(_password_provider(password)())
         result = capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
                                 split_size=split_size, sealer_factory=sealer_factory, plan=plan,
                                 force=force, progress=progress)

@@ -63,6 +63,16 @@ def new_key_slot(password: bytes, data_key: bytes, core_digest: bytes,
     return slot
 
 
+def sealer_factory_for(password: bytes):
+    """What ImageWriter calls, once the image's id and header core exist, to encrypt a new image
+    under `password`: a fresh random data key, its key slot, and the Sealer for the chunks."""
+    def new_sealer(image_id: bytes, core_digest: bytes):
+        data_key = os.urandom(32)
+        slot = new_key_slot(password, data_key, core_digest)
+        return Sealer(ImageKeys.from_data_key(data_key, image_id), core_digest), slot
+    return new_sealer
+
+
 def unwrap_data_key(password: bytes, slot: L.KeySlot, core_digest: bytes) -> bytes:
     """One Argon2id derivation; a tag failure means the password is wrong (or the slot was tampered)."""
     InvalidTag, _, AESGCM, _, _ = _crypto()

@@ -20,10 +20,10 @@ import re
 import stat
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from .chunk_cache import ChunkCache
 from .errors import ImgkitError, InputError
 from .formats.imgk_layout import KIND_DATA as _KIND_DATA
 from .partitions import is_extended_type
@@ -87,72 +87,6 @@ class FilesBackend(Protocol):
 
 
 # -- the disk: chunk-aware reads with a bounded LRU of decompressed chunks --------------------------
-class _Pending:
-    __slots__ = ("event", "value", "error")
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.value = None
-        self.error = None
-
-
-class ChunkCache:
-    """Bounded (by bytes) LRU of decompressed chunks. Concurrent requests for one chunk decompress it
-    once (the others wait). Failures are not cached: a corrupt chunk fails every read that touches it."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max(0, max_bytes)
-        self._data: OrderedDict[int, bytes] = OrderedDict()
-        self._bytes = 0
-        self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def __contains__(self, key: int) -> bool:
-        with self._lock:
-            return key in self._data or key in self._pending
-
-    def cached(self, key: int) -> bool:
-        """Whether key's bytes are here now (not merely being loaded by another thread)."""
-        with self._lock:
-            return key in self._data
-
-    def get(self, key: int, load: Callable[[int], bytes]) -> bytes:
-        with self._lock:
-            data = self._data.get(key)
-            if data is not None:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return data
-            pending = self._pending.get(key)
-            owner = pending is None
-            if owner:
-                pending = self._pending[key] = _Pending()
-                self.misses += 1
-        if not owner:
-            pending.event.wait()
-            if pending.error is not None:
-                raise pending.error
-            return pending.value
-        try:
-            data = load(key)
-            pending.value = data
-            return data
-        except BaseException as e:
-            pending.error = e
-            raise
-        finally:
-            with self._lock:
-                del self._pending[key]
-                if pending.error is None and len(pending.value) <= self.max_bytes:
-                    self._data[key] = pending.value
-                    self._bytes += len(pending.value)
-                    while self._bytes > self.max_bytes:
-                        _, old = self._data.popitem(last=False)
-                        self._bytes -= len(old)
-            pending.event.set()
-
-
 class DiskReader:
     """Reads [offset, offset+size) of the disk. For chunked images (imgk: read_chunk, chunk_size)
     only the chunks a read touches are decompressed, through the ChunkCache; other streams (raw

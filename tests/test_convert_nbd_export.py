@@ -174,8 +174,8 @@ def test_small_reads_decode_the_next_chunks_ahead(image):
         h = _client(export)
         h.pread(65536, 4 * MiB)
         deadline = time.monotonic() + 5
-        while not {5, 6} <= set(img._cache) and time.monotonic() < deadline:
+        while not (img.is_cached(5) and img.is_cached(6)) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert {5, 6} <= set(img._cache)
-        assert 7 not in img._cache  # a hole: nothing to decode
+        assert img.is_cached(5) and img.is_cached(6)
+        assert not img.is_cached(7)  # a hole: nothing to decode
         h.shutdown()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections import OrderedDict
 from typing import Callable, Iterator
 
 import zstandard
 
+from ..chunk_cache import ChunkCache
 from ..errors import BadImage, CorruptChunk, InputError
 from ..stream import DATA, FREE, ZERO, Run, Stream, merge_runs
 from . import imgk_layout as L
@@ -48,10 +48,7 @@ class ImageReader(Stream):
             self.close()
             raise
         self._local = threading.local()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cache_max = cache_chunks
-        self._cache_lock = threading.Lock()
-        self._loading: dict[int, threading.Event] = {}
+        self._cache = ChunkCache(cache_chunks * self.chunk_size)
 
     # -- opening --------------------------------------------------------------------------------
     def _open_volume(self, number: int) -> tuple[int, L.Header, int]:
@@ -250,37 +247,11 @@ class ImageReader(Stream):
         return data
 
     def cached_chunk(self, i: int) -> bytes:
-        """Chunk i through the LRU cache. Single-flight: when several threads want the same chunk
-        at once (qemu-img reading 64 KiB pieces 16 at a time over NBD), one decodes it and the
-        others wait for it, instead of each decoding it again (measured: 25% duplicate decodes)."""
-        while True:
-            with self._cache_lock:
-                data = self._cache.get(i)
-                if data is not None:
-                    self._cache.move_to_end(i)
-                    return data
-                loading = self._loading.get(i)
-                if loading is None:
-                    loading = self._loading[i] = threading.Event()
-                    break
-            loading.wait()  # another thread is decoding it; then look in the cache again
-            with self._cache_lock:
-                data = self._cache.get(i)
-            if data is not None:
-                return data
-            # it failed (or was evicted at once): decode it ourselves, raising its error if any
-            return self.read_chunk(i)
-        try:
-            data = self.read_chunk(i)
-            with self._cache_lock:
-                self._cache[i] = data
-                while len(self._cache) > self._cache_max:
-                    self._cache.popitem(last=False)
-            return data
-        finally:
-            with self._cache_lock:
-                self._loading.pop(i, None)
-            loading.set()
+        """Chunk i through the reader's small cache (single-flight: see chunk_cache.py)."""
+        return self._cache.get(i, self.read_chunk)
+
+    def is_cached(self, i: int) -> bool:
+        return self._cache.cached(i)
 
     def read_if_cached(self, offset: int, length: int) -> bytes | None:
         """The bytes of [offset, offset+length) when they lie in one cached DATA chunk, else None.
@@ -294,12 +265,8 @@ class ImageReader(Stream):
             return None
         if not self._is_data(i):
             return None
-        with self._cache_lock:
-            data = self._cache.get(i)
-            if data is None:
-                return None
-            self._cache.move_to_end(i)
-        return data[offset - base:offset - base + length]
+        data = self._cache.peek(i)
+        return None if data is None else data[offset - base:offset - base + length]
 
     def prefetch_chunk(self, i: int) -> None:
         """Decode chunk i into the cache ahead of the reads that will want it; a damaged chunk is left
@@ -312,8 +279,7 @@ class ImageReader(Stream):
 
     def clear_cache(self) -> None:
         """Drop cached chunks (long-lived readers such as the mount keep their own bounded cache)."""
-        with self._cache_lock:
-            self._cache.clear()
+        self._cache.clear()
 
     # -- Stream ---------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
