@@ -50,3 +50,24 @@ def test_boot_check_with_auto_accel(tiny_bios_image, tmp_path):
                                      env={"IMGKIT_ACCEL": "", "XDG_CACHE_HOME": str(tmp_path)})
     assert code == 0, (doc, err)
     assert doc["accel"] in ("kvm", "tcg") and doc["total_seconds"] < accel.PROBE_SECONDS + 10
+
+
+@pytest.mark.parametrize("kvm, tcg, expected", [
+    ((False, 3.0), None, "tcg"),           # the probe guest never ran
+    ((True, 0.12), None, "kvm"),           # a working KVM: fast, no TCG run needed
+    ((True, 2.7), (True, 0.08), "tcg"),    # these machines: finishes, but 30x slower than TCG
+    ((True, 1.4), (True, 0.9), "kvm"),     # a loaded host slows both alike
+])
+def test_decide(kvm, tcg, expected):
+    name, why = accel.decide(*kvm, tcg)
+    assert name == expected and why
+
+
+def test_an_older_probe_verdict_is_not_trusted(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    os.makedirs(tmp_path / "imgkit")
+    with open(tmp_path / "imgkit" / "kvm-probe.json", "w") as f:  # what the first probe rule stored
+        json.dump({**accel._host_key(), "kvm_works": True, "probe_seconds": 2.7}, f)
+    assert accel._cached_verdict() is None
+    accel._store_verdict(False, 2.7)
+    assert accel._cached_verdict() is False
