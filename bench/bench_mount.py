@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
-from harness import IMGKIT_ARGV as IMGKIT, drop_caches  # noqa: E402
+from harness import IMGKIT_ARGV as IMGKIT, drop_caches, publish  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
 ENV = {**os.environ, "IMGKIT_ACCEL": os.environ.get("IMGKIT_ACCEL", "tcg"),
@@ -205,8 +205,10 @@ def main() -> None:
         sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", raw, qcow + ".tmp"])
         os.rename(qcow + ".tmp", qcow)
     size = os.path.getsize(raw)
-    print(f"input F ({tag}): {size >> 20} MiB raw; imgk {os.path.getsize(imgk) >> 20} MiB; "
-          f"imgk 64K chunks {os.path.getsize(imgk64) >> 20} MiB; qcow2 zstd {os.path.getsize(qcow) >> 20} MiB; {runs} runs, {nreads} random reads per run")
+    header = (f"input F ({tag}): {size >> 20} MiB raw; imgk {os.path.getsize(imgk) >> 20} MiB; "
+              f"imgk 64K chunks {os.path.getsize(imgk64) >> 20} MiB; qcow2 zstd {os.path.getsize(qcow) >> 20} MiB; "
+              f"{runs} runs, {nreads} random reads per run")
+    print(header, flush=True)
     work = tempfile.mkdtemp(prefix="bench-mount-", dir=WORK)
     tools = [ImgkitMount(imgk, work, "imgkit (2M chunks, default)"), ImgkitMount(imgk64, work, "imgkit (64K chunks)"),
              QsdMount(qcow, work)]
@@ -253,28 +255,31 @@ def main() -> None:
                                                    for _ in range(nreads)], 65536))
     names = [t.name for t in tools]
     q = names[-1]
-    print("\n" + f"{'':28}" + "".join(f"{n:>26}" for n in names))
-    print(f"{'seq dd bs=1M cold MB/s':28}" + "".join(f"{size / statistics.median(seq[n]) / 1e6:>26.0f}" for n in names))
-    print(f"{'  ratio to qsd':28}" + "".join(f"{statistics.median(seq[q]) / statistics.median(seq[n]):>25.2f}x"
+    out = [header]
+    say = out.append
+    say("\n" + f"{'':28}" + "".join(f"{n:>26}" for n in names))
+    say(f"{'seq dd bs=1M cold MB/s':28}" + "".join(f"{size / statistics.median(seq[n]) / 1e6:>26.0f}" for n in names))
+    say(f"{'  ratio to qsd':28}" + "".join(f"{statistics.median(seq[q]) / statistics.median(seq[n]):>25.2f}x"
                                              for n in names))
     for phase in ("cold", "warm"):
         for p in (50, 99):
-            print(f"{f'4K random {phase} p{p} (us)':28}" + "".join(f"{pct(rand[n][phase], p) * 1e6:>26.0f}" for n in names))
-            print(f"{'  ratio to qsd':28}" + "".join(f"{pct(rand[n][phase], p) / pct(rand[q][phase], p):>25.2f}x"
+            say(f"{f'4K random {phase} p{p} (us)':28}" + "".join(f"{pct(rand[n][phase], p) * 1e6:>26.0f}" for n in names))
+            say(f"{'  ratio to qsd':28}" + "".join(f"{pct(rand[n][phase], p) / pct(rand[q][phase], p):>25.2f}x"
                                                      for n in names))
-    print(f"{'floor: 4K zero, cold p50 (us)':28}" + "".join(f"{pct(zero_lat[n], 50) * 1e6:>26.0f}" for n in names))
-    print(f"{'daemon peak RSS (MiB)':28}" + "".join(f"{max(rss[n]) / 1024:>26.1f}" for n in names))
-    print(f"{'reads match the raw disk':28}" + "".join(f"{str(checked.get(n)):>26}" for n in names))
-    print(f"(seq ratio: throughput / qsd's; latency ratio: latency / qsd's, lower is better; imgkit cache {CACHE})")
-    print(f"floor: a cold 64 KiB pread of the image file itself, no FUSE: p50 {pct(disk_lat['imgk'], 50) * 1e6:.0f} us "
+    say(f"{'floor: 4K zero, cold p50 (us)':28}" + "".join(f"{pct(zero_lat[n], 50) * 1e6:>26.0f}" for n in names))
+    say(f"{'daemon peak RSS (MiB)':28}" + "".join(f"{max(rss[n]) / 1024:>26.1f}" for n in names))
+    say(f"{'reads match the raw disk':28}" + "".join(f"{str(checked.get(n)):>26}" for n in names))
+    say(f"(seq ratio: throughput / qsd's; latency ratio: latency / qsd's, lower is better; imgkit cache {CACHE})")
+    say(f"floor: a cold 64 KiB pread of the image file itself, no FUSE: p50 {pct(disk_lat['imgk'], 50) * 1e6:.0f} us "
           f"(imgk), {pct(disk_lat['qcow2'], 50) * 1e6:.0f} us (qcow2)")
     if not args.no_find:
         f = bench_find(imgk, qcow, work)
-        print(f"\nfiles view of the ext4 partition ({f['imgkit_entries']} vs {f['guestmount_entries']} entries):")
-        print(f"  appliance start: imgkit {f['imgkit_start']:.1f} s, guestmount {f['guestmount_start']:.1f} s")
-        print(f"  find (first):    imgkit {f['imgkit_find']:.2f} s, guestmount {f['guestmount_find']:.2f} s "
+        say(f"\nfiles view of the ext4 partition ({f['imgkit_entries']} vs {f['guestmount_entries']} entries):")
+        say(f"  appliance start: imgkit {f['imgkit_start']:.1f} s, guestmount {f['guestmount_start']:.1f} s")
+        say(f"  find (first):    imgkit {f['imgkit_find']:.2f} s, guestmount {f['guestmount_find']:.2f} s "
               f"(ratio {f['guestmount_find'] / f['imgkit_find']:.2f}x)")
-        print(f"  find (again):    imgkit {f['imgkit_find_again']:.3f} s, guestmount {f['guestmount_find_again']:.3f} s")
+        say(f"  find (again):    imgkit {f['imgkit_find_again']:.3f} s, guestmount {f['guestmount_find_again']:.3f} s")
+    publish("mount.txt", "\n".join(out) + "\n")
     shutil.rmtree(work, ignore_errors=True)
 
 
