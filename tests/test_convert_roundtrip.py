@@ -200,3 +200,24 @@ def test_qemu_daemon_does_not_outlive_imgkit(gpt, tmp_path, how):
         time.sleep(0.1)
     os.kill(daemon, signal.SIGKILL)  # ours: do not leave it behind even when the test fails
     raise AssertionError(f"qemu-storage-daemon {daemon} outlived imgkit ({how})")
+
+
+def test_vhdx_layout_comes_from_inspection_and_a_pending_log_means_no_map(gpt, tmp_path):
+    """The BAT's place and sizes are what foreign.inspect bounded; a header naming a log to replay
+    (the BAT on disk may be stale) or a file changed since inspection gives no map (qemu reads all)."""
+    from imgkit.formats import foreign
+    from imgkit.formats.vhdx_map import read_layout
+    path = str(tmp_path / "d.vhdx")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vhdx", gpt["raw"], path)
+    inspected = foreign.inspect(path, "vhdx")
+    assert inspected.layout.sector_size == 512 and not inspected.layout.log_pending
+    runs, extents = read_layout(path, inspected)
+    assert runs[-1].end == inspected.virtual_size and extents
+    with open(path, "r+b") as f:  # LogGuid of the second header
+        f.seek((128 << 10) + 48)
+        f.write(b"\x01" * 16)
+    pending = foreign.inspect(path, "vhdx")
+    assert pending.layout.log_pending and read_layout(path, pending) is None
+    with open(path, "ab") as f:
+        f.write(bytes(4096))
+    assert read_layout(path, inspected) is None

@@ -46,6 +46,9 @@ class ForeignImage:
     file_size: int
     subformat: str | None = None
     details: dict = field(default_factory=dict)
+    # Where the format's own map lies, as inspection found and bounded it (VHDX: VhdxLayout), so
+    # no later reader parses the headers again. Not part of describe().
+    layout: object = None
 
     def describe(self) -> dict:
         return {"format": self.format, "subformat": self.subformat, "virtual_size": self.virtual_size,
@@ -292,7 +295,17 @@ def _inspect_vhd(r: _Reader) -> ForeignImage:
 # VHDX (MS-VHDX) -------------------------------------------------------------------------------------
 VHDX_BAT = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
 VHDX_METADATA = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E")
+@dataclass(frozen=True)
+class VhdxLayout:
+    bat_offset: int
+    bat_length: int
+    block_size: int
+    sector_size: int | None  # None: the logical sector size item is missing
+    log_pending: bool  # a header names a log to replay: the BAT on disk may be stale
+
+
 VHDX_FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
+VHDX_LOGICAL_SECTOR_SIZE = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
 VHDX_VIRTUAL_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
 VHDX_PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
 VHDX_MAX_ENTRIES = 2047
@@ -300,9 +313,12 @@ VHDX_MAX_ENTRIES = 2047
 
 def _inspect_vhdx(r: _Reader) -> ForeignImage:
     r.read(0, 8, "VHDX file identifier")
+    log_pending = False
     for hoff in (64 << 10, 128 << 10):
-        if r.read(hoff, 4, "VHDX header") != b"head":
+        header = r.read(hoff, 64, "VHDX header")
+        if header[:4] != b"head":
             r.refuse(f"VHDX header at {hoff} missing")
+        log_pending |= header[48:64] != bytes(16)  # LogGuid set: a log to replay
     regions = {}
     for roff in (192 << 10, 256 << 10):
         rt = r.read(roff, 64 << 10, "VHDX region table")
@@ -326,7 +342,7 @@ def _inspect_vhdx(r: _Reader) -> ForeignImage:
     sig, _res, count = struct.unpack_from("<8sHH", mt, 0)
     if sig != b"metadata" or count > VHDX_MAX_ENTRIES:
         r.refuse("VHDX metadata table is invalid")
-    vsize = block_size = None
+    vsize = block_size = sector_size = None
     for i in range(count):
         guid, ioff, ilen, flags = struct.unpack_from("<16sIII", mt, 32 + 32 * i)
         gid = uuid.UUID(bytes_le=guid)
@@ -336,6 +352,8 @@ def _inspect_vhdx(r: _Reader) -> ForeignImage:
             r.refuse("this is a differencing VHDX (it names a parent disk)")
         if gid == VHDX_VIRTUAL_DISK_SIZE:
             (vsize,) = struct.unpack("<Q", r.read(moff + ioff, 8, "VHDX virtual disk size"))
+        if gid == VHDX_LOGICAL_SECTOR_SIZE:
+            (sector_size,) = struct.unpack("<I", r.read(moff + ioff, 4, "VHDX logical sector size"))
         if gid == VHDX_FILE_PARAMETERS:
             block_size, fp_flags = struct.unpack("<II", r.read(moff + ioff, 8, "VHDX file parameters"))
             if fp_flags & 2:
@@ -345,7 +363,9 @@ def _inspect_vhdx(r: _Reader) -> ForeignImage:
     if vsize is None or block_size is None:
         r.refuse("VHDX metadata lacks the virtual disk size or file parameters")
     _check_virtual_size(r, vsize, "VHDX")
-    return ForeignImage(r.path, "vhdx", vsize, r.size, None, {"block_size": block_size})
+    bat_offset, bat_length = regions[VHDX_BAT]
+    return ForeignImage(r.path, "vhdx", vsize, r.size, None, {"block_size": block_size},
+                        layout=VhdxLayout(bat_offset, bat_length, block_size, sector_size, log_pending))
 
 
 # VMDK (VMware Virtual Disk Format 5.0) ----------------------------------------------------------------

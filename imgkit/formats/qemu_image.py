@@ -202,9 +202,10 @@ class QemuImage(Stream):
         with self._lock:
             if self._host_map_built:
                 return
-            if self.format_name == "vhdx":  # qemu's VHDX driver has no block status: read the BAT
+            if self.format_name == "vhdx" and self.size == self.inspected.virtual_size:
+                # qemu's VHDX driver has no block status: read the BAT
                 from .vhdx_map import read_layout
-                layout = read_layout(self.path, self.size)
+                layout = read_layout(self.path, self.inspected)
                 if layout is not None:
                     self._runs, extents = layout
                     self.host_map = HostMap(extents)
