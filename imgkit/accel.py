@@ -134,7 +134,7 @@ def choose_accel(requested: str = "auto") -> tuple[str, str]:
     cached = _cached_verdict()
     if cached is not None:
         return ("kvm", "KVM probe passed (cached for this boot)") if cached else \
-               ("tcg", "KVM probe failed earlier this boot (cached): KVM guests hang here")
+               ("tcg", "KVM probe failed, or ran far slower than TCG, earlier this boot (cached): KVM is broken here")
     works, seconds = probe_kvm()
     tcg = probe_kvm(accel_name="tcg") if works and seconds > FAST_SECONDS else None
     accel_name, why = decide(works, seconds, tcg)

@@ -31,6 +31,7 @@ from .errors import EnvironmentProblem, InputError
 from .qemu_tools import Limits, find_program, kill_group, popen
 from .qemu_tools import run as run_qemu
 from .qmp import QmpClient
+from .formats.imgk_writer import DEFAULT_CHUNK_SIZE
 from .stream import Stream
 
 DEFAULT_EXPECT = r"IMGKIT-BOOT-OK|\blogin:\s*$"
@@ -45,8 +46,9 @@ FIRMWARE_POLL = 0.1          # seconds between reads of the firmware log file
 SCREEN_POLL = 1.0            # seconds between reads of the VGA text screen (BIOS guests)
 VGA_TEXT = 0xB8000           # VGA text-mode buffer: 80x25 cells of (character, attribute)
 VGA_COLUMNS, VGA_ROWS = 80, 25
-STREAM_CLUSTER = 2 << 20    # overlay cluster for streamed images: one imgk chunk of the default size
-                             # (2 MiB, also qcow2's largest cluster)
+QCOW2_MAX_CLUSTER = 2 << 20
+STREAM_CLUSTER = min(DEFAULT_CHUNK_SIZE, QCOW2_MAX_CLUSTER)  # overlay cluster for streamed images:
+                                                            # one imgk chunk of the default size
 TCG_TB_MIB = 256             # TCG translation cache; the 1 GiB default would count against RLIMIT_AS
 
 PASS = None

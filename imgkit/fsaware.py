@@ -23,7 +23,6 @@ from .partitions import Partition
 from .stream import SliceStream, Stream
 
 
-
 @dataclass
 class Region:
     """Bytes [start, end) of the disk that are not simply kept: a partition's map, or all free."""

@@ -6,6 +6,7 @@ allocator once freed (keep_freed_buffers), so they are not faulted in and zeroed
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +17,9 @@ R = TypeVar("R")
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-_buffers_kept = False
 
 
+@functools.cache
 def keep_freed_buffers() -> bool:
     """Make glibc keep freed multi-MiB buffers for reuse instead of returning each to the kernel.
 
@@ -28,9 +29,6 @@ def keep_freed_buffers() -> bool:
     then keeps what the work in flight needs: peak RSS 46 -> 49 MiB there, 47 -> 77 MiB on the 16 GiB
     disk D (its larger allocation maps stay resident). Process-wide and done once; False where the C
     library has no mallopt (musl) and nothing changed."""
-    global _buffers_kept
-    if _buffers_kept:
-        return True
     try:
         import ctypes
         mallopt = ctypes.CDLL(None).mallopt
@@ -38,8 +36,7 @@ def keep_freed_buffers() -> bool:
         return False
     # Below 64 MiB (the largest chunk) from the heap, and up to 32 MiB of free heap top kept (the
     # chunks in flight; 16 and 256 MiB measured the same within noise).
-    _buffers_kept = bool(mallopt(M_MMAP_THRESHOLD, 64 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 32 << 20))
-    return _buffers_kept
+    return bool(mallopt(M_MMAP_THRESHOLD, 64 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 32 << 20))
 
 
 def default_workers() -> int:

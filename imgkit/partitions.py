@@ -39,12 +39,13 @@ GPT_BIOS_BOOT = "21686148-6449-6e6f-744e-656564454649"
 
 
 MBR_EXTENDED = (0x05, 0x0F, 0x85)  # containers of logical partitions (an EBR chain), not filesystems
+_MBR_EXTENDED_NAMES = frozenset(f"0x{t:02x}" for t in MBR_EXTENDED)
 
 
 def is_extended_type(ptype: str) -> bool:
     """Whether a partition type, as Partition.type and image metadata spell it ("0x0f"), is an
     MBR extended partition."""
-    return ptype.lower() in {f"0x{t:02x}" for t in MBR_EXTENDED}
+    return ptype.lower() in _MBR_EXTENDED_NAMES
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .blockdev import holders, is_partition, loop_backing_file, mounts, partitions, whole_disk
+from .blockdev import holders, loop_backing_file, mounts, partitions, whole_disk
 from .errors import RefusedTarget
 
 
@@ -17,7 +17,7 @@ def device_family(dev: int) -> set[int]:
 def check_block_target_free(path: str, rdev: int) -> None:
     """Refuse a device that is mounted, used as swap, or held by another device (LVM, RAID, dm);
     for a whole disk, the same for each of its partitions."""
-    devices = {rdev} | _children(rdev)
+    devices = {rdev, *partitions(rdev).values()}  # a partition has none of its own
     mounted = mounts()
     for d in devices:
         if d in mounted:
@@ -36,11 +36,6 @@ def check_block_target_free(path: str, rdev: int) -> None:
                 raise RefusedTarget(f"{path} is used as swap", hint="swapoff it first")
         except FileNotFoundError:
             pass
-
-
-def _children(dev: int) -> set[int]:
-    """The partitions of a whole disk (none for a partition)."""
-    return set() if is_partition(dev) else set(partitions(dev).values())
 
 
 def refuse_image_on_target(image_paths: list[str], target_path: str, target_rdev: int) -> None:

@@ -8,7 +8,7 @@ import click
 
 from .. import api
 from ..errors import BadImage, InputError, NewerFormat
-from ..formats.imgk_writer import LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
+from ..formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
 from .options import (SIZE, SPLIT_SIZE, json_option, make_progress, new_password, password_options,
@@ -37,7 +37,7 @@ def confirm_or_refuse(yes: bool):
 @click.option("--fast", "preset", flag_value="fast", help=f"zstd level {LEVEL_FAST}.")
 @click.option("--high", "preset", flag_value="high", help=f"zstd level {LEVEL_HIGH}.")
 @click.option("--no-compress", "preset", flag_value="none", help="Store chunks uncompressed.")
-@click.option("--chunk-size", type=SIZE, default="2M", show_default=True, help="Chunk size (64K..64M, power of two).")
+@click.option("--chunk-size", type=SIZE, default=f"{DEFAULT_CHUNK_SIZE >> 20}M", show_default=True, help="Chunk size (64K..64M, power of two).")
 @click.option("--split-size", type=SPLIT_SIZE,
               help="Split into volumes of at most SIZE (650M, 4000M) or a preset: fat32 (4 GiB - 1 byte), "
                    "dvd (single-layer DVD, 4,692 MB).")

@@ -295,6 +295,13 @@ def _inspect_vhd(r: _Reader) -> ForeignImage:
 # VHDX (MS-VHDX) -------------------------------------------------------------------------------------
 VHDX_BAT = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
 VHDX_METADATA = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E")
+VHDX_FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
+VHDX_LOGICAL_SECTOR_SIZE = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
+VHDX_VIRTUAL_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
+VHDX_PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+VHDX_MAX_ENTRIES = 2047
+
+
 @dataclass(frozen=True)
 class VhdxLayout:
     bat_offset: int
@@ -302,13 +309,6 @@ class VhdxLayout:
     block_size: int
     sector_size: int | None  # None: the logical sector size item is missing
     log_pending: bool  # a header names a log to replay: the BAT on disk may be stale
-
-
-VHDX_FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
-VHDX_LOGICAL_SECTOR_SIZE = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
-VHDX_VIRTUAL_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
-VHDX_PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
-VHDX_MAX_ENTRIES = 2047
 
 
 def _inspect_vhdx(r: _Reader) -> ForeignImage:
