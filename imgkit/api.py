@@ -68,6 +68,14 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     raise InputError(f"unknown image format {fmt!r}", hint="formats: " + ", ".join(foreign.FORMATS))
 
 
+def open_restore_source(path: str, password: Password = None) -> Stream:
+    """What restore reads: any image imgkit reads, raw and ISO included (restoring a VM disk or a
+    dd image is a restore too). A file named like an imgk image (.imgk) without imgk's magic is
+    refused rather than written out byte for byte: it is a damaged or mistaken image, not a disk."""
+    imgk_named = ".imgk" in os.path.basename(path).lower()
+    return open_image(path, password, allow_raw=not imgk_named)
+
+
 def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
             split_size: int | None = None, password: Password = None, force: bool = False,
             plan: CapturePlan | None = None, progress: Progress | None = None,
@@ -109,11 +117,12 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
 
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
             discard: bool = False, progress: Progress | None = None, grow: bool = False) -> RestoreResult:
-    """Restore a whole image to a block device or file. `confirm(text) -> bool` is asked before an
+    """Restore a whole image (any format imgkit reads: imgk, qcow2, VHD, VHDX, VMDK, raw, ISO, a
+    block device) to a block device or file. `confirm(text) -> bool` is asked before an
     existing target is overwritten; pass None only when the user already agreed (--yes).
     On a larger target, the backup GPT is moved to the end; `grow` also grows the last partition and
     its filesystem to fill the disk (grow.py)."""
-    with open_image(image, password, allow_raw=False) as img:
+    with open_restore_source(image, password) as img:
         paths = getattr(img, "volume_paths", [image])
         result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
                                 discard=discard, progress=progress)
@@ -130,7 +139,7 @@ def plan_partition_restore(image: str, target: str, number: int, *, to_partition
                            password: Password = None):
     """Where partition `number` of the image would go on `target` (partition_restore.py has the rules)."""
     from .partition_restore import plan_partition_restore as make_plan
-    with open_image(image, password, allow_raw=False) as img:
+    with open_restore_source(image, password) as img:
         return make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
 
 
@@ -138,7 +147,7 @@ def restore_partition(image: str, target: str, number: int, *, to_partition: int
                       password: Password = None, confirm=None, progress: Progress | None = None):
     """Restore one partition of an image; returns (plan, RestoreResult)."""
     from .partition_restore import plan_partition_restore as make_plan, restore_partition as run
-    with open_image(image, password, allow_raw=False) as img:
+    with open_restore_source(image, password) as img:
         plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
         return plan, run(img, plan, image_paths=getattr(img, "volume_paths", [image]), confirm=confirm,
                          progress=progress)

@@ -44,6 +44,9 @@ def refuse_image_on_target(image_paths: list[str], target_path: str, target_rdev
     family = device_family(target_rdev)
     for p in image_paths:
         st = os.stat(p)
+        if stat.S_ISBLK(st.st_mode) and (st.st_rdev in family or whole_disk(st.st_rdev) in family):
+            raise RefusedTarget(f"{target_path} is the device being read ({p})",
+                                hint="restore to another disk")
         if st.st_dev in family:
             raise RefusedTarget(f"{target_path} holds the image being read ({p})",
                                 hint="restore to another disk")

@@ -136,7 +136,7 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
                        + f": {format_size(result.bytes_written)} of data written in {result.seconds:.1f} s")
         return
     if dry_run:
-        with api.open_image(image, password, allow_raw=False) as img:
+        with api.open_restore_source(image, password) as img:
             size = img.size
         doc = {"dry_run": True, "plan": {"image_size": size, "target": target, "grow": grow}}
         emit_json(doc) if as_json else click.echo(
