@@ -61,10 +61,14 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     if fmt in ("raw", "iso"):
         return RawSource(path)
     if fmt in foreign.QEMU_FORMATS:
-        inspected = foreign.inspect(path, fmt)
         from .formats.qemu_image import QemuImage
         from .qemu_tools import SERVING_LIMITS
-        return QemuImage(path, fmt, inspected, SERVING_LIMITS if serving else None)
+        inspected = foreign.inspect(path, fmt)  # holds the descriptor qemu will read: QemuImage owns it
+        try:
+            return QemuImage(path, fmt, inspected, SERVING_LIMITS if serving else None)
+        except BaseException:
+            inspected.close()
+            raise
     raise InputError(f"unknown image format {fmt!r}", hint="formats: " + ", ".join(foreign.FORMATS))
 
 

@@ -226,9 +226,14 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     accel_name, accel_why = choose_accel(accel)
 
     stream = api.open_image(image, password, fmt=fmt)  # inspects foreign headers, checks imgk structure
+    pinned_fd = None
     try:
         metadata = getattr(stream, "metadata", None)
         plan = plan_boot(stream, fmt, firmware, metadata)
+        if fmt in foreign.QEMU_FORMATS:
+            # QEMU reads the very file that was inspected: the inspection's descriptor, duplicated
+            # before the planning stream (which owns it) closes, never the path again.
+            pinned_fd = os.dup(stream.inspected.fd)
         if fmt != "imgk":
             stream.close()  # qemu opens the file itself; the Stream was only for planning
             stream = None
@@ -242,12 +247,16 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
                     return _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel_name,
                                 accel_why, screenshot, True, started, console_log)
             protocol = "file" if os.path.isfile(image) else "host_device"  # a block device
-            src = format_node(image, fmt, node_name="src", protocol=protocol)  # never a backing file
+            # never a backing file; a foreign image through its inspected descriptor
+            src = format_node(image, fmt, fd=pinned_fd, node_name="src", protocol=protocol)
             return _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel_name,
-                        accel_why, screenshot, False, started, console_log)
+                        accel_why, screenshot, False, started, console_log,
+                        pass_fds=(pinned_fd,) if pinned_fd is not None else ())
     finally:
         if stream is not None:
             stream.close()
+        if pinned_fd is not None:
+            os.close(pinned_fd)
 
 
 def _qemu_argv(qemu: str, plan: BootPlan, src: dict, work: str, memory: int, accel: str,
@@ -371,7 +380,7 @@ def _take_screenshot(qmp: QmpClient | None, path: str) -> str | None:
 
 
 def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel, accel_why, screenshot,
-         streamed, started, console_log) -> BootResult:
+         streamed, started, console_log, pass_fds: tuple[int, ...] = ()) -> BootResult:
     argv = _qemu_argv(qemu, plan, src, work, memory, accel, streamed)
     limits = Limits(cpu_seconds=int(timeout) + 60, address_space=memory + (4 << 30), wall_seconds=timeout)
     stderr_path = os.path.join(work, "qemu.stderr")
@@ -383,7 +392,7 @@ def _run(qemu, image, plan, src, work, expect, expect_re, timeout, memory, accel
     qmp = None
     with open(stderr_path, "wb") as stderr:
         # From the main thread, qemu_tools gives QEMU PR_SET_PDEATHSIG: it dies if imgkit is killed.
-        proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=stderr)
+        proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=stderr, pass_fds=pass_fds)
     launched = time.monotonic()
     ended_at = None
     try:

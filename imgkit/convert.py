@@ -164,7 +164,7 @@ def _qemu_options(plan: _Plan) -> list[str]:
 
 
 def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int, progress: Progress,
-                          export=None) -> None:
+                          export=None, pass_fds: tuple[int, ...] = ()) -> None:
     argv = ["qemu-img", "convert", "-p", *src_args, "-O", foreign.QEMU_DRIVER[plan.to], *_qemu_options(plan)]
     if plan.compress and plan.to == "qcow2":
         # Out-of-order writes: qcow2 allocates clusters as they come, and with -c the compression of
@@ -175,7 +175,7 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
     argv.append(tmp)
     limits = limits_for_size(size)
     import subprocess
-    proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
+    proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False, pass_fds=pass_fds)
     err_chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
     reader.start()
@@ -266,10 +266,18 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     _check_destination(source, dest, force)
     direct = _direct_source(source, source_format, plan)
     if direct is not None:  # a file qemu-img reads itself: no stream, no NBD
-        src_fmt, size = direct
+        src_fmt, size, inspected = direct
         progress.total = size
-        _into_temp(dest, lambda tmp: _run_qemu_img_convert(
-            ["-f", foreign.QEMU_DRIVER[src_fmt], os.path.abspath(source)], plan, tmp, size, progress))
+        try:
+            if inspected is None:  # raw or ISO: qemu's raw driver takes the bytes as they are
+                src_args, fds = ["-f", foreign.QEMU_DRIVER[src_fmt], os.path.abspath(source)], ()
+            else:  # the inspected descriptor, with backing: null (qemu_image.format_node)
+                from .formats.qemu_image import image_spec
+                src_args, fds = [image_spec(inspected)], (inspected.fd,)
+            _into_temp(dest, lambda tmp: _run_qemu_img_convert(src_args, plan, tmp, size, progress, pass_fds=fds))
+        finally:
+            if inspected is not None:
+                inspected.close()
         method, virtual = "qemu-img", size
     else:
         src = open_image(source, password, fmt=source_format)  # detects, inspects, refuses hostile images
@@ -292,16 +300,18 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
                          method=method)
 
 
-def _direct_source(source: str, source_format: str | None, plan: _Plan) -> tuple[str, int] | None:
-    """(format, virtual size) when qemu-img can read the source file itself, after inspection."""
+def _direct_source(source: str, source_format: str | None, plan: _Plan):
+    """(format, virtual size, inspection or None) when qemu-img can read the source file itself,
+    after inspection; the caller closes the inspection (it holds the descriptor qemu-img reads)."""
     if plan.to not in foreign.QEMU_FORMATS or plan.pad_to_mib or not os.path.isfile(source):
         return None
     if source_format is None:
         source_format = foreign.detect_format(source)
     if source_format in ("raw", "iso"):
-        return source_format, os.path.getsize(source)
+        return source_format, os.path.getsize(source), None
     if source_format in foreign.QEMU_FORMATS:
-        return source_format, foreign.inspect(source, source_format).virtual_size
+        inspected = foreign.inspect(source, source_format)
+        return source_format, inspected.virtual_size, inspected
     return None
 
 

@@ -107,9 +107,11 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run(argv: list[str], limits: Limits = INFO_LIMITS, what: str | None = None) -> subprocess.CompletedProcess:
-    """Run to completion; a timeout or failure raises with qemu's own message."""
-    proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run(argv: list[str], limits: Limits = INFO_LIMITS, what: str | None = None,
+        pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+    """Run to completion; a timeout or failure raises with qemu's own message. `pass_fds`: the
+    descriptors of inspected images the command opens as /proc/self/fd/N."""
+    proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
     try:
         out, err = proc.communicate(timeout=limits.wall_seconds)
     except subprocess.TimeoutExpired:

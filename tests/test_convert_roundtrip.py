@@ -211,13 +211,13 @@ def test_vhdx_layout_comes_from_inspection_and_a_pending_log_means_no_map(gpt, t
     sh("qemu-img", "convert", "-f", "raw", "-O", "vhdx", gpt["raw"], path)
     inspected = foreign.inspect(path, "vhdx")
     assert inspected.layout.sector_size == 512 and not inspected.layout.log_pending
-    runs, extents = read_layout(path, inspected)
+    runs, extents = read_layout(inspected)
     assert runs[-1].end == inspected.virtual_size and extents
     with open(path, "r+b") as f:  # LogGuid of the second header
         f.seek((128 << 10) + 48)
         f.write(b"\x01" * 16)
     pending = foreign.inspect(path, "vhdx")
-    assert pending.layout.log_pending and read_layout(path, pending) is None
+    assert pending.layout.log_pending and read_layout(pending) is None
     with open(path, "ab") as f:
         f.write(bytes(4096))
-    assert read_layout(path, inspected) is None
+    assert read_layout(inspected) is None

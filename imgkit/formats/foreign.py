@@ -49,6 +49,28 @@ class ForeignImage:
     # Where the format's own map lies, as inspection found and bounded it (VHDX: VhdxLayout), so
     # no later reader parses the headers again. Not part of describe().
     layout: object = None
+    # The descriptor inspection read. qemu gets this same descriptor (qemu_filename), never the
+    # path again: a file swapped after inspection (a clean qcow2 replaced by one naming a backing
+    # or data file) cannot change what qemu reads. Not part of describe(); close() releases it.
+    fd: int = -1
+
+    @property
+    def qemu_filename(self) -> str:
+        """The inspected file as qemu opens it: its inherited descriptor (pass_fds=[fd])."""
+        if self.fd < 0:
+            raise ValueError("this inspection holds no descriptor (closed)")
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def describe(self) -> dict:
         return {"format": self.format, "subformat": self.subformat, "virtual_size": self.virtual_size,
@@ -120,35 +142,44 @@ def _looks_like_vmdk_descriptor(head: bytes) -> bool:
 
 
 # -- inspection -----------------------------------------------------------------------------------
+_INSPECTORS = {}  # filled below the inspectors
+
+
 def inspect(path: str, fmt: str) -> ForeignImage:
-    """Check a foreign image before qemu opens it; raise RefusedImage if it is hostile or malformed."""
+    """Check a foreign image before qemu opens it; raise RefusedImage if it is hostile or malformed.
+    The file is opened once: the result holds that descriptor (ForeignImage.fd), and qemu must be
+    given it (ForeignImage.qemu_filename with pass_fds), so qemu reads the bytes that were checked.
+    The caller closes the result."""
     refuse_json_name(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        reader = _Reader(f, size, path)
-        if fmt == "qcow2":
-            return _inspect_qcow2(reader)
-        if fmt == "vhd":
-            return _inspect_vhd(reader)
-        if fmt == "vhdx":
-            return _inspect_vhdx(reader)
-        if fmt == "vmdk":
-            return _inspect_vmdk(reader)
-    raise InputError(f"{fmt}: not a foreign format imgkit inspects")
+    if fmt not in _INSPECTORS:
+        raise InputError(f"{fmt}: not a foreign format imgkit inspects")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise InputError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedImage(f"{path}: refused: a {fmt} image must be a regular file")
+        result = _INSPECTORS[fmt](_Reader(fd, st.st_size, path))
+        result.fd = fd
+        return result
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class _Reader:
     """Bounded reads: every read names what it wanted, and a read past the end is a refusal."""
 
-    def __init__(self, f, size: int, path: str):
-        self.f, self.size, self.path = f, size, path
+    def __init__(self, fd: int, size: int, path: str):
+        self.fd, self.size, self.path = fd, size, path
 
     def read(self, offset: int, length: int, what: str) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RefusedImage(f"{self.path}: refused before qemu opens it: {what} lies outside the file (offset {offset}, "
                                f"{length} bytes, file is {self.size} bytes): truncated or malformed")
-        self.f.seek(offset)
-        data = self.f.read(length)
+        data = os.pread(self.fd, length, offset)
         if len(data) != length:
             raise RefusedImage(f"{self.path}: refused before qemu opens it: {what}: short read (truncated)")
         return data
@@ -436,3 +467,6 @@ def _inspect_vmdk(r: _Reader) -> ForeignImage:
         r.refuse("VMDK extent size does not match the header capacity")
     return ForeignImage(r.path, "vmdk", capacity * 512, r.size, create_type,
                         {"grain_size": grain * 512, "compressed": bool(compress)})
+
+
+_INSPECTORS.update(qcow2=_inspect_qcow2, vhd=_inspect_vhd, vhdx=_inspect_vhdx, vmdk=_inspect_vmdk)

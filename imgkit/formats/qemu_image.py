@@ -29,7 +29,7 @@ from ..errors import BadImage, EnvironmentProblem, OperationFailed
 from ..errors import ImgkitError
 from ..qemu_tools import INFO_LIMITS, Limits, kill_group, limits_for_size, popen, run, wait_for_socket
 from ..stream import DATA, ZERO, Run, Stream, merge_runs
-from .foreign import QEMU_DRIVER, ForeignImage
+from .foreign import QEMU_DRIVER, QEMU_FORMATS, ForeignImage
 
 EXPORT_NAME = "disk"
 MAX_NBD_READ = 32 << 20
@@ -47,12 +47,19 @@ def _import_nbd():
     return nbd
 
 
-def format_node(path: str, fmt: str, *, node_name: str | None = None, protocol: str = "file") -> dict:
+def format_node(path: str, fmt: str, *, fd: int | None = None, node_name: str | None = None,
+                protocol: str = "file") -> dict:
     """The explicit read-only qemu driver chain protocol -> `fmt` for `path`: nothing probed, and
     `backing: null` where the format can name a backing file (the inspector already refused those:
-    belt and braces). Every qemu process imgkit starts on a foreign image opens it through this."""
+    belt and braces). Every qemu process imgkit starts on a foreign image opens it through this.
+    A foreign image is opened through `fd`, the descriptor its inspection read (foreign.inspect), as
+    /proc/self/fd/N in the qemu process it is passed to: never by its path again, so a file swapped
+    after inspection changes nothing qemu reads."""
+    if fmt in QEMU_FORMATS and fd is None:
+        raise ValueError(f"a {fmt} image reaches qemu only through its inspected descriptor")
+    filename = f"/proc/self/fd/{fd}" if fd is not None else os.path.abspath(path)
     node = {"driver": QEMU_DRIVER[fmt], "read-only": True,
-            "file": {"driver": protocol, "filename": os.path.abspath(path), "read-only": True}}
+            "file": {"driver": protocol, "filename": filename, "read-only": True}}
     if node_name:
         node["node-name"] = node_name
     if fmt in ("qcow2", "vmdk"):
@@ -60,14 +67,16 @@ def format_node(path: str, fmt: str, *, node_name: str | None = None, protocol: 
     return node
 
 
-def blockdev_args(path: str, fmt: str) -> list[str]:
-    """qemu-storage-daemon --blockdev options opening `path` as node "fmt0"."""
-    return ["--blockdev", json.dumps(format_node(path, fmt, node_name="fmt0"))]
+def blockdev_args(inspected: ForeignImage) -> list[str]:
+    """qemu-storage-daemon --blockdev options opening an inspected image as node "fmt0"."""
+    return ["--blockdev", json.dumps(format_node(inspected.path, inspected.format, fd=inspected.fd,
+                                                 node_name="fmt0"))]
 
 
-def image_spec(path: str, fmt: str) -> str:
-    """The same chain as one qemu `json:` name (for qemu-img), built by imgkit, never taken from a user."""
-    return "json:" + json.dumps(format_node(path, fmt))
+def image_spec(inspected: ForeignImage) -> str:
+    """The same chain as one qemu `json:` name (for qemu-img), built by imgkit, never taken from a
+    user. The qemu-img process must inherit inspected.fd (pass_fds)."""
+    return "json:" + json.dumps(format_node(inspected.path, inspected.format, fd=inspected.fd))
 
 
 class HostMap:
@@ -79,10 +88,10 @@ class HostMap:
         self.hosts = [e[2] for e in extents]
 
     @classmethod
-    def build(cls, path: str, fmt: str, file_size: int, virtual_size: int) -> "HostMap":
+    def build(cls, inspected: ForeignImage, file_size: int, virtual_size: int) -> "HostMap":
         try:
-            out = run(["qemu-img", "map", "--output=json", image_spec(path, fmt)], INFO_LIMITS,
-                      what="qemu-img map").stdout
+            out = run(["qemu-img", "map", "--output=json", image_spec(inspected)], INFO_LIMITS,
+                      what="qemu-img map", pass_fds=(inspected.fd,)).stdout
         except ImgkitError:
             return cls([])  # no fast path; NBD still reads everything
         if len(out) > MAX_MAP_OUTPUT:
@@ -149,14 +158,14 @@ class QemuImage(Stream):
                 self._align = max(1, min(4096, h.get_block_size(self._nbd.SIZE_MINIMUM) or 1))
             except (self._nbd.Error, AttributeError):
                 self._align = 512
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = inspected.fd  # the fast path reads the inspected file too, not the path
             self.host_map, self._host_map_built = HostMap([]), False
         except BaseException:
             self.close()
             raise
 
     def _start(self, limits: Limits) -> None:
-        argv = ["qemu-storage-daemon", *blockdev_args(self.path, self.format_name),
+        argv = ["qemu-storage-daemon", *blockdev_args(self.inspected),
                 "--nbd-server", json.dumps({"addr": {"type": "unix", "path": self.socket_path}}),
                 "--export", json.dumps({"type": "nbd", "id": "exp0", "node-name": "fmt0",
                                         "name": EXPORT_NAME, "writable": False})]
@@ -164,7 +173,8 @@ class QemuImage(Stream):
         # would stall qemu.
         log_path = os.path.join(self._dir, "qsd.log")
         with open(log_path, "w") as log:
-            self._proc = popen(argv, limits, stdout=subprocess.DEVNULL, stderr=log)
+            self._proc = popen(argv, limits, stdout=subprocess.DEVNULL, stderr=log,
+                               pass_fds=(self.inspected.fd,))
         try:
             wait_for_socket(self.socket_path, self._proc, log_path)
         except OperationFailed as e:
@@ -205,13 +215,13 @@ class QemuImage(Stream):
             if self.format_name == "vhdx" and self.size == self.inspected.virtual_size:
                 # qemu's VHDX driver has no block status: read the BAT
                 from .vhdx_map import read_layout
-                layout = read_layout(self.path, self.inspected)
+                layout = read_layout(self.inspected)
                 if layout is not None:
                     self._runs, extents = layout
                     self.host_map = HostMap(extents)
                     self._host_map_built = True
                     return
-            self.host_map = HostMap.build(self.path, self.format_name, os.fstat(self._fd).st_size, self.size)
+            self.host_map = HostMap.build(self.inspected, os.fstat(self._fd).st_size, self.size)
             self._host_map_built = True
 
     def describe(self) -> dict:
@@ -285,9 +295,7 @@ class QemuImage(Stream):
                     pos = end
 
     def close(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._fd = -1
         for h in self._handles:
             try:
                 h.shutdown()
@@ -300,3 +308,4 @@ class QemuImage(Stream):
         else:
             _stop_daemon(self._proc, self._timer, self._dir)
         self._proc = None
+        self.inspected.close()  # after qemu stopped: this stream owns the inspection's descriptor

@@ -7,6 +7,7 @@ imgkit falls back to reading everything through qemu.
 """
 from __future__ import annotations
 
+import os
 import struct
 
 from ..stream import DATA, ZERO, Run, merge_runs
@@ -18,13 +19,16 @@ ABSENT = (0, 1, 2, 3)  # not present, undefined, zero, unmapped: read as zeros w
 MAX_BAT_BYTES = 256 << 20
 
 
-def read_layout(path: str, inspected: ForeignImage):
+def read_layout(inspected: ForeignImage):
     """(runs, extents) — extents are (guest start, length, file offset) — or None when unsure. The
     BAT's place, the block and sector sizes come from inspection (foreign.py), which bounded them."""
     layout = inspected.layout
     if not isinstance(layout, VhdxLayout):
         return None
-    with open(path, "rb") as f:
+    if inspected.fd < 0:
+        return None
+    # The inspected descriptor, not the path: the file qemu reads is the file that was inspected.
+    with os.fdopen(os.dup(inspected.fd), "rb") as f:
         size = f.seek(0, 2)
         if size != inspected.file_size:
             return None  # the file changed since it was inspected
