@@ -153,6 +153,12 @@ def build_plan(source: Stream, *, partitions: str | None = None, path: str | Non
         except (struct.error, ValueError, IndexError, OverflowError) as e:  # a parser bug: be safe, keep all
             entry.update(used_bytes=p.size, capture_mode=f"full: {fs}: could not parse the allocation map ({e})")
             continue
+        if used.end_byte > p.size:
+            # A filesystem larger than its partition is damaged; its map would also describe bytes
+            # beyond the partition (beyond the disk: a reader refuses such a map). Keep it whole.
+            entry.update(used_bytes=p.size, capture_mode=f"full: {used.fs}: the filesystem claims "
+                                                         f"{used.end_byte} bytes, its partition holds {p.size}")
+            continue
         entry.update(used_bytes=used.used_bytes(p.size), capture_mode=f"used-blocks ({used.fs})")
         regions.append(Region(p.start, p.end, used, p.start + used.first_byte))
         result.plan.used_maps.append(L.UsedMap(p.number, used.block_size, p.start + used.first_byte,

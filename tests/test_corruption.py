@@ -182,7 +182,7 @@ def test_forged_frame_size_and_section_floods_refused_without_allocation(small_i
         frame = zstandard.ZstdCompressor().compress(bytes(100))
         entry = L.SectionEntry(L.SECTION_USED_MAP, 0, end, len(frame), 100, L.digest(frame))
         return sections + [entry] * 4000, frame
-    with pytest.raises(BadImage, match="used-block maps"):
+    with pytest.raises(BadImage, match="used-block map"):
         ImageReader(str(_rewrite_with(img, tmp_path, "flood.imgk", flood)))
 
     def big_meta(sections, end):  # metadata claiming 200 MiB
@@ -190,7 +190,7 @@ def test_forged_frame_size_and_section_floods_refused_without_allocation(small_i
         out = [s for s in sections if s.type != L.SECTION_METADATA]
         out.append(L.SectionEntry(L.SECTION_METADATA, 1, end, len(frame), 200 << 20, L.digest(frame)))
         return out, frame
-    with pytest.raises(BadImage, match="metadata declares"):
+    with pytest.raises(BadImage, match="metadata sections? declare"):
         ImageReader(str(_rewrite_with(img, tmp_path, "meta.imgk", big_meta)))
 
 

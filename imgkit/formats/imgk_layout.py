@@ -88,6 +88,7 @@ _DIRECTORY_HEAD = struct.Struct("<8sI4x")
 _DIRECTORY_ENTRY = struct.Struct("<IIQQQ32s")
 _TRAILER = struct.Struct("<8s16sQII32s32s24s")
 _USED_MAP_HEAD = struct.Struct("<IIQQ")
+USED_MAP_HEAD_SIZE = _USED_MAP_HEAD.size
 KEY_SLOT_OFFSET = 128
 KEY_SLOT_SIZE = 256
 HEADER_CHECKSUM_OFFSET = HEADER_SIZE - DIGEST_SIZE
@@ -349,6 +350,67 @@ def decode_directory(raw: bytes, directory_offset: int) -> list[SectionEntry]:
     return out
 
 
+@dataclass(frozen=True)
+class SectionBudget:
+    """What a reader will decode of one section type, known from the header before any section is
+    read or decompressed (FORMAT.md, *Section budgets*)."""
+    name: str
+    min_count: int
+    max_count: int
+    max_total: int                   # decoded bytes of all sections of this type together
+    exact_length: int | None = None  # each section's decoded length, when the header fixes it
+
+
+def used_map_bitmap_bytes(logical_size: int) -> int:
+    """The bitmap bytes all USED_MAPs of a disk can need together: maps cover disjoint partitions
+    with blocks of at least 512 bytes, so one bit per 512-byte sector of the disk at most."""
+    return -(-logical_size // (512 * 8))
+
+
+def section_budgets(header: "Header") -> dict[int, SectionBudget]:
+    """The budget of every section type this reader decodes. Types without a budget are not decoded
+    (unknown and not required) or refused (unknown and required). A new section type (e.g. PARENT)
+    gets its entry here, or it is never decoded."""
+    index_length = header.chunk_count * INDEX_ENTRY_SIZE
+    return {
+        SECTION_INDEX: SectionBudget("index", 1, 1, index_length, index_length),
+        SECTION_METADATA: SectionBudget("metadata", 1, 1, MAX_METADATA_LENGTH),
+        SECTION_VOLUMES: SectionBudget("volume table", 1, 1, 8 * header.volume_count, 8 * header.volume_count),
+        SECTION_USED_MAP: SectionBudget(
+            "used-block map", 0, MAX_USED_MAPS,
+            min(MAX_SECTION_LENGTH, MAX_USED_MAPS * (USED_MAP_HEAD_SIZE + 1)
+                + used_map_bitmap_bytes(header.logical_size))),
+    }
+
+
+def check_section_budgets(sections: list["SectionEntry"], header: "Header") -> dict[int, SectionBudget]:
+    """Check the directory as a whole against the budgets before anything is decoded, so the
+    decoded bytes of any image are bounded by its declared geometry: one index of chunk_count x 56
+    bytes, one volume table, metadata <= 16 MiB, and all used-block maps together no larger than
+    one bit per sector of the disk (a crafted directory pointing 1024 entries at one small frame
+    that decodes to 256 MiB is refused here, not after decoding it 1024 times)."""
+    budgets = section_budgets(header)
+    counts: dict[int, int] = {}
+    totals: dict[int, int] = {}
+    for e in sections:
+        b = budgets.get(e.type)
+        if b is None:
+            continue
+        counts[e.type] = counts.get(e.type, 0) + 1
+        totals[e.type] = totals.get(e.type, 0) + e.length
+        if b.exact_length is not None and e.length != b.exact_length:
+            raise BadImage(f"the {b.name} section declares {e.length} bytes, expected {b.exact_length}")
+    for t, b in budgets.items():
+        n = counts.get(t, 0)
+        if not b.min_count <= n <= b.max_count:
+            want = f"exactly {b.min_count}" if b.min_count == b.max_count else f"at most {b.max_count}"
+            raise BadImage(f"the image has {n} {b.name} sections, expected {want}")
+        if totals.get(t, 0) > b.max_total:
+            raise BadImage(f"the {b.name} sections declare {totals[t]} decoded bytes, more than the "
+                           f"{b.max_total} this image's size allows: refusing a crafted or damaged image")
+    return budgets
+
+
 @dataclass
 class Trailer:
     image_id: bytes
@@ -405,13 +467,15 @@ class UsedMap:
                                    self.block_count) + self.bitmap
 
     @classmethod
-    def decode(cls, raw: bytes) -> "UsedMap":
+    def decode(cls, raw: bytes, logical_size: int | None = None) -> "UsedMap":
         if len(raw) < _USED_MAP_HEAD.size:
             raise BadImage("used-block map is truncated")
         part, bs, first, count = _USED_MAP_HEAD.unpack_from(raw)
         bitmap = raw[_USED_MAP_HEAD.size:]
         if bs < 512 or bs > (1 << 20) or bs & (bs - 1) or len(bitmap) != -(-count // 8):
             raise BadImage(f"used-block map of partition {part} is inconsistent")
+        if logical_size is not None and (first > logical_size or count > -(-(logical_size - first) // bs)):
+            raise BadImage(f"used-block map of partition {part} covers blocks beyond the disk")
         return cls(part, bs, first, count, bitmap)
 
 

@@ -121,11 +121,10 @@ class ImageReader(Stream):
         if L.digest(dir_raw, self.mac_key) != trailer.directory_digest:
             raise BadImage("section directory checksum mismatch")
         self.sections = L.decode_directory(dir_raw, trailer.directory_offset)
-        self._check_section_budget(header)
+        budgets = L.check_section_budgets(self.sections, header)  # before decoding anything
         by_type: dict[int, list[bytes]] = {}
         for seq, entry in enumerate(self.sections):
-            known = entry.type in (L.SECTION_INDEX, L.SECTION_METADATA, L.SECTION_VOLUMES, L.SECTION_USED_MAP)
-            if not known:
+            if entry.type not in budgets:
                 if entry.required:
                     raise BadImage(f"image needs section type {entry.type} unknown to this imgkit "
                                    "(made by a newer imgkit)")
@@ -144,30 +143,9 @@ class ImageReader(Stream):
                 raise ValueError
         except (ValueError, RecursionError):
             raise BadImage("image metadata is not a JSON object") from None
-        self.used_maps = [L.UsedMap.decode(raw) for raw in by_type.get(L.SECTION_USED_MAP, [])]
+        self.used_maps = [L.UsedMap.decode(raw, header.logical_size) for raw in by_type.get(L.SECTION_USED_MAP, [])]
         self.size = header.logical_size
         self.chunk_size = header.chunk_size
-
-    def _check_section_budget(self, header: L.Header) -> None:
-        """Before decoding anything: one index, metadata and volume table each, a bounded number of
-        used-block maps, and declared lengths that fit what they describe (a crafted directory could
-        otherwise point thousands of entries at one frame that decodes to 256 MiB)."""
-        counts: dict[int, int] = {}
-        for e in self.sections:
-            counts[e.type] = counts.get(e.type, 0) + 1
-        for t, name in ((L.SECTION_INDEX, "index"), (L.SECTION_METADATA, "metadata"),
-                        (L.SECTION_VOLUMES, "volume table")):
-            if counts.get(t, 0) != 1:
-                raise BadImage(f"the image has {counts.get(t, 0)} {name} sections, expected one")
-        if counts.get(L.SECTION_USED_MAP, 0) > L.MAX_USED_MAPS:
-            raise BadImage(f"the image has {counts[L.SECTION_USED_MAP]} used-block maps (at most {L.MAX_USED_MAPS})")
-        for e in self.sections:
-            want = {L.SECTION_INDEX: header.chunk_count * L.INDEX_ENTRY_SIZE,
-                    L.SECTION_VOLUMES: 8 * header.volume_count}.get(e.type)
-            if want is not None and e.length != want:
-                raise BadImage(f"section type {e.type} declares {e.length} bytes, expected {want}")
-            if e.type == L.SECTION_METADATA and e.length > L.MAX_METADATA_LENGTH:
-                raise BadImage(f"metadata declares {e.length} bytes (at most {L.MAX_METADATA_LENGTH})")
 
     def _read_section(self, seq: int, entry: L.SectionEntry) -> bytes:
         stored = _pread_exact(self._fds[-1], entry.stored_length, entry.offset, f"section {entry.type}")
