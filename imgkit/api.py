@@ -48,6 +48,16 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     `serving`: the stream backs a mount, so the qemu process behind a foreign image gets no CPU or
     time limit (batch work keeps limits proportional to the disk size)."""
     from .formats import foreign
+    from .remote.s3 import is_s3
+    from .remote.rbd_image import RbdSource, is_rbd
+    if is_rbd(path):  # a Ceph block image, read through librbd from a snapshot
+        if fmt not in (None, "raw"):
+            raise InputError(f"{path}: an RBD image is read as raw bytes, not {fmt}")
+        return RbdSource(path)
+    if is_s3(path):  # an object store holds imgk images only (qemu does not read from S3)
+        if fmt not in (None, "imgk"):
+            raise InputError(f"{path}: only imgk images are read from S3, not {fmt}")
+        return ImageReader(path, _password_provider(password))
     foreign.refuse_json_name(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or device")
@@ -120,12 +130,22 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
 
 
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
-            discard: bool = False, progress: Progress | None = None, grow: bool = False) -> RestoreResult:
+            discard: bool = False, progress: Progress | None = None, grow: bool = False,
+            force: bool = False) -> RestoreResult:
     """Restore a whole image (any format imgkit reads: imgk, qcow2, VHD, VHDX, VMDK, raw, ISO, a
     block device) to a block device or file. `confirm(text) -> bool` is asked before an
     existing target is overwritten; pass None only when the user already agreed (--yes).
     On a larger target, the backup GPT is moved to the end; `grow` also grows the last partition and
-    its filesystem to fill the disk (grow.py)."""
+    its filesystem to fill the disk (grow.py). An `rbd:pool/image` target is a new RBD image of
+    the image's size; an existing one is replaced only with `force` (remote/rbd_image.py)."""
+    from .remote.rbd_image import check_target, is_rbd, write_image
+    if is_rbd(target):
+        if grow or discard:
+            raise InputError("--grow and --discard do not apply to an rbd: target (it gets the image's size)")
+        check_target(target, force)  # refuse before reading anything
+        with open_restore_source(image, password) as img:
+            r = write_image(img, target, force=force, progress=progress, verify=verify)
+        return RestoreResult(r.target, r.bytes_written, r.seconds, verify)
     with open_restore_source(image, password) as img:
         paths = getattr(img, "volume_paths", [image])
         result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,

@@ -219,10 +219,14 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     if not (MIN_MEMORY <= memory <= MAX_MEMORY):
         raise InputError("--memory must be between 16 MiB and 64 GiB")
     qemu = find_program("qemu-system-x86_64")
-    foreign.refuse_json_name(image)
-    if not os.path.exists(image):
-        raise InputError(f"{image}: no such file or device")
-    fmt = fmt or (foreign.detect_format(image) if os.path.isfile(image) else "raw")
+    from .remote.s3 import is_s3
+    if is_s3(image):  # an imgk image in S3: served over NBD from ranged GETs, like a local one
+        fmt = fmt or "imgk"
+    else:
+        foreign.refuse_json_name(image)
+        if not os.path.exists(image):
+            raise InputError(f"{image}: no such file or device")
+        fmt = fmt or (foreign.detect_format(image) if os.path.isfile(image) else "raw")
     accel_name, accel_why = choose_accel(accel)
 
     stream = api.open_image(image, password, fmt=fmt)  # inspects foreign headers, checks imgk structure

@@ -16,7 +16,9 @@ from .errors import InputError, Interrupted, RefusedTarget
 from .formats import imgk_layout as L
 from .formats.imgk_writer import (DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, ChunkEncoder, ImageWriter, PreparedChunk,
                                   volume_path)
+from .formats.byte_source import source_exists
 from .parallel import default_workers, ordered_map
+from .remote.s3 import is_s3
 from .progress import NullProgress, Progress
 from .stream import DATA, Stream
 
@@ -51,6 +53,8 @@ def _device_of_path(path: str) -> int:
 
 def refuse_output_on_source(source_path: str, output: str) -> None:
     """Refuse to write an image onto the device being captured, a partition of it, or the source file."""
+    if is_s3(output):
+        return
     st = os.stat(source_path)
     out_abs = os.path.abspath(output)
     if stat.S_ISREG(st.st_mode):
@@ -92,10 +96,10 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
     progress = progress or NullProgress()
     if not force:
         for n in (1, 2):
-            if os.path.exists(volume_path(output, n)):
+            if source_exists(volume_path(output, n)):
                 raise InputError(f"{volume_path(output, n)} already exists", hint="use --force to replace it")
     out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
+    if not is_s3(output) and not os.path.isdir(out_dir):
         raise InputError(f"{out_dir}: no such directory for the image")
     started = time.monotonic()
     metadata = build_metadata(source, source_info, level, plan)
@@ -154,7 +158,7 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
     except BaseException:
         writer.abort()
         raise
-    result = CaptureResult(paths, source.size, sum(os.path.getsize(p) for p in paths), counts[L.KIND_DATA],
+    result = CaptureResult(paths, source.size, sum(writer.volume_sizes), counts[L.KIND_DATA],
                            counts[L.KIND_ZERO], counts[L.KIND_FREE], writer.deduplicated,
                            time.monotonic() - started)
     progress.finish(stored_bytes=result.stored_bytes)

@@ -27,6 +27,8 @@ from .formats.imgk_writer import LEVEL_DEFAULT
 from .nbd_export import export_stream
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
+from .remote.rbd_image import is_rbd
+from .remote.s3 import is_s3
 from .qemu_tools import describe_failure, kill_group, limits_for_size, popen
 from .stream import DATA, Stream
 from .writeback import WRITEBACK_STEP, WritebackNudger, fsync_parent_dir, start_writeback
@@ -105,6 +107,8 @@ def _tmp_name(dest: str) -> str:
 
 
 def _check_destination(source: str, dest: str, force: bool) -> None:
+    if is_s3(dest):
+        return  # capture_stream refuses an existing object without --force
     foreign.refuse_json_name(dest)
     out_dir = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(out_dir):
@@ -230,7 +234,8 @@ def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
         os.ftruncate(fd, stream.size)
         zero = bytes(COPY_PIECE)
         written = 0
-        for (off, length), data in zip(pieces, ordered_map(lambda p: stream.read(*p), pieces)):
+        for (off, length), data in zip(pieces, ordered_map(lambda p: stream.read(*p), pieces,
+                                                                  getattr(stream, "read_workers", None))):
             if len(data) != length:
                 raise OperationFailed(f"short read from the source at offset {off}")
             written += length
@@ -256,6 +261,9 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     progress = progress or NullProgress()
     started = time.monotonic()
     foreign.refuse_json_name(source)
+    if is_rbd(dest):  # a VM disk in Ceph: librbd writes it sparse (remote/rbd_image.py)
+        return _to_rbd(source, dest, source_format, to, compress or subformat or preset or level is not None,
+                       force, password, progress, started)
     to = destination_format(dest, to)
     if to not in foreign.FORMATS:
         raise InputError(f"unknown destination format {to!r}", hint="formats: " + ", ".join(foreign.FORMATS))
@@ -291,13 +299,40 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
             virtual = plan.size or src.size
         finally:
             src.close()
-    st = os.stat(dest)
     if method != "capture":  # capture reports its own end
         progress.finish()
+    if is_s3(dest):
+        from .remote.s3 import S3Object
+        file_size = allocated = S3Object(dest).size
+    else:
+        st = os.stat(dest)
+        file_size, allocated = st.st_size, st.st_blocks * 512
     return ConvertResult(source=source, source_format=src_fmt, destination=dest, format=plan.to,
-                         subformat=plan.subformat, virtual_size=virtual, file_size=st.st_size,
-                         allocated_size=st.st_blocks * 512, seconds=round(time.monotonic() - started, 3),
+                         subformat=plan.subformat, virtual_size=virtual, file_size=file_size,
+                         allocated_size=allocated, seconds=round(time.monotonic() - started, 3),
                          method=method)
+
+
+def _to_rbd(source: str, dest: str, source_format, to, options: bool, force: bool, password,
+            progress: Progress, started: float) -> ConvertResult:
+    from .api import open_image
+    from .remote.rbd_image import check_target, write_image
+    if to not in (None, "rbd", "raw"):
+        raise InputError(f"an rbd: destination is a raw block image, not {to}")
+    if options:
+        raise InputError("--compress, --subformat, --preset and --level do not apply to an rbd: destination")
+    check_target(dest, force)  # refuse before reading anything
+    src = open_image(source, password, fmt=source_format)
+    try:
+        src_fmt = "imgk" if isinstance(src, ImageReader) else getattr(src, "format_name", None) or (
+            source_format or "raw")
+        result = write_image(src, dest, force=force, progress=progress)
+        size = src.size
+    finally:
+        src.close()
+    return ConvertResult(source=source, source_format=src_fmt, destination=result.target, format="rbd",
+                         subformat=None, virtual_size=size, file_size=size, allocated_size=result.bytes_written,
+                         seconds=round(time.monotonic() - started, 3), method="librbd")
 
 
 def _direct_source(source: str, source_format: str | None, plan: _Plan):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from . import api
 from .errors import EnvironmentProblem, ImgkitError, InputError, OperationFailed
+from .remote.s3 import is_s3
 from .vfs import ImageTree
 from .writeback import replace_small_file
 
@@ -118,7 +119,7 @@ def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageT
         info = api.image_info(img)
         if hasattr(img, "clear_cache"):
             img.clear_cache()  # reading the partition table filled the reader's own cache
-        mtime = os.stat(image).st_mtime_ns
+        mtime = getattr(img, "mtime_ns", None) or os.stat(image).st_mtime_ns
         disk_path = os.path.join(mountpoint, "disk.raw")
 
         def files_backend(devices):
@@ -162,7 +163,8 @@ def _write_runtime_file(mountpoint: str, image: str) -> str:
     path = _runtime_file(mountpoint)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     replace_small_file(path, json.dumps({"pid": os.getpid(), "mountpoint": mountpoint,
-                                         "image": os.path.abspath(image)}), mode=0o600)
+                                         "image": image if is_s3(image) else os.path.abspath(image)}),
+                       mode=0o600)
     return path
 
 
@@ -174,7 +176,8 @@ def mount(image: str, mountpoint: str, *, password=None, foreground: bool = Fals
     check_fuse()
     if log_file:
         log_file = os.path.abspath(log_file)
-    image = os.path.abspath(image)
+    if not is_s3(image):
+        image = os.path.abspath(image)
     if _opens_in_process(image):
         tree = build_tree(image, path, password, cache_size)  # errors and the password prompt: here
     else:

@@ -198,6 +198,7 @@ def write_stream(image: Stream, fd: int, *, base: int = 0, zero_old: bool, spars
     `sparse`: the target is all holes, and zero 64 KiB pieces of data stay holes. FREE runs (unused
     by the filesystem) are left as they are."""
     piece = getattr(image, "chunk_size", WRITE_PIECE)
+    workers = workers or getattr(image, "read_workers", None)  # an image in S3: several GETs in flight
     written = 0
     progress.total = image.size
     for run in image.runs():

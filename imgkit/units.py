@@ -54,3 +54,21 @@ def parse_split_size(text: str | int) -> int:
     if n <= 0:
         raise InputError(f"split size must be positive, not {text!r}")
     return n
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '30s', '10m', '2h', '1d' -> seconds."""
+    from .errors import InputError
+    t = str(text).strip().lower()
+    unit = _DURATION_UNITS.get(t[-1:], None)
+    number = t[:-1] if unit else t
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise InputError(f"bad duration {text!r}", hint="e.g. 30s, 10m, 2h, 1d") from None
+    if value < 0:
+        raise InputError(f"bad duration {text!r}: negative")
+    return value

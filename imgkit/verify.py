@@ -46,7 +46,7 @@ def verify_image(image: ImageReader, progress: Progress | None = None, workers: 
         except CorruptChunk as e:
             return i, str(e)
 
-    for i, error in ordered_map(check, data, workers):
+    for i, error in ordered_map(check, data, workers or image.read_workers):
         length = image.chunk_length(i)
         report.bytes_checked += length
         progress.advance(length)

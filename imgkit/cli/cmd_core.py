@@ -100,11 +100,12 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--grow", is_flag=True,
               help="On a larger disk, grow the last partition and its filesystem (ext*, NTFS, FAT) to fill it.")
+@click.option("--force", is_flag=True, help="Replace an existing rbd:POOL/IMAGE target (never one in use).")
 @password_options
 @progress_option
 @json_option
-def restore(image, target, yes, verify_after, discard, partition, to_partition, dry_run, grow, password_file,
-            progress_mode, as_json):
+def restore(image, target, yes, verify_after, discard, partition, to_partition, dry_run, grow, force,
+            password_file, progress_mode, as_json):
     """Restore an image to a block device or a file (sparse), or one partition of it.
 
     On a larger disk the backup GPT is moved to the end; --grow also grows the last partition.
@@ -145,7 +146,7 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
         return
     result = api.restore(image, target, password=password, confirm=confirm_or_refuse(yes),
                          verify=verify_after, discard=discard, progress=make_progress("restore", progress_mode),
-                         grow=grow)
+                         grow=grow, force=force)
     if as_json:
         emit_json({"target": result.target, "bytes_written": result.bytes_written,
                    "seconds": round(result.seconds, 3), "verified": result.verified, "grow": result.grow})

@@ -17,13 +17,24 @@ class App:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--endpoint-url", metavar="URL",
+              help="S3 endpoint for s3:// images (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, ~/.aws/config).")
+@click.option("--ceph-conf", metavar="FILE", type=click.Path(),
+              help="Ceph configuration for rbd: images (default: CEPH_CONF, /etc/ceph/ceph.conf).")
 @click.version_option(package_name="imgkit")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, debug, endpoint_url, ceph_conf):
     """imgkit: capture, restore, inspect and verify disk images.
 
     Exit codes: 0 ok, 1 problem found, 2 usage, 3 bad input, 4 missing tool or device (qemu, /dev/fuse), 130 interrupted.
     """
+    import os
+    # Both go through the environment: boto3 and librados read it themselves, and so do the
+    # processes a command starts (a mount's server, qemu's rbd driver).
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint_url
+    if ceph_conf:
+        os.environ["CEPH_CONF"] = os.path.abspath(ceph_conf)
     ctx.obj = App(debug)
 
 
@@ -37,6 +48,7 @@ COMMAND_MODULES = {
     "cmd_convert": ("convert",),
     "cmd_bootcheck": ("boot-check",),
     "cmd_mount": ("mount", "umount"),
+    "cmd_remote": ("s3-cleanup",),
 }
 
 

@@ -13,6 +13,7 @@ from ..chunk_cache import ChunkCache
 from ..errors import BadImage, CorruptChunk, InputError
 from ..stream import DATA, FREE, ZERO, Run, Stream, merge_runs
 from . import imgk_layout as L
+from .byte_source import open_source, pread_exact, read_workers, source_exists
 from .imgk_writer import volume_path
 
 PasswordProvider = Callable[[], bytes]
@@ -28,11 +29,7 @@ def bounded_decompress(dctx, data: bytes, cap: int) -> bytes:
     return dctx.decompress(data, max_output_size=cap)
 
 
-def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise BadImage(f"{what}: truncated (wanted {length} bytes at {offset}, got {len(data)})")
-    return data
+_pread_exact = pread_exact
 
 
 class ImageReader(Stream):
@@ -41,7 +38,8 @@ class ImageReader(Stream):
 
     def __init__(self, path: str, password: PasswordProvider | None = None, cache_chunks: int = 8):
         self.path = path
-        self._fds: list[int] = []
+        self._fds: list = []  # byte sources (byte_source.py), one a volume
+        self.read_workers = read_workers(path)  # reads worth keeping in flight (S3: several)
         try:
             self._open(path, password)
         except BaseException:
@@ -51,10 +49,10 @@ class ImageReader(Stream):
         self._cache = ChunkCache(cache_chunks * self.chunk_size)
 
     # -- opening --------------------------------------------------------------------------------
-    def _open_volume(self, number: int) -> tuple[int, L.Header, int]:
+    def _open_volume(self, number: int) -> tuple[object, L.Header, int]:
         vpath = volume_path(self.path, number)
         try:
-            fd = os.open(vpath, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_source(vpath)
         except FileNotFoundError:
             if number == 1:
                 raise InputError(f"{vpath}: no such file") from None
@@ -65,8 +63,8 @@ class ImageReader(Stream):
         except PermissionError:
             raise InputError(f"{vpath}: permission denied") from None
         self._fds.append(fd)
-        size = os.fstat(fd).st_size
-        header = L.Header.decode(os.pread(fd, L.HEADER_SIZE, 0), where=vpath)
+        size = fd.size
+        header = L.Header.decode(fd.pread(L.HEADER_SIZE, 0), where=vpath)
         return fd, header, size
 
     def _open(self, path: str, password: PasswordProvider | None) -> None:
@@ -90,7 +88,7 @@ class ImageReader(Stream):
             self.volume_sizes.append(vsize)
         self.stray_volume = None
         extra = volume_path(path, header.volume_count + 1)
-        if os.path.exists(extra):
+        if source_exists(extra):
             # Not fatal to reading, but a sign of a mix-up the user should hear about.
             self.stray_volume = extra
         self.sealer = None
@@ -194,10 +192,7 @@ class ImageReader(Stream):
         for i in chunks:
             if self._is_data(i):
                 e = self.index[i]
-                try:
-                    os.posix_fadvise(self._fds[e.volume - 1], e.offset, e.stored_length, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    return  # only a hint
+                self._fds[e.volume - 1].will_need(e.offset, e.stored_length)
 
     def read_chunk(self, i: int) -> bytes:
         """The verified bytes of chunk i (zeros for ZERO and FREE chunks). Raises CorruptChunk."""
@@ -288,7 +283,7 @@ class ImageReader(Stream):
     def close(self) -> None:
         for fd in self._fds:
             try:
-                os.close(fd)
+                fd.close()
             except OSError:
                 pass
         self._fds = []
@@ -297,6 +292,11 @@ class ImageReader(Stream):
     @property
     def volume_paths(self) -> list[str]:
         return [volume_path(self.path, n) for n in range(1, self.header.volume_count + 1)]
+
+    @property
+    def mtime_ns(self) -> int:
+        """When the first volume was last written (the mount shows it as the disk's time)."""
+        return self._fds[0].mtime_ns
 
     def stored_size(self) -> int:
         return sum(self.volume_sizes)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import zstandard
 
 from ..errors import InputError
+from ..remote.s3 import is_s3
 from ..writeback import WRITEBACK_STEP, fsync_parent_dir, start_writeback
 from . import imgk_layout as L
 
@@ -127,7 +128,7 @@ class ImageWriter:
         self.mac_key = self.sealer.mac_key if self.sealer else b""
         self._index = bytearray(self.header.chunk_count * L.INDEX_ENTRY_SIZE)  # all ZERO entries
         self._dedup: dict[bytes, bytes] = {}  # digest -> encoded index entry
-        self._volumes: list[tuple[str, int]] = []  # (temporary path, fd)
+        self._volumes: list = []  # LocalVolume or remote.s3.MultipartSink, one a volume
         self._sizes: list[int] = []
         self._used_maps: list[L.UsedMap] = []
         self.stored_bytes = 0
@@ -145,33 +146,22 @@ class ImageWriter:
         if number > L.MAX_VOLUMES:
             raise InputError(f"more than {L.MAX_VOLUMES} volumes: choose a larger split size")
         final = volume_path(self.path, number)
-        tmp = os.path.join(os.path.dirname(os.path.abspath(final)),
-                           f".{os.path.basename(final)}.imgkit-partial-{os.getpid()}-{os.urandom(4).hex()}")
-        try:
-            # O_EXCL | O_NOFOLLOW: a planted symlink or file at the temporary name is never followed.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise InputError(f"{final}: cannot create the image ({e.strerror})") from None
-        self._volumes.append((tmp, fd))
+        if is_s3(final):
+            from ..remote.s3 import MultipartSink, part_size_for
+            sink = MultipartSink(final, part_size_for(min(self.split_size or self.header.logical_size,
+                                                          self.header.logical_size)))
+        else:
+            sink = LocalVolume(final)
+        self._volumes.append(sink)
         self._sizes.append(0)
-        self._flushed = 0
         self.header.volume_number = number
         self._write(self.header.encode())
 
     def _write(self, data: bytes) -> int:
         """Append to the current volume; return the offset it was written at."""
-        fd = self._volumes[-1][1]
         offset = self._sizes[-1]
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        self._volumes[-1].write(data)
         self._sizes[-1] += len(data)
-        if self._sizes[-1] - self._flushed >= WRITEBACK_STEP:
-            # The fsync in commit() then waits for the tail only (see writeback.py).
-            start = max(0, self._flushed - WRITEBACK_STEP)  # again: pages then under writeback stayed
-            start_writeback(fd, start, self._sizes[-1] - start)
-            self._flushed = self._sizes[-1]
         return offset
 
     def _room_for(self, n: int) -> None:
@@ -278,32 +268,77 @@ class ImageWriter:
         self._write(trailer.encode(self.mac_key))
         assert self._sizes[-1] == final_last
         # Every header now learns the volume count; then durability, then names.
-        for number, (tmp, fd) in enumerate(self._volumes, start=1):
+        for number, sink in enumerate(self._volumes, start=1):
             self.header.volume_number = number
-            os.pwrite(fd, self.header.encode(), 0)
-            os.fsync(fd)  # a failed fsync raises and is fatal: never retried
+            sink.pwrite_head(self.header.encode(), 0)
+            sink.sync()
         finals = [volume_path(self.path, n) for n in range(1, count + 1)]
         order = list(range(1, count)) + [0]  # volume 1, the name users open, appears last
         for i in order:
-            os.rename(self._volumes[i][0], finals[i])
-        fsync_parent_dir(self.path)
-        self._close_fds()
+            self._volumes[i].publish()
+        if not is_s3(self.path):
+            fsync_parent_dir(self.path)
         self._committed = True
         return finals
 
-    def _close_fds(self) -> None:
-        for i, (tmp, fd) in enumerate(self._volumes):
-            if fd >= 0:
-                os.close(fd)
-                self._volumes[i] = (tmp, -1)
+    @property
+    def volume_sizes(self) -> list[int]:
+        return list(self._sizes)
 
     def abort(self) -> None:
-        """Remove every temporary volume (called on error or Ctrl-C)."""
+        """Remove every temporary volume, abort every upload (called on error or Ctrl-C)."""
         if self._committed:
             return
-        self._close_fds()
-        for tmp, _ in self._volumes:
+        for sink in self._volumes:
+            sink.abort()
+
+
+class LocalVolume:
+    """A volume file written under a temporary name beside its final one, renamed by publish()."""
+
+    def __init__(self, final: str):
+        self.final = final
+        self.tmp = os.path.join(os.path.dirname(os.path.abspath(final)),
+                                f".{os.path.basename(final)}.imgkit-partial-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            # O_EXCL | O_NOFOLLOW: a planted symlink or file at the temporary name is never followed.
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise InputError(f"{final}: cannot create the image ({e.strerror})") from None
+        self.size = 0
+        self._flushed = 0
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(data)
+        if self.size - self._flushed >= WRITEBACK_STEP:
+            # The fsync in commit() then waits for the tail only (see writeback.py).
+            start = max(0, self._flushed - WRITEBACK_STEP)  # again: pages then under writeback stayed
+            start_writeback(self.fd, start, self.size - start)
+            self._flushed = self.size
+
+    def pwrite_head(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)  # a failed fsync raises and is fatal: never retried
+
+    def publish(self) -> None:
+        os.rename(self.tmp, self.final)
+        os.close(self.fd)
+        self.fd = -1
+        self.tmp = None
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp:
             try:
-                os.unlink(tmp)
+                os.unlink(self.tmp)
             except FileNotFoundError:
                 pass
+            self.tmp = None

@@ -1,0 +1,72 @@
+"""Where the stored bytes of an image's volumes come from: a local file (pread) or an object in S3
+(ranged GET). The imgk reader sees only pread(length, offset), so every command that reads an
+image (info, verify, restore, mount, boot-check, convert) reads from either the same way, and only
+the chunks it needs."""
+from __future__ import annotations
+
+import os
+
+from ..errors import BadImage, InputError
+from ..remote import s3
+
+
+class LocalFile:
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except IsADirectoryError:
+            raise InputError(f"{path}: is a directory") from None
+        except PermissionError:
+            raise InputError(f"{path}: permission denied") from None
+        st = os.fstat(self.fd)
+        self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading now (POSIX_FADV_WILLNEED does not block)."""
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# How many chunk reads a consumer should keep in flight: a local file is read ahead by the kernel
+# (the CPU-bound decoders set the pace), an object store answers each GET after a round trip.
+LOCAL_READ_WORKERS = None  # the default: one worker a core
+REMOTE_READ_WORKERS = s3.READ_WORKERS
+
+
+def open_source(location: str):
+    """The byte source at `location` (s3://bucket/key or a path). Raises FileNotFoundError if there
+    is no such file or object, InputError for other failures."""
+    if s3.is_s3(location):
+        try:
+            return s3.S3Object(location)
+        except InputError as e:
+            if str(e).endswith("no such object"):
+                raise FileNotFoundError(location) from None
+            raise
+    return LocalFile(location)
+
+
+def source_exists(location: str) -> bool:
+    return s3.exists(location) if s3.is_s3(location) else os.path.exists(location)
+
+
+def read_workers(location: str) -> int | None:
+    return REMOTE_READ_WORKERS if s3.is_s3(location) else LOCAL_READ_WORKERS
+
+
+def pread_exact(src, length: int, offset: int, what: str) -> bytes:
+    data = src.pread(length, offset)
+    if len(data) != length:
+        raise BadImage(f"{what}: truncated (wanted {length} bytes at {offset}, got {len(data)})")
+    return data

@@ -1,0 +1,195 @@
+"""Images in S3 (radosgw of a real single-node Ceph): capture by multipart upload, reads by ranged
+GET of whole chunks, and the failure cases: an interrupted upload, a damaged object."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ceph_fixtures import bucket, ceph  # noqa: F401 (fixtures)
+from conftest import assert_one_line_error, pattern_bytes, run_imgkit
+
+import imgkit
+from imgkit.errors import Interrupted
+from imgkit.formats import imgk_layout as L
+from imgkit.formats.imgk_reader import ImageReader
+from imgkit.remote import s3
+from imgkit.sources import RawSource
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory):
+    """A 40 MiB disk: patterned data, a zero stretch, incompressible data at the end."""
+    d = tmp_path_factory.mktemp("s3disk")
+    data = bytearray(pattern_bytes(40 * MiB, seed=19))
+    data[12 * MiB:20 * MiB] = bytes(8 * MiB)
+    data[-5 * MiB:] = os.urandom(5 * MiB)
+    path = d / "disk.raw"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def objects(bucket: str) -> list[str]:
+    return [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def uploads(bucket: str) -> list[str]:
+    return [u["Key"] for u in s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+@pytest.mark.parametrize("split", [None, "9M"])
+def test_capture_to_s3_and_restore_byte_identical(disk, bucket, tmp_path, split):
+    url = f"s3://{bucket}/web1/mon.imgk"
+    args = ["capture", disk, url, "--sector-by-sector", "--json"] + (["--split-size", split] if split else [])
+    doc = json.loads(run_imgkit(*args, check=True).stdout)
+    want = [url] if not split else [url] + [f"{url}.{n:03d}" for n in range(2, len(doc["volumes"]) + 1)]
+    assert doc["volumes"] == want and (len(want) > 1) == bool(split)
+    assert sorted(objects(bucket)) == sorted(k.split("/", 3)[3] for k in want)
+    assert uploads(bucket) == []
+    info = json.loads(run_imgkit("info", url, "--json", check=True).stdout)
+    assert info["format"] == "imgk" and info["virtual_size"] == disk.stat().st_size
+    assert [v["path"] for v in info["volumes"]] == want
+    run_imgkit("verify", url, check=True)
+    out = tmp_path / "restored.raw"
+    run_imgkit("restore", url, out, "--yes", check=True)
+    assert out.read_bytes() == disk.read_bytes()
+
+
+def test_encrypted_image_in_s3(disk, bucket, tmp_path):
+    url = f"s3://{bucket}/enc.imgk"
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse\n")
+    run_imgkit("capture", disk, url, "--sector-by-sector", "--encrypt", "--password-file", pw, check=True)
+    out = tmp_path / "r.raw"
+    run_imgkit("restore", url, out, "--yes", "--password-file", pw, check=True)
+    assert out.read_bytes() == disk.read_bytes()
+
+
+def test_existing_object_not_replaced_without_force(disk, bucket):
+    url = f"s3://{bucket}/x.imgk"
+    run_imgkit("capture", disk, url, "--sector-by-sector", check=True)
+    etag = s3.client().head_object(Bucket=bucket, Key="x.imgk")["ETag"]
+    proc = run_imgkit("capture", disk, url, "--sector-by-sector")
+    assert_one_line_error(proc, 3, "already exists", "--force")
+    assert s3.client().head_object(Bucket=bucket, Key="x.imgk")["ETag"] == etag
+    run_imgkit("capture", disk, url, "--sector-by-sector", "--force", check=True)
+    assert s3.client().head_object(Bucket=bucket, Key="x.imgk")["ETag"] != etag
+
+
+class FailingSource(RawSource):
+    """The disk file, until `after` bytes have been read: then the failure (a dying disk, Ctrl-C)."""
+
+    def __init__(self, path, after: int, error: BaseException):
+        super().__init__(path)
+        self.after, self.error, self.seen = after, error, 0
+
+    def read(self, offset, length):
+        self.seen += length
+        if self.seen > self.after:
+            raise self.error
+        return super().read(offset, length)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(5, "Input/output error")])
+def test_interrupted_upload_leaves_no_object(disk, bucket, error):
+    from imgkit.capture import capture_stream
+    url = f"s3://{bucket}/cut.imgk"
+    src = FailingSource(str(disk), 30 * MiB, error)  # after several 8 MiB parts went up
+    with pytest.raises(Interrupted if isinstance(error, KeyboardInterrupt) else OSError):
+        capture_stream(src, url, source_info={"path": str(disk)}, level=1, workers=2)
+    src.close()
+    assert objects(bucket) == []
+    assert uploads(bucket) == []  # aborted: the parts already stored are freed too
+
+
+def test_killed_upload_is_no_object_and_is_cleaned(bucket):
+    """A capture killed outright cannot abort its upload: still no object, and the leftover upload
+    is listed and aborted by abort_incomplete_uploads (`imgkit s3-cleanup`)."""
+    code = (f"import os, sys; from imgkit.remote import s3\n"
+            f"sink = s3.MultipartSink('s3://{bucket}/killed.imgk')\n"
+            f"sink.write(os.urandom(20 << 20))\n"
+            f"[f.result() for f in sink._futures]\n"
+            f"os._exit(9)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    assert objects(bucket) == []
+    assert uploads(bucket) == ["killed.imgk"]
+    cleaned = run_imgkit("s3-cleanup", f"s3://{bucket}/", "--json", check=True)
+    assert json.loads(cleaned.stdout)["aborted"] == ["killed.imgk"]
+    assert uploads(bucket) == []
+
+
+def test_damaged_object_named_by_chunk(disk, bucket, tmp_path):
+    url = f"s3://{bucket}/dmg.imgk"
+    run_imgkit("capture", disk, url, "--sector-by-sector", check=True)
+    with ImageReader(url) as img:
+        i = 15  # a patterned data chunk (MiB 30-31)
+        e = img.index[i]
+        assert e.kind == L.KIND_DATA
+        where, size = e.offset + e.stored_length // 2, img.chunk_size
+    raw = bytearray(s3.client().get_object(Bucket=bucket, Key="dmg.imgk")["Body"].read())
+    raw[where] ^= 0x40
+    s3.client().put_object(Bucket=bucket, Key="dmg.imgk", Body=bytes(raw))
+    proc = run_imgkit("verify", url, "--json")
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [b["offset"] for b in report["bad"]] == [i * size]
+    proc = run_imgkit("restore", url, tmp_path / "r.raw", "--yes")
+    assert_one_line_error(proc, 3, f"offset {i * size}")
+    assert not (tmp_path / "r.raw").exists()
+
+
+def test_reads_only_the_chunks_needed(disk, bucket):
+    """Opening reads header, trailer, directory and sections; a read then GETs only its chunk, and a
+    whole-image read GETs each stored chunk once, in whole-chunk ranges."""
+    url = f"s3://{bucket}/ranged.imgk"
+    imgkit.capture(str(disk), url, sector_by_sector=True)
+    with ImageReader(url) as img:
+        src = img._fds[0]
+        opened = src.requests
+        assert opened <= 6 and src.bytes_read < 64 << 10
+        data = img.read(33 * MiB + 5, 100)
+        assert data == disk.read_bytes()[33 * MiB + 5:33 * MiB + 105]
+        assert src.requests == opened + 1
+        assert src.bytes_read - opened < img.chunk_size  # one stored chunk (compressed)
+        data_chunks = sum(1 for e in img.index if e.kind == L.KIND_DATA)
+        before = src.requests
+        whole = b"".join(img.read(off, img.chunk_size) for off in range(0, img.size, img.chunk_size))
+        assert whole == disk.read_bytes()
+        assert src.requests - before == data_chunks  # zero chunks cost no request
+
+
+def test_missing_object_and_bad_url_are_one_line_errors(ceph, bucket):
+    assert_one_line_error(run_imgkit("info", f"s3://{bucket}/nothing.imgk"), 3, "no such")
+    assert_one_line_error(run_imgkit("info", "s3://ab/x.imgk"), 3, "bucket name")
+    assert_one_line_error(run_imgkit("info", f"s3://{bucket}/"), 3, "no object key")
+    proc = run_imgkit("info", f"s3://{bucket}/x.imgk", env={"AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert_one_line_error(proc, 3, "access denied")
+
+
+@pytest.mark.fuse
+def test_mount_from_s3(disk, bucket, tmp_path):
+    url = f"s3://{bucket}/m.imgk"
+    run_imgkit("capture", disk, url, "--sector-by-sector", "--split-size", "12M", check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_imgkit("mount", url, mnt, check=True)
+    try:
+        assert (mnt / "disk.raw").read_bytes() == disk.read_bytes()
+        assert json.loads((mnt / "info.json").read_text())["path"] == url
+    finally:
+        run_imgkit("umount", mnt, check=True)
+
+
+@pytest.mark.qemu
+def test_boot_check_from_s3(tiny_bios_image, bucket):
+    url = f"s3://{bucket}/tiny.imgk"
+    run_imgkit("capture", tiny_bios_image, url, check=True)
+    proc = run_imgkit("boot-check", url, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["passed"] is True
