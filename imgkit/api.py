@@ -39,14 +39,15 @@ def is_imgk(path: str) -> bool:
 
 
 def open_image(path: str, password: Password = None, *, fmt: str | None = None,
-               allow_raw: bool = True, serving: bool = False) -> Stream:
+               allow_raw: bool = True, serving: bool = False, base_dir: str | None = None) -> Stream:
     """Open any image imgkit reads as a Stream: imgk, raw (a file or block device), ISO, or a foreign
     qcow2/vhd/vhdx/vmdk image read through qemu. The format is `fmt` if given ("raw" always takes the
     bytes as they are), else imgkit's own reading of the header, never qemu's guess. A foreign image
     is inspected and refused (RefusedImage) before qemu opens it if it is hostile or malformed. With
     allow_raw=False, a file in no recognised format is refused instead of being taken as raw bytes.
     `serving`: the stream backs a mount, so the qemu process behind a foreign image gets no CPU or
-    time limit (batch work keeps limits proportional to the disk size)."""
+    time limit (batch work keeps limits proportional to the disk size). An incremental imgk image
+    opens with its parents, found next to it or in `base_dir` (imgk_chain.py)."""
     from .formats import foreign
     from .remote.s3 import is_s3
     from .remote.rbd_image import RbdSource, is_rbd
@@ -65,7 +66,8 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     if fmt is None:
         fmt = foreign.detect_format(path) if os.path.isfile(path) else "raw"
     if fmt == "imgk":
-        return ImageReader(path, _password_provider(password))
+        from .formats.imgk_chain import open_chain  # a child is read with its parents, as one Stream
+        return open_chain(path, _password_provider(password), base_dir)
     if fmt in ("raw", "iso") and not allow_raw and not explicit:
         raise BadImage(f"{path}: not an imgk image (no imgk magic at offset 0)")
     if fmt in ("raw", "iso"):
@@ -90,23 +92,51 @@ def open_restore_source(path: str, password: Password = None) -> Stream:
     return open_image(path, password, allow_raw=not imgk_named)
 
 
-def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size: int | None = None,
             split_size: int | None = None, password: Password = None, force: bool = False,
             plan: CapturePlan | None = None, progress: Progress | None = None,
             source_format: str | None = None, source_password: Password = None,
-            sector_by_sector: bool = False, partitions: str | None = None) -> CaptureResult:
+            sector_by_sector: bool = False, partitions: str | None = None,
+            base: str | None = None, base_dir: str | None = None) -> CaptureResult:
     """Capture a block device, raw file or ISO (or any image imgkit reads) into an imgk image.
     `password` encrypts the new image; `source_password` opens an encrypted imgk source (default:
     the same password). Filesystem-aware by default: only the blocks each filesystem uses are
     stored (see fsaware.py); `sector_by_sector` keeps every byte; `partitions` ("1,3" or
     names/labels) selects partitions. The result's `warnings` say what a partition selection leaves
-    out that the disk needs to boot."""
+    out that the disk needs to boot.
+    `base`: an incremental capture, a child of the image (or chain) `base` that stores only the
+    chunks that differ from it (imgk_chain.py); an encrypted base makes an encrypted child under
+    the same password (`password`, else `source_password`)."""
     if sector_by_sector and partitions:
         raise InputError("--sector-by-sector and --partitions exclude each other",
                          hint="a partition selection is filesystem-aware; drop one of them")
     if os.path.exists(source):
         refuse_output_on_source(source, output)
-    src = open_image(source, source_password if source_password is not None else password, fmt=source_format)
+    parent = _open_base(base, output, password if password is not None else source_password, base_dir) \
+        if base else None
+    if parent is not None:
+        if chunk_size is not None and chunk_size != parent.chunk_size:
+            parent.close()
+            raise InputError(f"--chunk-size {chunk_size} differs from the base's {parent.chunk_size}",
+                             hint="a child has its parent's chunk size: drop --chunk-size")
+        chunk_size = parent.chunk_size
+        if parent.header.encrypted and password is None:
+            password = _password_provider(source_password)() if source_password is not None else None
+            if password is None:
+                parent.close()
+                raise InputError("the base is encrypted: its child is encrypted with the same password, "
+                                 "and none was given", hint="use --password-file or IMGKIT_PASSWORD")
+        elif not parent.header.encrypted and password is not None:
+            parent.close()
+            raise InputError(f"{base} is not encrypted: its child cannot be",
+                             hint="a chain is encrypted as a whole: capture a new full image with --encrypt")
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    try:
+        src = open_image(source, source_password if source_password is not None else password, fmt=source_format)
+    except BaseException:
+        if parent is not None:
+            parent.close()
+        raise
     try:
         warnings: list[str] = []
         if plan is None and not sector_by_sector:
@@ -120,13 +150,42 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
         if password is not None:
             from .crypto import sealer_factory_for
             sealer_factory = sealer_factory_for(_password_provider(password)())
+        if parent is not None:
+            warnings += _base_warnings(parent, src, output, base_dir)
         result = capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
                                 split_size=split_size, sealer_factory=sealer_factory, plan=plan,
-                                force=force, progress=progress)
+                                force=force, progress=progress, base=parent)
         result.warnings = warnings
         return result
     finally:
         src.close()
+        if parent is not None:
+            parent.close()
+
+
+def _open_base(base: str, output: str, password: Password, base_dir: str | None):
+    """The base of an incremental capture, opened as a chain (so a broken chain is refused before
+    the source is read), never the image about to be written."""
+    from .formats.imgk_chain import open_chain
+    if not is_imgk(base):
+        raise InputError(f"{base}: --base must be an imgk image" if os.path.exists(base)
+                         else f"{base}: no such image for --base")
+    if os.path.exists(output) and os.path.samefile(base, output):
+        raise InputError(f"{output} is the base image: refusing to overwrite the parent of the new image")
+    return open_chain(base, _password_provider(password), base_dir, cache_chunks=1)
+
+
+def _base_warnings(parent, src: Stream, output: str, base_dir: str | None) -> list[str]:
+    from .units import format_size
+    out = []
+    if src.size != parent.size:
+        how = "grown" if src.size > parent.size else "shrunk"
+        out.append(f"the source ({format_size(src.size)}) has {how} since the base ({format_size(parent.size)}): "
+                   f"chunks {'beyond' if src.size > parent.size else 'at'} the base's end are stored whole")
+    if os.path.dirname(os.path.abspath(parent.path)) != os.path.dirname(os.path.abspath(output)):
+        out.append(f"the base is not in the new image's directory: open the child with "
+                   f"--base-dir {os.path.dirname(os.path.abspath(parent.path))}")
+    return out
 
 
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
@@ -177,8 +236,17 @@ def restore_partition(image: str, target: str, number: int, *, to_partition: int
                          progress=progress)
 
 
-def verify(image: str, *, password: Password = None, progress: Progress | None = None) -> VerifyReport:
-    with open_image(image, password, fmt="imgk") as img:
+def verify(image: str, *, password: Password = None, progress: Progress | None = None,
+           shallow: bool = False, base_dir: str | None = None) -> VerifyReport:
+    """Check every chunk the image reads, through its whole chain; `shallow`: only the chunks an
+    incremental image stores itself, without opening its parents."""
+    if shallow:
+        from .errors import InputError as _Input
+        if not is_imgk(image):
+            raise _Input(f"{image}: --shallow applies to imgk images")
+        with ImageReader(image, _password_provider(password)) as img:
+            return verify_image(img, progress, shallow=True)
+    with open_image(image, password, fmt="imgk", base_dir=base_dir) as img:
         return verify_image(img, progress)
 
 
@@ -188,9 +256,17 @@ def image_info(img: Stream) -> dict:
         meta = img.metadata
         kinds = img.index.kinds()
         counts = {"data": kinds.count(L.KIND_DATA), "zero": kinds.count(L.KIND_ZERO),
-                  "free": kinds.count(L.KIND_FREE)}
+                  "free": kinds.count(L.KIND_FREE), "parent": kinds.count(L.KIND_PARENT)}
         stored = img.stored_size()
+        from .formats.imgk_chain import links
+        chain = links(img)
         return {
+            # Child first: each link's own stored size and what it holds itself (FORMAT.md, *Incremental*).
+            "chain": [{"path": link.path, "image_id": link.header.image_id.hex(),
+                       "stored_size": link.stored_size(), "created": link.metadata.get("created"),
+                       "data_chunks": link.index.kinds().count(L.KIND_DATA),
+                       "parent_chunks": link.index.kinds().count(L.KIND_PARENT)} for link in chain],
+            "chain_stored_size": sum(link.stored_size() for link in chain),
             "format": "imgk",
             "format_version": f"{img.header.version_major}.{img.header.version_minor}",
             "path": img.path,

@@ -43,6 +43,7 @@ class CaptureResult:
     free_chunks: int
     deduplicated: int
     seconds: float
+    parent_chunks: int = 0  # incremental: chunks unchanged since the base, stored as PARENT entries
     warnings: list[str] = field(default_factory=list)  # e.g. a partition selection that cannot boot
 
 
@@ -91,7 +92,8 @@ def build_metadata(source: Stream, source_info: dict, level: int, plan: CaptureP
 def capture_stream(source: Stream, output: str, *, source_info: dict, level: int = LEVEL_DEFAULT,
                    chunk_size: int = DEFAULT_CHUNK_SIZE, split_size: int | None = None,
                    sealer_factory=None, plan: CapturePlan | None = None, force: bool = False,
-                   progress: Progress | None = None, workers: int | None = None) -> CaptureResult:
+                   progress: Progress | None = None, workers: int | None = None, base=None) -> CaptureResult:
+    """`base`: an opened chain (imgk_chain.open_chain); the new image is its child."""
     plan = plan or CapturePlan()
     progress = progress or NullProgress()
     if not force:
@@ -103,10 +105,17 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
         raise InputError(f"{out_dir}: no such directory for the image")
     started = time.monotonic()
     metadata = build_metadata(source, source_info, level, plan)
+    if base is not None:
+        from .formats.imgk_chain import parent_ref_for
+        metadata["incremental"] = {"base": os.path.basename(base.path), "base_image_id": base.header.image_id.hex()}
     writer = ImageWriter(output, source.size, chunk_size, split_size=split_size, sealer_factory=sealer_factory,
                          used_maps=bool(plan.used_maps))
     try:
         encoder = ChunkEncoder(level, writer.sealer, writer.header.hash_algo)
+        unchanged = None
+        if base is not None:
+            writer.set_parent(parent_ref_for(base))
+            unchanged = UnchangedTest(base, writer)
         count = writer.header.chunk_count
         # Chunks that touch a data run must be read; the rest are holes and read as zeros.
         has_data = bytearray(count)
@@ -131,6 +140,10 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
         data = source.read(offset, length)
         if plan.blank:
             data = plan.blank(offset, data)
+        if unchanged is not None:
+            same = unchanged.digest_if_same(i, data)
+            if same is not None:
+                return PreparedChunk(i, length, L.KIND_PARENT, same)
         return encoder.prepare(i, data, length)
 
     prefetch = getattr(source, "prefetch", None)
@@ -143,7 +156,7 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
                 prefetch(i * chunk_size, min(chunk_size, source.size - i * chunk_size))
             yield i
 
-    counts = {L.KIND_DATA: 0, L.KIND_ZERO: 0, L.KIND_FREE: 0}
+    counts = {L.KIND_DATA: 0, L.KIND_ZERO: 0, L.KIND_FREE: 0, L.KIND_PARENT: 0}
     try:
         for chunk in ordered_map(work, chunks_to_do(), workers or default_workers()):
             writer.put(chunk)
@@ -160,6 +173,30 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
         raise
     result = CaptureResult(paths, source.size, sum(writer.volume_sizes), counts[L.KIND_DATA],
                            counts[L.KIND_ZERO], counts[L.KIND_FREE], writer.deduplicated,
-                           time.monotonic() - started)
+                           time.monotonic() - started, counts[L.KIND_PARENT])
     progress.finish(stored_bytes=result.stored_bytes)
     return result
+
+
+class UnchangedTest:
+    """Whether a chunk read for a child equals its parent's chunk at the same place, by the parent's
+    strong digest of what was read (FORMAT.md, *Incremental images*): the parent's data is never read
+    or decompressed for this. A chunk of zeros is not compared (it is a ZERO entry of the child's own)."""
+
+    def __init__(self, parent, writer: ImageWriter):
+        kinds = parent.index.kinds()
+        self.algo, self.key = parent.header.hash_algo, parent.mac_key
+        self.digests = [parent.index[i].digest if k in (L.KIND_DATA, L.KIND_PARENT) else None
+                        for i, k in enumerate(kinds)]
+        self.lengths = [parent.chunk_length(i) for i in range(len(kinds))]
+        self.own_algo, self.own_key = writer.header.hash_algo, writer.mac_key
+        # Plain chain, same algorithm: the parent's digest of the bytes is the child's too.
+        self.shared = self.algo == self.own_algo and self.key == self.own_key
+
+    def digest_if_same(self, i: int, data: bytes) -> bytes | None:
+        """The child's own digest of `data` when it equals the parent's chunk i, else None."""
+        if i >= len(self.digests) or self.digests[i] is None or self.lengths[i] != len(data):
+            return None
+        if L.chunk_digest(self.algo, data, self.key) != self.digests[i]:
+            return None
+        return self.digests[i] if self.shared else L.chunk_digest(self.own_algo, data, self.own_key)

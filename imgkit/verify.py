@@ -31,17 +31,27 @@ class VerifyReport:
         return self.bad[0]["offset"] if self.bad else None
 
 
-def verify_image(image: ImageReader, progress: Progress | None = None, workers: int | None = None) -> VerifyReport:
+def verify_image(image: ImageReader, progress: Progress | None = None, workers: int | None = None,
+                 shallow: bool = False) -> VerifyReport:
+    """Check every chunk that reads as data. Of an incremental image (its parents attached), a
+    chunk read from a parent is checked by the parent and against the child's own digest of it;
+    `shallow` checks only the chunks the image stores itself."""
     progress = progress or NullProgress()
     progress.total = image.size
     started = time.monotonic()
-    data = [i for i, k in enumerate(image.index.kinds()) if k == L.KIND_DATA]
+    wanted = (L.KIND_DATA,) if shallow else (L.KIND_DATA, L.KIND_PARENT)
+    data = [i for i, k in enumerate(image.index.kinds()) if k in wanted]
     report = VerifyReport(image.chunk_count, len(data), 0)
     progress.advance(image.size - sum(image.chunk_length(i) for i in data))
+    kinds = image.index.kinds()
 
     def check(i: int):
         try:
-            image.read_chunk(i)
+            chunk = image.read_chunk(i)
+            if kinds[i] == L.KIND_PARENT and L.chunk_digest(image.header.hash_algo, chunk, image.mac_key) \
+                    != image.index[i].digest:
+                raise CorruptChunk(f"chunk at offset {i * image.chunk_size}, read from the parent, does not "
+                                   "match the child's digest of it", i * image.chunk_size)
             return i, None
         except CorruptChunk as e:
             return i, str(e)

@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 
 from .chunk_cache import ChunkCache
 from .errors import ImgkitError, InputError
-from .formats.imgk_layout import KIND_DATA as _KIND_DATA
+from .formats.imgk_layout import KIND_DATA as _KIND_DATA, KIND_PARENT as _KIND_PARENT
 from .partitions import is_extended_type
 from .stream import Stream
 
@@ -104,7 +104,7 @@ class DiskReader:
         self._lock = None if safe else threading.Lock()
 
     def _is_data(self, i: int) -> bool:
-        return self.stream.index[i].kind == _KIND_DATA
+        return self.stream.index[i].kind in (_KIND_DATA, _KIND_PARENT)
 
     def read(self, offset: int, size: int) -> bytes:
         if offset >= self.size or size <= 0:
@@ -150,7 +150,9 @@ class DiskReader:
             # cached(), not `in`: a chunk another thread is still decoding would make this thread
             # (the FUSE loop, when the answer is "cheap") wait for it.
             if self._is_data(i) and not self.cache.cached(i):
-                to_decode += index[i].stored_length
+                # A chunk read from a parent: its stored size is the parent's; count it as a whole chunk.
+                e = index[i]
+                to_decode += e.stored_length if e.kind == _KIND_DATA else cs
                 if to_decode > self.INLINE_STORED:
                     return False
         return True

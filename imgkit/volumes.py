@@ -115,7 +115,7 @@ def relayout(image: str, output: str | None = None, *, split_size: int | None = 
         copied = 0
         try:
             for i, e in enumerate(src.index):
-                if e.kind == L.KIND_FREE:
+                if e.kind in (L.KIND_FREE, L.KIND_PARENT):  # a child keeps naming its parent's chunks
                     writer.set_entry(i, e)
             progress.advance(src.size - sum(src.chunk_length(i) for i in data))
 
@@ -138,6 +138,7 @@ def relayout(image: str, output: str | None = None, *, split_size: int | None = 
                 progress.advance(src.chunk_length(i))
             for m in src.used_maps:
                 writer.add_used_map(m)
+            writer.set_parent(src.parent_ref)
             paths = writer.commit(src.metadata)
         except BaseException:
             writer.abort()

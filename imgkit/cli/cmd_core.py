@@ -37,7 +37,8 @@ def confirm_or_refuse(yes: bool):
 @click.option("--fast", "preset", flag_value="fast", help=f"zstd level {LEVEL_FAST}.")
 @click.option("--high", "preset", flag_value="high", help=f"zstd level {LEVEL_HIGH}.")
 @click.option("--no-compress", "preset", flag_value="none", help="Store chunks uncompressed.")
-@click.option("--chunk-size", type=SIZE, default=f"{DEFAULT_CHUNK_SIZE >> 20}M", show_default=True, help="Chunk size (64K..64M, power of two).")
+@click.option("--chunk-size", type=SIZE,
+              help=f"Chunk size (64K..64M, power of two; default {DEFAULT_CHUNK_SIZE >> 20}M, or the base's).")
 @click.option("--split-size", type=SPLIT_SIZE,
               help="Split into volumes of at most SIZE (650M, 4000M) or a preset: fat32 (4 GiB - 1 byte), "
                    "dvd (single-layer DVD, 4,692 MB).")
@@ -49,42 +50,50 @@ def confirm_or_refuse(yes: bool):
 @click.option("--partitions", metavar="LIST",
               help="Capture only these partitions (numbers, GPT names or labels, e.g. 1,3 or EFI,root), "
                    "plus the partition table and boot code.")
+@click.option("--base", type=click.Path(dir_okay=False), metavar="PARENT",
+              help="Incremental: store only the chunks that changed since the image PARENT (a full image "
+                   "or another incremental); the new image needs PARENT to be read.")
 @progress_option
 @json_option
 def capture(source, image, level, preset, chunk_size, split_size, encrypt, password_file, force,
-            sector_by_sector, partitions, progress_mode, as_json):
+            sector_by_sector, partitions, base, progress_mode, as_json):
     """Capture a disk, raw image or ISO into an imgk image.
 
     Filesystem-aware by default: ext2/3/4, FAT, exFAT, NTFS, XFS, btrfs and swap partitions store only
     their used blocks; other partitions and the space outside partitions are kept whole.
 
-    Example: imgkit capture /dev/sdb backup.imgk --high --partitions 1,2
+    Examples: imgkit capture /dev/sdb backup.imgk --high --partitions 1,2;
+    imgkit capture /dev/sdb tue.imgk --base mon.imgk
     """
     if level is not None and preset:
         raise click.UsageError("--level and --fast/--high/--no-compress exclude each other")
     if level is None:
         level = {"fast": LEVEL_FAST, "high": LEVEL_HIGH, "none": LEVEL_NONE}.get(preset, LEVEL_DEFAULT)
-    if password_file and not encrypt:  # the user meant an encrypted image: never write it in clear
+    if password_file and not encrypt and not base:  # the user meant an encrypted image: never write it in clear
         raise click.UsageError("--password-file without --encrypt: add --encrypt to encrypt the image")
+    # With --base, --password-file opens the base; an encrypted base makes an encrypted child under
+    # the same password (api.capture), a plain base refuses --encrypt.
     password = new_password(password_file) if encrypt else None
     result = api.capture(source, image, level=level, chunk_size=chunk_size, split_size=split_size,
                          password=password, force=force, progress=make_progress("capture", progress_mode),
                          source_password=reading_password(password_file),
-                         sector_by_sector=sector_by_sector, partitions=partitions)
+                         sector_by_sector=sector_by_sector, partitions=partitions, base=base)
     for w in result.warnings:
         click.echo(f"imgkit: warning: {w}", err=True)
     doc = {"warnings": result.warnings, "image": result.paths[0], "volumes": result.paths,
            "logical_size": result.logical_size,
            "stored_size": result.stored_bytes, "data_chunks": result.data_chunks,
            "zero_chunks": result.zero_chunks, "free_chunks": result.free_chunks,
-           "deduplicated_chunks": result.deduplicated, "seconds": round(result.seconds, 3)}
+           "deduplicated_chunks": result.deduplicated, "parent_chunks": result.parent_chunks,
+           "base": base, "seconds": round(result.seconds, 3)}
     if as_json:
         emit_json(doc)
     else:
         ratio = result.logical_size / result.stored_bytes if result.stored_bytes else 0
         click.echo(f"captured {format_size(result.logical_size)} into {format_size(result.stored_bytes)} "
                    f"({ratio:.2f}x) in {result.seconds:.1f} s: {result.paths[0]}"
-                   + (f" (+{len(result.paths) - 1} volumes)" if len(result.paths) > 1 else ""))
+                   + (f" (+{len(result.paths) - 1} volumes)" if len(result.paths) > 1 else "")
+                   + (f"; {result.parent_chunks} unchanged chunks left in {base}" if base else ""))
 
 
 @cli.command()
@@ -174,17 +183,21 @@ def info(image, password_file, as_json):
 
 @cli.command()
 @click.argument("image", type=click.Path())
+@click.option("--shallow", is_flag=True,
+              help="Of an incremental image, check only the chunks it stores itself (its parents need not be there).")
 @password_options
 @progress_option
 @json_option
-def verify(image, password_file, progress_mode, as_json):
+def verify(image, shallow, password_file, progress_mode, as_json):
     """Decompress and check every chunk. Exit 0 if intact, 1 if damaged.
+
+    An incremental image is checked with its whole chain: every chunk it reads from a parent too.
 
     Example: imgkit verify backup.imgk
     """
     try:
         report = api.verify(image, password=reading_password(password_file),
-                            progress=make_progress("verify", progress_mode))
+                            progress=make_progress("verify", progress_mode), shallow=shallow)
     except BadImage as e:
         if isinstance(e, NewerFormat) or (not api.is_imgk(image) and os.path.exists(image)):
             raise  # not damage: a newer imgkit's image (exit 3 with its hint) or not an image at all

@@ -21,7 +21,24 @@ def progress_option(f):
                         help="Progress on stderr: a bar on a terminal, JSON lines, or nothing.")(f)
 
 
+def base_dir_option(f):
+    """--base-dir for every command that opens an image: where the parents of an incremental image
+    are, when not next to it. Passed on through IMGKIT_BASE_DIR so that it also reaches the helper
+    processes of mount and boot-check (imgk_chain.BASE_DIR_ENV)."""
+    def remember(ctx, param, value):
+        if value:
+            if not os.path.isdir(value):
+                raise click.BadParameter(f"{value}: no such directory", ctx, param)
+            os.environ["IMGKIT_BASE_DIR"] = os.path.abspath(value)
+        return value
+    return click.option("--base-dir", type=click.Path(file_okay=False), expose_value=False, callback=remember,
+                        is_eager=True, metavar="DIR",
+                        help="Where the parents of an incremental image are (default: next to it).")(f)
+
+
 def password_options(f):
+    """--password-file, and --base-dir: every command that opens an image may open a chain."""
+    f = base_dir_option(f)
     f = click.option("--password-file", type=click.Path(dir_okay=False),
                      help="Read the password from this file (first line). Also: IMGKIT_PASSWORD.")(f)
     return f

@@ -25,7 +25,17 @@ def render_info(info: dict) -> str:
         lines.append(f"compression:  {comp.get('algorithm')} level {comp.get('level')}, "
                      f"{format_size(info['chunk_size'])} chunks ({info['chunks']['data']} stored, "
                      f"{info['chunks']['zero']} zero, {info['chunks']['free']} free)")
+        if info["chunks"].get("parent"):
+            lines[-1] += f", {info['chunks']['parent']} in parents"
         lines.append(f"encrypted:    {'yes' if info.get('encrypted') else 'no'}")
+        if len(info.get("chain") or []) > 1:
+            lines.append(f"chain:        {len(info['chain'])} links, {format_size(info['chain_stored_size'])} in all "
+                         "(newest first; each link's own size)")
+            for n, link in enumerate(info["chain"]):
+                role = "full" if n == len(info["chain"]) - 1 else "incremental"
+                lines.append(f"  {n + 1:>3}  {format_size(link['stored_size']):>10}  {role:<11}  "
+                             f"{link['data_chunks']} stored, {link['parent_chunks']} from parent  "
+                             f"{link.get('created') or ''}  {link['path']}")
         if len(info.get("volumes", [])) > 1:
             lines.append(f"volumes:      {len(info['volumes'])}")
         if info.get("stray_volume"):

@@ -35,6 +35,8 @@ MAX_SECTION_LENGTH = 256 << 20
 MAX_METADATA_LENGTH = 16 << 20
 MAX_VOLUMES = 65535
 MAX_USED_MAPS = 1024
+MAX_PARENT_NAME = 1024  # bytes of the parent's file-name hint (a base name, UTF-8)
+MAX_CHAIN_DEPTH = 256  # links a reader follows before calling a chain a loop
 
 HASH_SHA256 = 1
 HASH_BLAKE3 = 2
@@ -51,7 +53,10 @@ SECTION_SEAL_OVERHEAD = AEAD_NONCE_SIZE + AEAD_TAG_SIZE
 FEATURE_ENCRYPTED = 1 << 0
 FEATURE_MULTI_VOLUME = 1 << 1
 FEATURE_PARENT = 1 << 2
-KNOWN_REQUIRED_FEATURES = FEATURE_ENCRYPTED | FEATURE_MULTI_VOLUME
+KNOWN_REQUIRED_FEATURES = FEATURE_ENCRYPTED | FEATURE_MULTI_VOLUME | FEATURE_PARENT
+# Bits outside the header core: they describe the layout (volumes) or the chain (parent), which
+# split/join and consolidate --into change without re-sealing the chunks bound to the core.
+LAYOUT_FEATURES = FEATURE_MULTI_VOLUME | FEATURE_PARENT
 # optional_features bits
 OPTIONAL_USED_MAPS = 1 << 0
 
@@ -89,6 +94,8 @@ _DIRECTORY_ENTRY = struct.Struct("<IIQQQ32s")
 _TRAILER = struct.Struct("<8s16sQII32s32s24s")
 _USED_MAP_HEAD = struct.Struct("<IIQQ")
 USED_MAP_HEAD_SIZE = _USED_MAP_HEAD.size
+_PARENT_HEAD = struct.Struct("<16s32sQIH2x")
+PARENT_SECTION_MAX = _PARENT_HEAD.size + MAX_PARENT_NAME
 KEY_SLOT_OFFSET = 128
 KEY_SLOT_SIZE = 256
 HEADER_CHECKSUM_OFFSET = HEADER_SIZE - DIGEST_SIZE
@@ -173,10 +180,11 @@ class Header:
 
     def core(self) -> bytes:
         """The bytes that never change after capture (FORMAT.md, *Header*: the core). The
-        MULTI_VOLUME bit reads as 0 here: it describes the volume layout, which split/join change
-        without re-encrypting the chunks that the core is bound into."""
+        MULTI_VOLUME and PARENT bits read as 0 here: they describe the volume layout and the chain,
+        which split/join and consolidate --into change without re-encrypting the chunks that the core
+        is bound into (the PARENT section, bound by the trailer, says which parent)."""
         fixed = bytearray(self._fixed())
-        fixed[16:24] = struct.pack("<Q", self.required_features & ~FEATURE_MULTI_VOLUME)
+        fixed[16:24] = struct.pack("<Q", self.required_features & ~LAYOUT_FEATURES)
         return bytes(fixed[:48] + fixed[56:80])
 
     def core_digest(self) -> bytes:
@@ -259,8 +267,12 @@ class IndexTable:
         if len(raw) != count * INDEX_ENTRY_SIZE:
             raise BadImage(f"index holds {len(raw)} bytes, expected {count} entries of {INDEX_ENTRY_SIZE}")
         max_stored = header.chunk_size + MAX_STORED_OVERHEAD
+        has_parent = bool(header.required_features & FEATURE_PARENT)
         for i, (kind, encoding, volume, stored, offset, obj, _digest) in enumerate(_INDEX_ENTRY.iter_unpack(raw)):
-            if kind in (KIND_ZERO, KIND_FREE):
+            if kind == KIND_PARENT and not has_parent:
+                raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): a parent entry in an "
+                               "image without a parent")
+            if kind in (KIND_ZERO, KIND_FREE, KIND_PARENT):
                 if encoding or volume or stored or offset or obj:
                     raise BadImage(f"index entry {i} (offset {i * header.chunk_size}): a {KIND_NAMES[kind]} "
                                    "entry with a stored place")
@@ -380,6 +392,10 @@ def section_budgets(header: "Header") -> dict[int, SectionBudget]:
             "used-block map", 0, MAX_USED_MAPS,
             min(MAX_SECTION_LENGTH, MAX_USED_MAPS * (USED_MAP_HEAD_SIZE + 1)
                 + used_map_bitmap_bytes(header.logical_size))),
+        # Exactly one when the PARENT bit is set, else none: checked both ways, so a header whose
+        # PARENT bit was cleared (it is outside the core) cannot make a child read as a full image.
+        SECTION_PARENT: SectionBudget("parent", *((1, 1) if header.required_features & FEATURE_PARENT else (0, 0)),
+                                      PARENT_SECTION_MAX),
     }
 
 
@@ -503,3 +519,62 @@ def section_ad(core_digest: bytes, section_type: int, seq: int) -> bytes:
 
 def wrap_ad(core_digest: bytes) -> bytes:
     return b"imgkit-wrap-v1" + core_digest
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """The PARENT section (FORMAT.md, *Incremental images*): which image this one is a child of."""
+    image_id: bytes
+    content_digest: bytes  # chain_digest() of the parent
+    logical_size: int
+    chunk_size: int
+    name: str  # the parent's file name when the child was made: a hint, never trusted as a path
+
+    def encode(self) -> bytes:
+        name = self.name.encode()
+        return _PARENT_HEAD.pack(self.image_id, self.content_digest, self.logical_size, self.chunk_size,
+                                 len(name)) + name
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "ParentRef":
+        if len(raw) < _PARENT_HEAD.size:
+            raise BadImage("parent section is truncated")
+        image_id, content, size, chunk_size, name_len = _PARENT_HEAD.unpack_from(raw)
+        name_raw = raw[_PARENT_HEAD.size:]
+        if name_len > MAX_PARENT_NAME or len(name_raw) != name_len:
+            raise BadImage("parent section: the file-name hint does not fit its declared length")
+        try:
+            name = name_raw.decode()
+        except UnicodeDecodeError:
+            raise BadImage("parent section: the file-name hint is not UTF-8") from None
+        if not valid_parent_name(name):
+            raise BadImage(f"parent section: the file-name hint {name!r} is not a plain file name")
+        if chunk_size < MIN_CHUNK_SIZE or chunk_size > MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+            raise BadImage(f"parent section: chunk size {chunk_size} is impossible")
+        return cls(image_id, content, size, chunk_size, name)
+
+
+def valid_parent_name(name: str) -> bool:
+    """A hint is a base name only: a hostile child cannot make a reader open /etc/shadow or ../x."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name \
+        and len(name.encode()) <= MAX_PARENT_NAME
+
+
+def chain_digest(header: Header, index: "IndexTable") -> bytes:
+    """The identity a child pins its parent by (FORMAT.md, *Incremental images*): SHA-256 over the
+    image id, sizes, hash algorithm and, per chunk, whether it holds data and that data's digest.
+    It ignores where chunks are stored (split/join), the key slot (passwd) and whether a chunk is
+    stored here or in a further parent (consolidate), so those keep a chain valid, while any change
+    of content, of the image's identity or of its digests changes it."""
+    h = hashlib.sha256(b"imgkit-chain-v1")
+    h.update(header.image_id + struct.pack("<QIB", header.logical_size, header.chunk_size, header.hash_algo))
+    raw = memoryview(index._raw)
+    none = bytes(1 + DIGEST_SIZE)
+    for pos in range(0, len(raw), INDEX_ENTRY_SIZE):
+        kind = raw[pos]
+        if kind in (KIND_DATA, KIND_PARENT):
+            h.update(b"\1")
+            h.update(raw[pos + 24:pos + 24 + DIGEST_SIZE])
+        else:
+            h.update(none)
+    return h.digest()

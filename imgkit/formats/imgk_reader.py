@@ -17,6 +17,7 @@ from .byte_source import open_source, pread_exact, read_workers, source_exists
 from .imgk_writer import volume_path
 
 PasswordProvider = Callable[[], bytes]
+_READABLE = (L.KIND_DATA, L.KIND_PARENT)
 
 
 def bounded_decompress(dctx, data: bytes, cap: int) -> bytes:
@@ -142,6 +143,10 @@ class ImageReader(Stream):
         except (ValueError, RecursionError):
             raise BadImage("image metadata is not a JSON object") from None
         self.used_maps = [L.UsedMap.decode(raw, header.logical_size) for raw in by_type.get(L.SECTION_USED_MAP, [])]
+        # An incremental image names its parent here; imgk_chain.py finds, checks and attaches it.
+        parents = by_type.get(L.SECTION_PARENT, [])
+        self.parent_ref = L.ParentRef.decode(parents[0]) if parents else None
+        self.parent: "ImageReader | None" = None
         self.size = header.logical_size
         self.chunk_size = header.chunk_size
 
@@ -151,7 +156,7 @@ class ImageReader(Stream):
             raise BadImage(f"section {seq} (type {entry.type}) checksum mismatch")
         if self.sealer:
             stored = self.sealer.open_section(entry.type, seq, stored)
-        if entry.type == L.SECTION_VOLUMES:
+        if entry.type in (L.SECTION_VOLUMES, L.SECTION_PARENT):
             raw = stored
         else:
             try:
@@ -177,7 +182,16 @@ class ImageReader(Stream):
         return d
 
     def _is_data(self, i: int) -> bool:
-        return self._kinds[i] == L.KIND_DATA
+        """Chunk i has bytes to read: stored here (DATA) or in a parent (PARENT)."""
+        return self._kinds[i] in _READABLE
+
+    def own_data(self) -> list[int]:
+        """The chunks this image stores itself (not its parents)."""
+        return [i for i, k in enumerate(self._kinds) if k == L.KIND_DATA]
+
+    @property
+    def is_child(self) -> bool:
+        return self.parent_ref is not None
 
     def read_stored(self, i: int, e: L.IndexEntry | None = None) -> bytes:
         """The stored bytes of DATA chunk i (`e`: its index entry, when the caller has it)."""
@@ -189,17 +203,32 @@ class ImageReader(Stream):
         """Ask the kernel to start reading these chunks' stored bytes now (POSIX_FADV_WILLNEED does not
         block), so that the decoder threads find them in the page cache instead of each waiting on a
         synchronous read from the disk (a cold sequential mount read was I/O-bound without it)."""
+        if self.parent is not None:
+            self.parent.will_need([i for i in chunks if self._kinds[i] == L.KIND_PARENT])
         for i in chunks:
-            if self._is_data(i):
+            if self._kinds[i] == L.KIND_DATA:
                 e = self.index[i]
                 self._fds[e.volume - 1].will_need(e.offset, e.stored_length)
 
     def read_chunk(self, i: int) -> bytes:
         """The verified bytes of chunk i (zeros for ZERO and FREE chunks). Raises CorruptChunk."""
-        if not self._is_data(i):
+        kind = self._kinds[i]
+        if kind == L.KIND_PARENT:
+            return self.read_parent_chunk(i)
+        if kind != L.KIND_DATA:
             return bytes(self.chunk_length(i))
         e = self.index[i]
         return self.decode_stored(i, self.read_stored(i, e), e)
+
+    def read_parent_chunk(self, i: int) -> bytes:
+        """Chunk i of a PARENT entry, read from the parent. The parent authenticates its own chunks,
+        and its identity (chain_digest, covering every chunk digest) was checked against this
+        image's authenticated PARENT section when it was attached, so no second hash is needed here
+        (verify of a chain checks this image's own digest of the chunk too)."""
+        if self.parent is None:
+            raise BadImage(f"{self.path} is an incremental image and its parent is not open",
+                           hint="open it with imgkit.open_image (it finds the parent)")
+        return self.parent.read_chunk(i)
 
     def decode_stored(self, i: int, stored: bytes, e: L.IndexEntry | None = None) -> bytes:
         """Authenticate, decompress and hash-check the stored bytes of DATA chunk i."""
@@ -276,11 +305,13 @@ class ImageReader(Stream):
         return b"".join(parts)
 
     def runs(self) -> Iterator[Run]:
-        kinds = {L.KIND_DATA: DATA, L.KIND_ZERO: ZERO, L.KIND_FREE: FREE}
+        kinds = {L.KIND_DATA: DATA, L.KIND_PARENT: DATA, L.KIND_ZERO: ZERO, L.KIND_FREE: FREE}
         return merge_runs(Run(kinds[k], i * self.chunk_size, self.chunk_length(i))
                           for i, k in enumerate(self._kinds))
 
     def close(self) -> None:
+        if getattr(self, "parent", None) is not None:
+            self.parent.close()
         for fd in self._fds:
             try:
                 fd.close()

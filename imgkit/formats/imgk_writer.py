@@ -131,6 +131,7 @@ class ImageWriter:
         self._volumes: list = []  # LocalVolume or remote.s3.MultipartSink, one a volume
         self._sizes: list[int] = []
         self._used_maps: list[L.UsedMap] = []
+        self._parent: L.ParentRef | None = None
         self.stored_bytes = 0
         self.deduplicated = 0
         self._committed = False
@@ -175,6 +176,8 @@ class ImageWriter:
             return  # the index is pre-filled with ZERO entries
         if chunk.kind == L.KIND_FREE:
             encoded = L.FREE_ENTRY.encode()
+        elif chunk.kind == L.KIND_PARENT:  # unchanged since the parent: only the digest is kept
+            encoded = L.IndexEntry(L.KIND_PARENT, digest=chunk.digest).encode()
         else:
             encoded = self._dedup.get(chunk.digest)
             if encoded is None:
@@ -203,6 +206,13 @@ class ImageWriter:
         pos = index * L.INDEX_ENTRY_SIZE
         self._index[pos:pos + L.INDEX_ENTRY_SIZE] = entry.encode()
 
+    def set_parent(self, ref: L.ParentRef | None) -> None:
+        """Make this image a child of `ref` (a PARENT section; the PARENT feature bit, outside the
+        header core, follows it at commit)."""
+        if ref is not None and (ref.chunk_size != self.header.chunk_size):
+            raise ValueError("a child has its parent's chunk size")
+        self._parent = ref
+
     def add_used_map(self, used_map: L.UsedMap) -> None:
         if not self.header.optional_features & L.OPTIONAL_USED_MAPS:
             raise ValueError("ImageWriter(used_maps=True) is needed to store used-block maps")
@@ -221,12 +231,17 @@ class ImageWriter:
         ]
         for m in self._used_maps:
             sections.append((L.SECTION_USED_MAP, 0, m.encode(), None))
+        if self._parent is not None:
+            sections.append((L.SECTION_PARENT, L.SECTION_FLAG_REQUIRED, self._parent.encode(), None))
+            self.header.required_features |= L.FEATURE_PARENT
+        else:
+            self.header.required_features &= ~L.FEATURE_PARENT
         encoded = []
         for seq, (stype, flags, raw, _) in enumerate(sections):
             if len(raw) > L.MAX_SECTION_LENGTH:
                 raise InputError(f"section {stype} exceeds {L.MAX_SECTION_LENGTH} bytes (disk too large "
                                  "for this chunk size: choose a larger --chunk-size)")
-            encoded.append((stype, flags, raw, z.compress(raw)))
+            encoded.append((stype, flags, raw, raw if stype == L.SECTION_PARENT else z.compress(raw)))
         # The volume table is the last section: its own volume's size must include everything after it,
         # so find the final layout first (sections never straddle volumes).
         n_sections = len(encoded) + 1
