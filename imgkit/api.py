@@ -5,7 +5,7 @@ import os
 from typing import Callable
 
 from .capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
-from .errors import BadImage, InputError
+from .errors import BadImage, InputError, RefusedTarget
 from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader
 from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
@@ -190,32 +190,87 @@ def _base_warnings(parent, src: Stream, output: str, base_dir: str | None) -> li
 
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
             discard: bool = False, progress: Progress | None = None, grow: bool = False,
-            force: bool = False) -> RestoreResult:
+            force: bool = False, shrink: str | None = None,
+            target_size: int | None = None) -> RestoreResult:
     """Restore a whole image (any format imgkit reads: imgk, qcow2, VHD, VHDX, VMDK, raw, ISO, a
     block device) to a block device or file. `confirm(text) -> bool` is asked before an
     existing target is overwritten; pass None only when the user already agreed (--yes).
     On a larger target, the backup GPT is moved to the end; `grow` also grows the last partition and
     its filesystem to fill the disk (grow.py). An `rbd:pool/image` target is a new RBD image of
-    the image's size; an existing one is replaced only with `force` (remote/rbd_image.py)."""
+    the image's size; an existing one is replaced only with `force` (remote/rbd_image.py).
+    On a smaller target, `shrink` ("proportional" or "last") lays the partitions out anew and shrinks
+    filesystems (shrink_restore.py); a file target then has `target_size` bytes (default: its current
+    size)."""
     from .remote.rbd_image import check_target, is_rbd, write_image
     if is_rbd(target):
-        if grow or discard:
-            raise InputError("--grow and --discard do not apply to an rbd: target (it gets the image's size)")
+        if grow or discard or shrink:
+            raise InputError("--grow, --shrink and --discard do not apply to an rbd: target (it gets the image's size)")
         check_target(target, force)  # refuse before reading anything
         with open_restore_source(image, password) as img:
             r = write_image(img, target, force=force, progress=progress, verify=verify)
         return RestoreResult(r.target, r.bytes_written, r.seconds, verify)
+    from .shrink_restore import make_plan, restore_shrunk, target_size_of
+    from .shrink_plan import too_small_message
     with open_restore_source(image, password) as img:
         paths = getattr(img, "volume_paths", [image])
-        result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
-                                discard=discard, progress=progress)
         size = img.size
+        wanted = target_size_of(target, target_size) if shrink else None
+        if shrink and wanted < size:
+            report, result = restore_shrunk(img, target, make_plan(img, wanted, shrink), image_paths=paths,
+                                            confirm=confirm, progress=progress,
+                                            early_checks=lambda: _early_target_checks(target, paths))
+            result.shrink = report
+            return result
+        result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
+                                discard=discard, progress=progress,
+                                too_small=lambda ts: too_small_message(target, ts, size, make_plan(img, ts, "proportional")))
     from .grow import fit_to_disk
     with RawSource(target) as written:
         larger = written.size > size
     if larger or grow:
         result.grow = fit_to_disk(target, size, grow).to_dict()
     return result
+
+
+def _early_target_checks(target: str, image_paths: list[str]) -> None:
+    """restore_stream's device checks, run before slow preparation (restore_stream runs them again)."""
+    import stat
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISBLK(st.st_mode):
+        from .targets import check_block_target_free, refuse_image_on_target
+        refuse_image_on_target(list(image_paths), target, st.st_rdev)
+        check_block_target_free(target, st.st_rdev)
+    else:
+        for p in image_paths:
+            if os.path.samefile(p, target):
+                raise RefusedTarget(f"{target} is the image being read")
+
+
+def plan_restore(image: str, target: str, *, password: Password = None, shrink: str | None = None,
+                 target_size: int | None = None) -> dict:
+    """What restore would do (--dry-run): sizes, and with a smaller target the shrink plan."""
+    from .shrink_restore import make_plan, target_size_of
+    with open_restore_source(image, password) as img:
+        doc = {"image_size": img.size, "target": target, "shrink": shrink}
+        try:
+            wanted = target_size_of(target, target_size)
+        except InputError:
+            wanted = None  # a new file: it gets the image's size
+        doc["target_size"] = wanted
+        if wanted is not None and wanted < img.size:
+            plan = make_plan(img, wanted, shrink or "proportional")
+            doc["shrink_plan"] = plan.to_dict()
+            doc["plan_text"] = plan.describe()
+            doc["fits"] = bool(shrink) and plan.fits
+            if not shrink:
+                from .shrink_plan import too_small_message
+                doc["refused"] = too_small_message(target, wanted, img.size, plan)
+        else:
+            doc["fits"] = True
+        return doc
 
 
 def plan_partition_restore(image: str, target: str, number: int, *, to_partition: int | None = None,

@@ -60,6 +60,7 @@ class Partition:
     bootable: bool = False
     logical: bool = False
     attributes: int = 0
+    ebr_offset: int | None = None  # a logical partition: the byte offset of its EBR
 
     @property
     def end(self) -> int:
@@ -137,7 +138,7 @@ def _parse_mbr(disk: Stream, sector: bytes, ss: int) -> PartitionTable:
             if ptype and count:
                 table.partitions.append(Partition(number, (ebr_lba + lba) * ss, count * ss, f"0x{ptype:02x}",
                                                   MBR_TYPES.get(ptype, "unknown"), bootable=status == 0x80,
-                                                  logical=True))
+                                                  logical=True, ebr_offset=ebr_lba * ss))
                 number += 1
             _, _, nptype, nlba, _ = entries[1]
             ebr_lba = extended_start + nlba if nptype and nlba else 0

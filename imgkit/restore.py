@@ -35,6 +35,7 @@ class RestoreResult:
     seconds: float
     verified: bool
     grow: dict | None = None  # what grow.fit_to_disk did (GPT moved, partition/filesystem grown)
+    shrink: dict | None = None  # restore --shrink: the plan, the resizers' notes and minimums
 
 
 def _zero_range(fd: int, offset: int, length: int, discard: bool) -> None:
@@ -91,9 +92,18 @@ def plan_text(image: Stream, target: str, target_size: int | None, is_block: boo
 def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
                    confirm: Callable[[str], bool] | None = None, verify: bool = False,
                    discard: bool = False, progress: Progress | None = None,
-                   workers: int | None = None) -> RestoreResult:
+                   workers: int | None = None, layout=None,
+                   too_small: Callable[[int], str] | None = None) -> RestoreResult:
     """Restore `image` to `target`. `confirm(message)` is asked before anything existing is
-    overwritten; None means the caller already agreed (--yes)."""
+    overwritten; None means the caller already agreed (--yes). `layout` (shrink_restore.ShrinkLayout)
+    writes a shrunk layout of `size` bytes instead of the image as it is; `too_small(target_size)`
+    words the refusal of a target smaller than the image."""
+    need = layout.size if layout is not None else image.size
+
+    def write(fd, **kw):
+        if layout is not None:
+            return layout.write(fd, progress=progress, workers=workers, **kw)
+        return write_stream(image, fd, progress=progress, workers=workers, **kw)
     progress = progress or NullProgress()
     started = time.monotonic()
     try:
@@ -114,15 +124,18 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
             raise RefusedTarget(f"{target}: cannot open exclusively ({e.strerror}): in use?") from None
         try:
             target_size = fd_size(fd)
-            if target_size < image.size:
-                raise RefusedTarget(f"{target} is {format_size(target_size)} ({target_size} bytes), smaller "
+            if layout is not None and target_size != layout.size:
+                raise RefusedTarget(f"{target} is {format_size(target_size)}, the shrink plan was made for "
+                                    f"{format_size(layout.size)}: it changed")
+            if target_size < need:
+                raise RefusedTarget(too_small(target_size) if too_small else
+                                    f"{target} is {format_size(target_size)} ({target_size} bytes), smaller "
                                     f"than the image's {format_size(image.size)} ({image.size} bytes)")
             if confirm is not None and not confirm(plan_text(image, target, target_size, True)):
                 raise InputError("restore cancelled: nothing was written")
-            written = write_stream(image, fd, zero_old=True, sparse=False, discard=discard, progress=progress,
-                                   workers=workers)
+            written = write(fd, zero_old=True, sparse=False, discard=discard)
             os.fsync(fd)
-            if verify:
+            if verify and layout is None:
                 _verify_target(image, target, progress)
         except KeyboardInterrupt:
             raise Interrupted(f"restore interrupted: {target} is partially written") from None
@@ -145,12 +158,12 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
     except OSError as e:
         raise InputError(f"{target}: cannot write ({e.strerror})") from None
     try:
-        os.ftruncate(fd, image.size)  # holes everywhere; only data is written
-        written = write_stream(image, fd, zero_old=False, sparse=True, progress=progress, workers=workers)
+        os.ftruncate(fd, need)  # holes everywhere; only data is written
+        written = write(fd, zero_old=False, sparse=True)
         os.fsync(fd)
         os.close(fd)
         fd = -1
-        if verify:
+        if verify and layout is None:
             _verify_target(image, tmp, progress)
         os.rename(tmp, target)
         fsync_parent_dir(target)

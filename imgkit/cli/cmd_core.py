@@ -110,11 +110,16 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
 @click.option("--grow", is_flag=True,
               help="On a larger disk, grow the last partition and its filesystem (ext*, NTFS, FAT) to fill it.")
 @click.option("--force", is_flag=True, help="Replace an existing rbd:POOL/IMAGE target (never one in use).")
+@click.option("--shrink", type=click.Choice(["proportional", "last"]), is_flag=False, flag_value="proportional",
+              default=None, help="On a smaller disk, shrink filesystems' free space (all in proportion, or only "
+                                 "the last partition with '--shrink last'); --dry-run shows the plan.")
+@click.option("--target-size", type=SIZE, metavar="SIZE",
+              help="With --shrink onto a file: its size (default: the existing file's size).")
 @password_options
 @progress_option
 @json_option
 def restore(image, target, yes, verify_after, discard, partition, to_partition, dry_run, grow, force,
-            password_file, progress_mode, as_json):
+            shrink, target_size, password_file, progress_mode, as_json):
     """Restore an image to a block device or a file (sparse), or one partition of it.
 
     On a larger disk the backup GPT is moved to the end; --grow also grows the last partition.
@@ -124,8 +129,12 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
     """
     if to_partition is not None and partition is None:
         raise click.UsageError("--to-partition needs --partition")
-    if partition is not None and (grow or verify_after or discard):
-        raise click.UsageError("--grow, --verify and --discard apply to whole-disk restores, not --partition")
+    if partition is not None and (grow or verify_after or discard or shrink):
+        raise click.UsageError("--grow, --shrink, --verify and --discard apply to whole-disk restores, not --partition")
+    if shrink and (grow or verify_after):
+        raise click.UsageError("--shrink excludes --grow and --verify (a shrunk disk differs from the image)")
+    if target_size is not None and not shrink:
+        raise click.UsageError("--target-size needs --shrink")
     password = reading_password(password_file)
     if partition is not None:
         plan = api.plan_partition_restore(image, target, partition, to_partition=to_partition, password=password)
@@ -146,24 +155,32 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
                        + f": {format_size(result.bytes_written)} of data written in {result.seconds:.1f} s")
         return
     if dry_run:
-        with api.open_restore_source(image, password) as img:
-            size = img.size
-        doc = {"dry_run": True, "plan": {"image_size": size, "target": target, "grow": grow}}
-        emit_json(doc) if as_json else click.echo(
-            f"plan: restore the whole image ({format_size(size)}) to {target}"
-            + (", then grow the last partition to fill it" if grow else ""))
+        doc = api.plan_restore(image, target, password=password, shrink=shrink, target_size=target_size)
+        doc["grow"] = grow
+        if as_json:
+            emit_json({"dry_run": True, "plan": doc})
+        else:
+            click.echo(f"plan: restore the whole image ({format_size(doc['image_size'])}) to {target}"
+                       + (", then grow the last partition to fill it" if grow else ""))
+            if doc.get("plan_text"):
+                click.echo(doc["plan_text"])
+            if doc.get("refused"):
+                click.echo(f"refused without --shrink: {doc['refused']}")
         return
     result = api.restore(image, target, password=password, confirm=confirm_or_refuse(yes),
                          verify=verify_after, discard=discard, progress=make_progress("restore", progress_mode),
-                         grow=grow, force=force)
+                         grow=grow, force=force, shrink=shrink, target_size=target_size)
     if as_json:
         emit_json({"target": result.target, "bytes_written": result.bytes_written,
-                   "seconds": round(result.seconds, 3), "verified": result.verified, "grow": result.grow})
+                   "seconds": round(result.seconds, 3), "verified": result.verified, "grow": result.grow,
+                   "shrink": result.shrink})
     else:
         click.echo(f"restored {image} to {target}: {format_size(result.bytes_written)} of data written "
                    f"in {result.seconds:.1f} s" + (", verified" if result.verified else ""))
         for note in ((result.grow or {}).get("notes") or []) + (
                 ["backup GPT moved to the end of the disk"] if (result.grow or {}).get("moved_gpt") else []):
+            click.echo(f"  {note}")
+        for note in (result.shrink or {}).get("notes") or []:
             click.echo(f"  {note}")
 
 

@@ -165,7 +165,7 @@ class QemuImage(Stream):
             raise
 
     def _start(self, limits: Limits) -> None:
-        argv = ["qemu-storage-daemon", *blockdev_args(self.inspected),
+        argv = ["qemu-storage-daemon", *self._blockdev_args(),
                 "--nbd-server", json.dumps({"addr": {"type": "unix", "path": self.socket_path}}),
                 "--export", json.dumps({"type": "nbd", "id": "exp0", "node-name": "fmt0",
                                         "name": EXPORT_NAME, "writable": False})]
@@ -190,6 +190,9 @@ class QemuImage(Stream):
         # A stream nobody closed must not leave qemu-storage-daemon running: stop it when this
         # object is collected or the interpreter exits.
         self._finalizer = weakref.finalize(self, _stop_daemon, self._proc, self._timer, self._dir)
+
+    def _blockdev_args(self) -> list[str]:
+        return blockdev_args(self.inspected)
 
     def _handle(self):
         h = getattr(self._local, "h", None)

@@ -1,0 +1,223 @@
+"""Shrink an image's filesystems with their own tools, on a copy-on-write overlay, never on the host.
+
+The image (any Stream) is exported read-only over NBD (nbd_export.py); a qcow2 overlay backed by that
+export takes every write, so the image is never changed and the extra disk space is what the resizers
+write (their metadata changes and the blocks they move), not a copy of the disk. The libguestfs
+appliance (its own kernel, in a VM) opens the overlay read-write and runs, per partition:
+  ext2/3/4  e2fsck -f -y, resize2fs to the planned size, e2fsck -f -n after;
+  NTFS      ntfsresize to the planned size (its own consistency checks run first);
+  btrfs     mounted in the appliance, `btrfs filesystem resize`, `btrfs check` after;
+  FAT       rebuilt: a new FAT of the planned size (mkfs.fat on a host file that imgkit made, with the
+            old volume id, label and sector size), the files copied by the appliance (cp -a, the new
+            FAT mounted `quiet` so ownership is not an error), fsck.fat after. fatresize (libparted)
+            cannot shrink most FATs and would run on the host against untrusted data.
+Each filesystem's real minimum (vfs-minimum-size: resize2fs -P, ntfsresize --info, btrfs' own) is
+checked against the plan first: a plan below it is refused before the target is touched.
+
+The appliance runs in a child process (python -m imgkit.shrink_fs): libguestfs calls can hold the
+GIL while qemu reads the overlay's backing file, which the NBD export in this process serves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from .errors import EnvironmentProblem, OperationFailed, RefusedTarget
+from .formats.qemu_image import QemuImage
+from .shrink_plan import ShrinkPlan
+from .stream import Stream
+from .units import format_size
+
+APPLIANCE_TIMEOUT = 3600
+
+
+@dataclass
+class Shrunk:
+    """The prepared filesystems: read them from `overlay` (a Stream of the whole disk, old offsets)
+    or, for a rebuilt FAT, from `fat_files[number]` (a file holding just the new filesystem)."""
+    overlay: Stream | None
+    fat_files: dict[int, str] = field(default_factory=dict)
+    minimums: dict[int, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    overlay_bytes: int = 0  # disk space the overlay and FAT files took (peak extra disk)
+
+
+class OverlayImage(QemuImage):
+    """The qcow2 overlay read through qemu-storage-daemon with its backing (the NBD export) given
+    explicitly: the chain is imgkit's, nothing is taken from the overlay's header."""
+
+    def __init__(self, overlay: str, nbd_socket: str, size: int):
+        from .formats.foreign import ForeignImage
+        self._backing_socket = nbd_socket
+        info = ForeignImage(overlay, "qcow2", size, os.path.getsize(overlay), "overlay",
+                            fd=os.open(overlay, os.O_RDONLY | os.O_CLOEXEC))
+        super().__init__(overlay, "qcow2", info)
+
+    def _blockdev_args(self) -> list[str]:
+        node = {"driver": "qcow2", "node-name": "fmt0", "read-only": True,
+                "file": {"driver": "file", "filename": f"/proc/self/fd/{self.inspected.fd}", "read-only": True},
+                "backing": {"driver": "raw", "read-only": True,
+                            "file": {"driver": "nbd", "read-only": True,
+                                     "server": {"type": "unix", "path": self._backing_socket}}}}
+        return ["--blockdev", json.dumps(node)]
+
+    def _build_host_map(self) -> None:
+        self._host_map_built = True  # everything through qemu: the overlay alone is not the disk
+
+
+def _mkfs_fat_like(image: Stream, start: int, size: int, new_size: int, label: str | None, path: str) -> None:
+    """A new, empty FAT of `new_size` bytes with the old one's volume id, label and sector size."""
+    import struct
+    bs = image.read(start, 512)
+    bps = struct.unpack_from("<H", bs, 11)[0]
+    fat32 = struct.unpack_from("<H", bs, 22)[0] == 0
+    volid = struct.unpack_from("<I", bs, 67 if fat32 else 39)[0]
+    with open(path, "wb") as f:
+        f.truncate(new_size)
+    argv = ["mkfs.fat", "-i", f"{volid:08X}", "-S", str(bps)]
+    if fat32 and new_size // 512 >= 66600:  # FAT32 needs 65525 clusters; else mkfs.fat picks FAT12/16
+        argv += ["-F", "32"]
+    if label:
+        argv += ["-n", label[:11]]
+    if shutil.which("mkfs.fat") is None:
+        raise EnvironmentProblem("mkfs.fat is needed to rebuild a shrunk FAT filesystem", hint="apt install dosfstools")
+    proc = subprocess.run(argv + [path], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise OperationFailed(f"mkfs.fat failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+
+
+def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_socket: str,
+                       progress_note=None) -> Shrunk:
+    """Resize the plan's shrunk filesystems on an overlay in `workdir` (the NBD export of `image`
+    must be serving on `export_socket`). Raises RefusedTarget when a filesystem's real minimum is
+    above the plan, OperationFailed when a tool fails: in both cases nothing was written anywhere."""
+    overlay = os.path.join(workdir, "overlay.qcow2")
+    backing = "json:" + json.dumps({"driver": "raw", "file": {"driver": "nbd",
+                                    "server": {"type": "unix", "path": export_socket}}})
+    proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing,
+                           overlay, str(image.size)], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise OperationFailed(f"qemu-img could not create the overlay: {proc.stderr.strip()[:300]}")
+    jobs, fat_files = [], {}
+    for pp in plan.shrunk:
+        job = {"number": pp.number, "fs": pp.filesystem, "new_size": pp.new_size}
+        if pp.filesystem == "vfat":
+            path = os.path.join(workdir, f"fat{pp.number}.raw")
+            _mkfs_fat_like(image, pp.old_start, pp.old_size, pp.new_size, pp.label, path)
+            job["fat_file"] = fat_files[pp.number] = path
+        jobs.append(job)
+    request = {"overlay": overlay, "jobs": jobs}
+    child = subprocess.run([sys.executable, "-m", "imgkit.shrink_fs"], input=json.dumps(request),
+                           capture_output=True, text=True, timeout=APPLIANCE_TIMEOUT, cwd="/")
+    try:
+        reply = json.loads(child.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise OperationFailed("the filesystem shrinker (libguestfs appliance) failed: "
+                              + (child.stderr.strip().splitlines() or ["no output"])[-1][:300]) from None
+    if "error" in reply:
+        cls = {"RefusedTarget": RefusedTarget, "EnvironmentProblem": EnvironmentProblem}.get(reply.get("kind"),
+                                                                                          OperationFailed)
+        raise cls(reply["error"], hint=reply.get("hint"))
+    used = sum(os.stat(p).st_blocks * 512 for p in [overlay, *fat_files.values()])
+    ov = OverlayImage(overlay, export_socket, image.size)
+    return Shrunk(ov, fat_files, {int(k): v for k, v in reply["minimums"].items()}, reply.get("notes", []), used)
+
+
+# -- the child: one appliance, every filesystem ---------------------------------------------------
+
+def _device_of(g, number: int) -> str:
+    for p in g.list_partitions():
+        if p.startswith("/dev/sda") and g.part_to_partnum(p) == number:
+            return p
+    raise OperationFailed(f"the appliance does not see partition {number}")
+
+
+def _run_jobs(request: dict) -> dict:
+    from .guestfs_session import close_handle, first_line, new_handle
+    g, accel = new_handle()
+    notes, minimums = [], {}
+    try:
+        g.add_drive_opts(request["overlay"], format="qcow2", readonly=0)
+        fat_drives = {}
+        for job in request["jobs"]:
+            if "fat_file" in job:
+                g.add_drive_opts(job["fat_file"], format="raw", readonly=0)
+                fat_drives[job["number"]] = "/dev/sd" + chr(ord("a") + len(fat_drives) + 1)
+        g.launch()
+        for job in request["jobs"]:
+            n, fs, size = job["number"], job["fs"], job["new_size"]
+            dev = _device_of(g, n)
+            what = f"partition {n} ({fs})"
+            try:
+                if fs == "vfat":
+                    src, new = f"/src{n}", f"/new{n}"
+                    g.mkmountpoint(src)
+                    g.mkmountpoint(new)
+                    g.mount_ro(dev, src)
+                    files = g.du(src) * 1024
+                    if files > size:
+                        raise RefusedTarget(f"{what} holds {format_size(files)} of files: they do not fit "
+                                            f"in {format_size(size)}")
+                    g.mount_options("quiet", fat_drives[n], new)
+                    for entry in g.ls(src):
+                        g.cp_a(f"{src}/{entry}", new + "/")
+                    g.umount(new)
+                    g.umount(src)
+                    status = g.fsck("vfat", fat_drives[n])
+                    if status not in (0,):
+                        raise OperationFailed(f"fsck.fat reports problems on the rebuilt {what} (status {status})")
+                    notes.append(f"{what}: rebuilt as a {format_size(size)} FAT, files copied")
+                    continue
+                minimum = g.vfs_minimum_size(dev)
+                minimums[n] = minimum
+                if minimum > size:
+                    raise RefusedTarget(f"{what} needs at least {format_size(minimum)} ({minimum} bytes) "
+                                        f"by its own resizer; the plan gives it {format_size(size)}",
+                                        hint="use a larger target, or --shrink (proportional) to share the room")
+                if fs.startswith("ext"):
+                    g.e2fsck_f(dev)
+                    g.resize2fs_size(dev, size)
+                    status = g.fsck(fs, dev)
+                    if status not in (0,):
+                        raise OperationFailed(f"e2fsck reports problems after shrinking {what} (status {status})")
+                elif fs == "ntfs":
+                    g.ntfsresize_opts(dev, size=size)
+                elif fs == "btrfs":
+                    g.mount(dev, "/")
+                    g.btrfs_filesystem_resize("/", size=size)
+                    g.sync()
+                    g.umount("/")
+                    g.btrfs_fsck(dev)
+                notes.append(f"{what}: shrunk to {format_size(size)} (its minimum {format_size(minimum)})")
+            except RuntimeError as e:
+                raise OperationFailed(f"shrinking {what} failed: {first_line(e)[:300]}") from None
+        g.sync()
+        g.shutdown()
+    finally:
+        close_handle(g)
+    return {"minimums": minimums, "notes": notes, "accel": accel}
+
+
+def main() -> int:
+    from .errors import ImgkitError
+    request = json.load(sys.stdin)
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # only the reply on stdout, whatever libguestfs prints
+    try:
+        reply = _run_jobs(request)
+    except ImgkitError as e:
+        reply = {"error": str(e), "hint": e.hint, "kind": type(e).__name__}
+    except Exception as e:  # the binding's errors outside a job
+        reply = {"error": f"the libguestfs appliance failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
+    out.write(json.dumps(reply) + "\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
