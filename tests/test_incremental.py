@@ -315,3 +315,21 @@ def test_encrypted_chain_one_password_own_keys_nothing_in_clear(chain, tmp_path)
     run_imgkit("passwd", child, env={**env, "IMGKIT_NEW_PASSWORD": "other"}, check=True)
     assert_one_line_error(run_imgkit("info", child, env={"IMGKIT_PASSWORD": "other"}), 3,
                           "not its parent", "secret-monday.imgk")
+
+
+def test_boot_check_of_a_child(tiny_bios_image, tmp_path):
+    """The tiny fixture booted from a child whose boot sector lives in its parent: a chain serves
+    the boot like one image."""
+    from tests.bootcheck_helpers import boot_check_json
+    disk = tmp_path / "tiny.img"
+    shutil.copy(tiny_bios_image, disk)
+    cli("capture", disk, tmp_path / "full.imgk", "--sector-by-sector", "--chunk-size", "64K")
+    with open(disk, "r+b") as f:  # a change far from the boot code: the child stores it
+        f.seek(6 * D.MiB)
+        f.write(os.urandom(200_000))
+    cli("capture", disk, tmp_path / "child.imgk", "--base", tmp_path / "full.imgk", "--sector-by-sector")
+    doc_info = info_json(tmp_path / "child.imgk")
+    assert doc_info["chunks"]["data"] >= 1 and doc_info["chunks"]["parent"] >= 1
+    code, doc, err = boot_check_json(tmp_path / "child.imgk", "--timeout", "60")
+    assert code == 0 and doc["passed"] is True, err
+    assert doc["matched"] == "IMGKIT-BOOT-OK tiny-bios"

@@ -1,4 +1,4 @@
-"""Commands on an image's key slot and volume layout: passwd, split, join (logic: imgkit/volumes.py)."""
+"""Commands on an image's key slot, volume layout and chain: passwd, split, join, consolidate (logic: imgkit/volumes.py, imgkit/consolidate.py)."""
 from __future__ import annotations
 
 import click
@@ -85,3 +85,42 @@ def join(image, output, force, password_file, progress_mode, as_json):
     result = volumes.relayout(image, output, split_size=None, password=reading_password(password_file),
                               force=force, progress=make_progress("join", progress_mode))
     _report(result, as_json, "joined")
+
+
+@cli.command()
+@click.argument("child", type=click.Path())
+@click.argument("output", type=click.Path(), required=False)
+@click.option("--into", "into", type=click.Path(dir_okay=False), metavar="PARENT",
+              help="Fold CHILD into its parent PARENT: PARENT's file then holds CHILD's disk and CHILD is removed.")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT; with --into, fold even if PARENT has other children.")
+@password_options
+@progress_option
+@json_option
+def consolidate(child, output, into, force, password_file, progress_mode, as_json):
+    """Make a chain of incremental images shorter: a standalone image, or one link fewer.
+
+    consolidate CHILD OUT writes the disk of CHILD's chain as one standalone image (a synthetic
+    full, without the source disk). consolidate --into PARENT CHILD folds CHILD into its parent.
+    Either way the result keeps CHILD's identity, so CHILD's own children still read through it.
+    Crash-safe: an interruption leaves the old chain or the new one (run it again to finish).
+
+    Examples: imgkit consolidate wed.imgk wed-full.imgk; imgkit consolidate --into tue.imgk wed.imgk
+    """
+    from ..consolidate import consolidate as run
+    if (output is None) == (into is None):
+        raise click.UsageError("give either OUTPUT or --into PARENT")
+    result = run(child, output, into=into, password=reading_password(password_file), force=force,
+                 progress=make_progress("consolidate", progress_mode))
+    doc = {"image": result.path, "removed": result.removed, "stored_size": result.stored_bytes,
+           "chunks_copied": result.chunks_copied, "chunks_from_parents": result.chunks_from_parents,
+           "still_a_child": result.still_a_child, "completed_earlier_run": result.completed_earlier_run,
+           "seconds": round(result.seconds, 3)}
+    if as_json:
+        emit_json(doc)
+    elif result.completed_earlier_run:
+        click.echo(f"finished an interrupted consolidation: {child} was already folded into {result.path}; removed it")
+    else:
+        click.echo(f"consolidated {child} into {result.path} ({format_size(result.stored_bytes)}, "
+                   f"{result.chunks_from_parents} chunks taken from parents"
+                   + (", still an incremental image" if result.still_a_child else ", standalone") + ")"
+                   + (f"; removed {', '.join(result.removed)}" if result.removed else ""))

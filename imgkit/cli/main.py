@@ -44,7 +44,7 @@ def cli(ctx, debug, endpoint_url, ceph_conf):
 # commands import them all. tests/test_smoke.py checks that this map names every command.
 COMMAND_MODULES = {
     "cmd_core": ("capture", "restore", "info", "verify"),
-    "cmd_volumes": ("passwd", "split", "join"),
+    "cmd_volumes": ("passwd", "split", "join", "consolidate"),
     "cmd_convert": ("convert",),
     "cmd_bootcheck": ("boot-check",),
     "cmd_mount": ("mount", "umount"),

@@ -65,10 +65,12 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def locate_parent(child: ImageReader, base_dir: str | None = None) -> str:
-    """The path of the child's parent: its file-name hint in `base_dir` (default: the child's own
-    directory), else any image in that directory with the parent's id (a renamed parent). Raises
-    ParentProblem naming what is wrong."""
+def parent_candidates(child: ImageReader, base_dir: str | None = None):
+    """Paths that may hold the child's parent, best first: its file-name hint in `base_dir` (default:
+    the child's own directory) when that file has the parent's id, then any other file there with
+    that id (a renamed parent, or a consolidated copy, which keeps the id). Scanned lazily: the
+    directory is read only if the hint does not lead to a usable parent. Raises ParentProblem
+    naming what is wrong when there is no candidate at all."""
     ref = child.parent_ref
     where = base_dir or os.path.dirname(os.path.abspath(child.path))
     if not os.path.isdir(where):
@@ -76,21 +78,27 @@ def locate_parent(child: ImageReader, base_dir: str | None = None) -> str:
     hinted = os.path.join(where, ref.name)
     want = ref.image_id.hex()
     found_other = None
+    any_found = False
     if os.path.isfile(hinted) and not _same_file(hinted, child.path):
         got = _header_id(hinted)
         if got == ref.image_id:
-            return hinted
-        found_other = "not an imgk image" if got is None else f"image {got.hex()}"
+            any_found = True
+            yield hinted
+        else:
+            found_other = "not an imgk image" if got is None else f"image {got.hex()}"
     try:
         names = sorted(os.listdir(where))[:MAX_SCANNED_FILES]
     except OSError as e:
         raise InputError(f"{where}: cannot list the directory ({e.strerror})") from None
     for name in names:
         path = os.path.join(where, name)
-        if name == ref.name or not os.path.isfile(path) or _same_file(path, child.path):
+        if name == ref.name or name.startswith(".") or not os.path.isfile(path) or _same_file(path, child.path):
             continue
         if _header_id(path) == ref.image_id:
-            return path
+            any_found = True
+            yield path
+    if any_found:
+        return
     if found_other:
         raise ParentProblem(f"{child.path}: its parent {hinted} has been replaced: it is {found_other}, "
                             f"not image {want}, and no file in {where} is that image",
@@ -149,35 +157,50 @@ def open_chain(path: str, password: PasswordProvider | None = None, base_dir: st
         base_dir = os.environ.get(BASE_DIR_ENV) or None
     top = ImageReader(path, provider, cache_chunks=cache_chunks)
     try:
-        link, seen = top, {top.header.image_id}
-        while link.parent_ref is not None:
-            if len(seen) > L.MAX_CHAIN_DEPTH:
-                raise ParentProblem(f"{path}: the chain is longer than {L.MAX_CHAIN_DEPTH} links",
-                                    hint="consolidate it (imgkit consolidate)")
-            if link.parent_ref.image_id in seen:
-                raise ParentProblem(f"{link.path}: its parent chain loops back to image "
-                                    f"{link.parent_ref.image_id.hex()}")
-            parent_path = locate_parent(link, base_dir)
-            try:
-                parent = ImageReader(parent_path, provider, cache_chunks=1)
-            except BadImage as e:  # a tampered or truncated parent: say which link it breaks
-                raise ParentProblem(f"{link.path}: its parent {parent_path} is damaged: {e}",
-                                    hint=e.hint) from None
-            except WrongPassword:
-                raise WrongPassword(f"the password opens {link.path} but not its parent {parent_path}",
-                                    hint="every link of a chain opens with the same password; "
-                                         "was the password of one link changed alone?") from None
-            try:
-                attach(link, parent)
-            except BaseException:
-                parent.close()
-                raise
-            seen.add(parent.header.image_id)
-            link = parent
+        _attach_parents(top, provider, base_dir, {top.header.image_id})
     except BaseException:
         top.close()
         raise
     return top
+
+
+def _attach_parents(link: ImageReader, provider, base_dir: str | None, seen: set[bytes]) -> None:
+    """Find, check and attach link's parent and, recursively, its parents. Several files may carry
+    the parent's id (a consolidated copy, a child left behind by an interrupted consolidate
+    --into): the first candidate whose whole chain opens wins; if none does, the first problem is
+    the one reported."""
+    if link.parent_ref is None:
+        return
+    if len(seen) > L.MAX_CHAIN_DEPTH:
+        raise ParentProblem(f"{link.path}: the chain is longer than {L.MAX_CHAIN_DEPTH} links",
+                            hint="consolidate it (imgkit consolidate)")
+    if link.parent_ref.image_id in seen:
+        raise ParentProblem(f"{link.path}: its parent chain loops back to image {link.parent_ref.image_id.hex()}")
+    first_problem = None
+    for parent_path in parent_candidates(link, base_dir):
+        try:
+            parent = ImageReader(parent_path, provider, cache_chunks=1)
+        except WrongPassword:
+            raise WrongPassword(f"the password opens {link.path} but not its parent {parent_path}",
+                                hint="every link of a chain opens with the same password; "
+                                     "was the password of one link changed alone?") from None
+        except BadImage as e:  # a tampered or truncated parent: say which link it breaks
+            first_problem = first_problem or ParentProblem(
+                f"{link.path}: its parent {parent_path} is damaged: {e}", hint=e.hint)
+            continue
+        try:
+            attach(link, parent)
+            _attach_parents(parent, provider, base_dir, seen | {parent.header.image_id})
+            return
+        except (ParentProblem, BadImage) as e:
+            link.parent = None
+            parent.close()
+            first_problem = first_problem or e
+        except BaseException:
+            link.parent = None
+            parent.close()
+            raise
+    raise first_problem
 
 
 def links(img: ImageReader) -> list[ImageReader]:

@@ -219,8 +219,10 @@ class ImageWriter:
         self._used_maps.append(used_map)
 
     # -- completion -----------------------------------------------------------------------------
-    def commit(self, metadata: dict) -> list[str]:
-        """Write sections, directory and trailer; make the image durable and visible. Returns paths."""
+    def commit(self, metadata: dict, before_publish=None) -> list[str]:
+        """Write sections, directory and trailer; make the image durable and visible. Returns paths.
+        `before_publish()` runs once every volume is durable, before any is renamed into place (the
+        crash tests of consolidate stop there)."""
         z = zstandard.ZstdCompressor(level=LEVEL_HIGH)  # sections are small and written once
         meta_raw = json.dumps(metadata, sort_keys=True).encode()
         if len(meta_raw) > L.MAX_METADATA_LENGTH:
@@ -287,6 +289,8 @@ class ImageWriter:
             self.header.volume_number = number
             sink.pwrite_head(self.header.encode(), 0)
             sink.sync()
+        if before_publish is not None:
+            before_publish()
         finals = [volume_path(self.path, n) for n in range(1, count + 1)]
         order = list(range(1, count)) + [0]  # volume 1, the name users open, appears last
         for i in order:
