@@ -40,7 +40,8 @@ def estimated_minimum(fs: str, used: int, size: int) -> int:
     metadata: inode tables, journal, MFT, FATs) plus what its resizer needs to move things around."""
     slack = {"ext2": 0.08, "ext3": 0.08, "ext4": 0.08, "ntfs": 0.10, "vfat": 0.05, "btrfs": 0.25}[fs]
     floor = {"btrfs": 128 * MIB, "vfat": 2 * MIB}.get(fs, 4 * MIB)
-    return min(size, _align_up(max(floor, int(used * (1 + slack)) + 4 * MIB)))
+    extra = {"ntfs": 4 * MIB, "btrfs": 16 * MIB}.get(fs, 1 * MIB)
+    return min(size, _align_up(max(floor, int(used * (1 + slack)) + extra)))
 
 
 @dataclass

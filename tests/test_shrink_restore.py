@@ -179,3 +179,41 @@ def test_xfs_that_must_shrink_is_refused_before_writing(tmp_path):
     assert target.read_bytes()[:1 * MIB] == bytes(MIB)
     dry = run_imgkit("restore", img, target, "--dry-run", "--shrink", check=True)
     assert "keeps its size: XFS cannot shrink" in dry.stdout
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["linux-bios", "linux-uefi"])
+def test_linux_fixture_grown_then_shrunk_to_half_boots(name, tmp_path):
+    """The fixture restored onto twice its size with --grow (the root filesystem grows), captured,
+    then restored onto a disk half that size with --shrink: it boots, GPT/MBR valid, root fsck clean."""
+    from tests.bootcheck_helpers import boot_check_json
+    src = build_fixture(name)
+    size = os.path.getsize(src)
+    grown = tmp_path / "grown.raw"
+    sh("cp", "--sparse=always", src, grown, check=True)
+    with open(grown, "r+b") as f:
+        f.truncate(2 * size)
+    from imgkit.grow import fit_to_disk
+    assert fit_to_disk(str(grown), size, grow=True).filesystem_grown
+    img = tmp_path / "grown.imgk"
+    run_imgkit("capture", grown, img, "--progress", "none", check=True)
+    half = tmp_path / "half.raw"
+    with open(half, "wb") as f:
+        f.truncate(size)
+    proc = run_imgkit("restore", img, half, "--yes", "--shrink", "--json", "--progress", "none", check=True)
+    plan = json.loads(proc.stdout)["shrink"]["plan"]
+    root = [p for p in plan["partitions"] if p["filesystem"] == "ext4"][0]
+    assert root["shrinks"] and root["new_size"] < root["old_size"]
+    if name == "linux-uefi":
+        assert "No problems found" in sh("sgdisk", "-v", half).stdout
+        esp = [p for p in plan["partitions"] if p["filesystem"] == "vfat"][0]
+        assert not esp["shrinks"]  # the ESP keeps its size
+    with open(src, "rb") as a, open(half, "rb") as b:
+        assert a.read(440) == b.read(440)  # the MBR boot code is the fixture's
+    part = tmp_path / "root.raw"
+    extract(half, root["new_start"], root["new_size"], part)
+    fsck("ext4", part)
+    code, doc, err = boot_check_json(half, "--timeout", "240")
+    assert code == 0, (doc, err)
+    assert doc["matched"].startswith(f"IMGKIT-BOOT-OK {name} ")
