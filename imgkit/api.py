@@ -84,6 +84,13 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     raise InputError(f"unknown image format {fmt!r}", hint="formats: " + ", ".join(foreign.FORMATS))
 
 
+def _local_paths(img: Stream, image: str) -> list[str]:
+    """The image's files on this machine (an object in S3 or an RBD image cannot be the target)."""
+    from .remote.rbd_image import is_rbd
+    from .remote.s3 import is_s3
+    return [p for p in getattr(img, "volume_paths", [image]) if not is_s3(p) and not is_rbd(p)]
+
+
 def open_restore_source(path: str, password: Password = None) -> Stream:
     """What restore reads: any image imgkit reads, raw and ISO included (restoring a VM disk or a
     dd image is a restore too). A file named like an imgk image (.imgk) without imgk's magic is
@@ -212,7 +219,7 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
     from .shrink_restore import make_plan, restore_shrunk, target_size_of
     from .shrink_plan import too_small_message
     with open_restore_source(image, password) as img:
-        paths = getattr(img, "volume_paths", [image])
+        paths = _local_paths(img, image)
         size = img.size
         wanted = target_size_of(target, target_size) if shrink else None
         if shrink and wanted < size:
@@ -287,7 +294,7 @@ def restore_partition(image: str, target: str, number: int, *, to_partition: int
     from .partition_restore import plan_partition_restore as make_plan, restore_partition as run
     with open_restore_source(image, password) as img:
         plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
-        return plan, run(img, plan, image_paths=getattr(img, "volume_paths", [image]), confirm=confirm,
+        return plan, run(img, plan, image_paths=_local_paths(img, image), confirm=confirm,
                          progress=progress)
 
 

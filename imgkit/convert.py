@@ -232,6 +232,8 @@ def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(fd, stream.size)
+        if hasattr(stream, "read_sequentially"):
+            stream.read_sequentially()
         zero = bytes(COPY_PIECE)
         written = 0
         for (off, length), data in zip(pieces, ordered_map(lambda p: stream.read(*p), pieces,

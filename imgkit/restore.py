@@ -212,6 +212,8 @@ def write_stream(image: Stream, fd: int, *, base: int = 0, zero_old: bool, spars
     by the filesystem) are left as they are."""
     piece = getattr(image, "chunk_size", WRITE_PIECE)
     workers = workers or getattr(image, "read_workers", None)  # an image in S3: several GETs in flight
+    if hasattr(image, "read_sequentially"):
+        image.read_sequentially()
     written = 0
     progress.total = image.size
     for run in image.runs():

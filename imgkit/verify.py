@@ -56,6 +56,7 @@ def verify_image(image: ImageReader, progress: Progress | None = None, workers: 
         except CorruptChunk as e:
             return i, str(e)
 
+    image.read_sequentially()
     for i, error in ordered_map(check, data, workers or image.read_workers):
         length = image.chunk_length(i)
         report.bytes_checked += length

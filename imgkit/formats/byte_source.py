@@ -25,6 +25,12 @@ class LocalFile:
     def pread(self, length: int, offset: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
+    def read_sequentially(self) -> None:
+        try:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+
     def will_need(self, offset: int, length: int) -> None:
         """Ask the kernel to start reading now (POSIX_FADV_WILLNEED does not block)."""
         try:

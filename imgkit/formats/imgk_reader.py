@@ -199,6 +199,12 @@ class ImageReader(Stream):
         return _pread_exact(self._fds[e.volume - 1], e.stored_length, e.offset,
                             f"chunk {i} in volume {e.volume}")
 
+    def read_sequentially(self) -> None:
+        """The caller reads every stored chunk in order (restore, verify, convert, split): an image in
+        S3 is then fetched in large windows instead of one GET a chunk."""
+        for src in self._fds:
+            src.read_sequentially()
+
     def will_need(self, chunks: list[int]) -> None:
         """Ask the kernel to start reading these chunks' stored bytes now (POSIX_FADV_WILLNEED does not
         block), so that the decoder threads find them in the page cache instead of each waiting on a

@@ -30,7 +30,7 @@ from ..stream import DATA, ZERO, Run, Stream, merge_runs
 PREFIX = "rbd:"
 SPARSE_GRAIN = 64 << 10
 _ZERO_GRAIN = bytes(SPARSE_GRAIN)
-AIO_INFLIGHT = 8        # writes in flight: librbd spreads them over the image's 4 MiB objects
+AIO_INFLIGHT = 16       # writes in flight: librbd spreads them over the image's 4 MiB objects
 WRITE_PIECE = 4 << 20   # an RBD object: a piece never spans two objects more than needed
 
 
@@ -232,6 +232,9 @@ def write_image(image: Stream, location: str, *, force: bool = False, progress: 
         with rbd.Image(conn.ioctx, tmp) as out:
             if out.size() != image.size:
                 raise RefusedTarget(f"{spec}: created with {out.size()} bytes, expected {image.size}")
+            # librbd's cache stays write-through until it sees a flush (rbd_cache_writethrough_until_flush,
+            # a guard for guests that never flush); we flush at the end, so say so now, as qemu does.
+            out.flush()
             progress.total = image.size
             for run in image.runs():
                 if run.kind != DATA:
@@ -252,6 +255,8 @@ def write_image(image: Stream, location: str, *, force: bool = False, progress: 
                 out.aio_write(bytes(data), offset, done)
 
             read_workers = workers or getattr(image, "read_workers", None)
+            if hasattr(image, "read_sequentially"):
+                image.read_sequentially()
             for (offset, length), data in ordered_map(lambda p: (p, image.read(*p)), _data_pieces(image, piece),
                                                       read_workers):
                 view = memoryview(data)
