@@ -58,7 +58,8 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     if is_s3(path):  # an object store holds imgk images only (qemu does not read from S3)
         if fmt not in (None, "imgk"):
             raise InputError(f"{path}: only imgk images are read from S3, not {fmt}")
-        return ImageReader(path, _password_provider(password))
+        from .formats.imgk_chain import open_chain  # a child's parents: objects beside it (or base_dir)
+        return open_chain(path, _password_provider(password), base_dir)
     foreign.refuse_json_name(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or device")
@@ -174,6 +175,11 @@ def _open_base(base: str, output: str, password: Password, base_dir: str | None)
     """The base of an incremental capture, opened as a chain (so a broken chain is refused before
     the source is read), never the image about to be written."""
     from .formats.imgk_chain import open_chain
+    from .remote.s3 import is_s3
+    if is_s3(base) or is_s3(output):
+        if base == output:
+            raise InputError(f"{output} is the base image: refusing to overwrite the parent of the new image")
+        return open_chain(base, _password_provider(password), base_dir, cache_chunks=1)
     if not is_imgk(base):
         raise InputError(f"{base}: --base must be an imgk image" if os.path.exists(base)
                          else f"{base}: no such image for --base")
@@ -189,9 +195,10 @@ def _base_warnings(parent, src: Stream, output: str, base_dir: str | None) -> li
         how = "grown" if src.size > parent.size else "shrunk"
         out.append(f"the source ({format_size(src.size)}) has {how} since the base ({format_size(parent.size)}): "
                    f"chunks {'beyond' if src.size > parent.size else 'at'} the base's end are stored whole")
-    if os.path.dirname(os.path.abspath(parent.path)) != os.path.dirname(os.path.abspath(output)):
+    from .formats.imgk_chain import location_dir
+    if location_dir(parent.path) != location_dir(output):
         out.append(f"the base is not in the new image's directory: open the child with "
-                   f"--base-dir {os.path.dirname(os.path.abspath(parent.path))}")
+                   f"--base-dir {location_dir(parent.path)}")
     return out
 
 

@@ -207,3 +207,23 @@ def test_many_parts_in_flight_arrive_in_order(bucket):
     sink.complete()
     got = s3.client().get_object(Bucket=bucket, Key="parts.bin")["Body"].read()
     assert got == b"HEAD" + data[4:]
+
+
+def test_incremental_chain_across_objects(disk, bucket, tmp_path):
+    """capture --base s3://.../mon.imgk: the child in S3 stores only what changed, and reads (restore)
+    resolve its parent as the object beside it."""
+    mon = f"s3://{bucket}/web1/mon.imgk"
+    tue = f"s3://{bucket}/web1/tue.imgk"
+    run_imgkit("capture", disk, mon, "--sector-by-sector", check=True)
+    changed = bytearray(disk.read_bytes())
+    changed[3 * MiB:3 * MiB + 4096] = os.urandom(4096)
+    disk2 = tmp_path / "tue.raw"
+    disk2.write_bytes(bytes(changed))
+    doc = json.loads(run_imgkit("capture", disk2, tue, "--sector-by-sector", "--base", mon, "--json",
+                                check=True).stdout)
+    assert doc["stored_size"] < 3 * MiB  # one changed chunk, not the whole disk
+    out = tmp_path / "r.raw"
+    run_imgkit("restore", tue, out, "--yes", check=True)
+    assert out.read_bytes() == bytes(changed)
+    s3.client().delete_object(Bucket=bucket, Key="web1/mon.imgk")
+    assert_one_line_error(run_imgkit("info", tue), 3, "parent", "missing")

@@ -16,6 +16,8 @@ from typing import Callable
 
 from ..errors import BadImage, InputError, WrongPassword
 from . import imgk_layout as L
+from ..remote.s3 import is_s3
+from .byte_source import open_source
 from .imgk_reader import ImageReader
 
 PasswordProvider = Callable[[], bytes]
@@ -47,6 +49,39 @@ def parent_ref_for(parent: ImageReader) -> L.ParentRef:
                        os.path.basename(parent.path))
 
 
+def location_dir(path: str) -> str:
+    """The directory of a file, or the "directory" (key prefix) of an s3:// object."""
+    if is_s3(path):
+        return path.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _s3_candidates(child: ImageReader, base_dir: str | None):
+    """A child in S3: its parent is the object named by the hint beside it (or under base_dir). No
+    listing of the prefix for renamed parents: a bucket may hold millions of objects."""
+    ref = child.parent_ref
+    where = (base_dir or location_dir(child.path)).rstrip("/")
+    hinted = f"{where}/{ref.name}"
+    want = ref.image_id.hex()
+    try:
+        src = open_source(hinted)
+    except FileNotFoundError:
+        raise ParentProblem(f"{child.path}: its parent {ref.name} (image {want}) is missing from {where}",
+                            hint="put the parent beside the child, or give --base-dir s3://BUCKET/PREFIX") from None
+    try:
+        header = L.Header.decode(src.pread(L.HEADER_SIZE, 0), where=hinted)
+        got = header.image_id if header.volume_number == 1 else None
+    except BadImage:
+        got = None
+    finally:
+        src.close()
+    if got != ref.image_id:
+        found = "not an imgk image" if got is None else f"image {got.hex()}"
+        raise ParentProblem(f"{child.path}: its parent {hinted} has been replaced: it is {found}, not image {want}",
+                            hint="put the original parent back, or give --base-dir where it is")
+    yield hinted
+
+
 def _header_id(path: str) -> bytes | None:
     """The image id of volume 1 of an imgk image at `path`, or None for anything else."""
     try:
@@ -71,6 +106,9 @@ def parent_candidates(child: ImageReader, base_dir: str | None = None):
     that id (a renamed parent, or a consolidated copy, which keeps the id). Scanned lazily: the
     directory is read only if the hint does not lead to a usable parent. Raises ParentProblem
     naming what is wrong when there is no candidate at all."""
+    if is_s3(base_dir or child.path):
+        yield from _s3_candidates(child, base_dir)
+        return
     ref = child.parent_ref
     where = base_dir or os.path.dirname(os.path.abspath(child.path))
     if not os.path.isdir(where):
