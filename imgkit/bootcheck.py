@@ -34,7 +34,8 @@ from .qmp import QmpClient
 from .formats.imgk_writer import DEFAULT_CHUNK_SIZE
 from .stream import Stream
 
-DEFAULT_EXPECT = r"IMGKIT-BOOT-OK|\blogin:\s*$"
+# The vm-fixtures marker, a login prompt, or the rescue ISO's banner (imgkit/rescue/files/banner).
+DEFAULT_EXPECT = r"IMGKIT-BOOT-OK|\blogin:\s*$|imgkit rescue \S+ ready"
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_MEMORY = 512 << 20   # GRUB EFI wants more than 256 MiB to load a Debian kernel
 MIN_MEMORY = 16 << 20

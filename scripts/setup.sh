@@ -17,6 +17,9 @@ apt_pkgs=(
   # Images in Ceph (#19): rbd: targets through librbd, and a real single-node cluster for the tests
   # and benchmarks (imgkit/testing/ceph_cluster.py, scripts/ceph-up.sh).
   ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rados python3-rbd qemu-block-extra uuid-runtime
+  # The rescue ISO (imgkit rescue-iso, #18): a Debian root, squashfs, a flat apt repository of the
+  # package cache, GRUB images.
+  mmdebstrap squashfs-tools apt-utils grub-common
 )
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -49,6 +49,7 @@ COMMAND_MODULES = {
     "cmd_bootcheck": ("boot-check",),
     "cmd_mount": ("mount", "umount"),
     "cmd_remote": ("s3-cleanup",),
+    "cmd_rescue": ("rescue-iso",),
 }
 
 
