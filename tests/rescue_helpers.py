@@ -16,9 +16,10 @@ def rescue_iso() -> str:
 
 
 def run(*cmd, **kw) -> str:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    kw.setdefault("stderr", subprocess.PIPE)
+    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, text=True, **kw)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}: {proc.stdout}{proc.stderr or ''}")
     return proc.stdout
 
 

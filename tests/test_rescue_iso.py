@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -90,11 +91,11 @@ def test_same_inputs_give_the_same_iso(iso, tmp_path):
 
 @needs_root
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
-    """grub-mkrescue failing at the last step: no output, no work directory, no mount."""
+    """xorriso failing at the last step: no output, no work directory, no mount."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "grub-mkrescue").write_text("#!/bin/sh\necho 'grub-mkrescue: simulated failure' >&2\nexit 1\n")
-    (fake / "grub-mkrescue").chmod(0o755)
+    (fake / "xorriso").write_text("#!/bin/sh\necho 'xorriso: simulated failure' >&2\nexit 1\n")
+    (fake / "xorriso").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     rescue_iso()  # the system layer must be cached, or this would be a full build
     out_dir = tmp_path / "out"
@@ -126,19 +127,20 @@ def test_boots_to_its_banner(iso, firmware):
     doc = json.loads(proc.stdout)
     assert proc.returncode == 0, (doc, proc.stderr)
     assert doc["media"] == "cdrom" and doc["firmware"] == firmware
-    assert doc["matched"].startswith("imgkit rescue ") and doc["matched"].endswith(" ready")
+    assert re.match(r"imgkit rescue \S+ ready", doc["matched"]), doc["matched"]
 
 
 @pytest.mark.qemu
 @pytest.mark.slow
 def test_capture_job_then_host_restores_byte_identical(iso, linux_bios_image, tmp_path):
+    """BIOS, the ISO dd'ed to a USB stick (the hybrid MBR path), an ext4 IMGKIT disk."""
     from imgkit.rescue.vm import run_iso
     source = tmp_path / "source.raw"
     shutil.copyfile(linux_bios_image, source)
     before = sha256_file(source)
     job = job_text(action="capture", source="/dev/vda", image="fleet/pc1.imgk", after="poweroff")
     dest = ext4_job_disk(tmp_path / "imgkit.ext4", {"imgkit-job.conf": job.encode(), "fleet/.keep": b""})
-    vm = run_iso(iso, [str(source), dest], timeout=600)
+    vm = run_iso(iso, [str(source), dest], timeout=600, iso_media="usb")
     assert vm.powered_off, vm.console[-3000:]
     assert "IMGKIT-JOB-DONE rc=0" in vm.console, vm.console[-3000:]
     assert sha256_file(source) == before                       # the capture wrote nothing to the source
@@ -154,6 +156,7 @@ def test_capture_job_then_host_restores_byte_identical(iso, linux_bios_image, tm
 @pytest.mark.qemu
 @pytest.mark.slow
 def test_restore_job_writes_the_disk_byte_identical(iso, linux_bios_image, tmp_path):
+    """UEFI from the CD-ROM, a FAT32 IMGKIT partition on an MBR stick, target = auto, verify = yes."""
     from imgkit.rescue.vm import run_iso
     image = tmp_path / "pc2.imgk"
     run_imgkit("capture", linux_bios_image, image, check=True)
@@ -161,7 +164,7 @@ def test_restore_job_writes_the_disk_byte_identical(iso, linux_bios_image, tmp_p
     conf.write_text(job_text(action="restore", image="pc2.imgk", target="auto", verify="yes"))
     stick = fat_job_disk(tmp_path / "stick.raw", {"pc2.imgk": str(image), "imgkit-job.conf": str(conf)})
     target = blank_disk(tmp_path / "target.raw", os.path.getsize(linux_bios_image))
-    vm = run_iso(iso, [target, stick], timeout=600)       # target = auto: the only other disk (vda)
+    vm = run_iso(iso, [target, stick], timeout=600, firmware="uefi")  # target = auto: the only other disk
     assert vm.powered_off, vm.console[-3000:]
     assert "IMGKIT-JOB-DONE rc=0" in vm.console, vm.console[-3000:]
     assert sha256_file(target) == sha256_file(linux_bios_image)

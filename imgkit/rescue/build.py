@@ -2,7 +2,7 @@
 
     system layer (system.py)  Debian 12 minbase + kernel + tools, cached by its key  ~2 min cold
     imgkit layer (layer.py)   this checkout of imgkit + console/job files             seconds
-    ISO (here)                grub-mkrescue: El Torito BIOS + EFI, isohybrid MBR/GPT   seconds
+    ISO (here)                GRUB images + xorriso: El Torito BIOS + EFI, hybrid      seconds
 
 The same inputs give the same ISO: every timestamp is SOURCE_DATE_EPOCH, every archive is written
 sorted with fixed owners, and the packages come from the cache once downloaded. A failed build
@@ -128,14 +128,57 @@ def _make_iso(system: str, work: str, out_tmp: str, epoch: int, say) -> None:
             else shutil.copyfile(os.path.join(system, name), os.path.join(live, name))
     with open(os.path.join(live, "build-id"), "w") as f:
         f.write(build_id + "\n")
-    os.makedirs(os.path.join(iso_root, "boot", "grub"))
-    with open(os.path.join(iso_root, "boot", "grub", "grub.cfg"), "w") as f:
+    with open(os.path.join(live, f"build-id-{build_id}"), "w") as f:   # what GRUB searches for
+        f.write(build_id + "\n")
+    grub = os.path.join(iso_root, "boot", "grub")
+    os.makedirs(grub)
+    with open(os.path.join(grub, "grub.cfg"), "w") as f:
         f.write(GRUB_CFG.format(version=version))
+    say("making the boot images (GRUB i386-pc El Torito, x86_64-efi in a FAT image)")
+    _grub_images(work, grub, build_id, env)
     for dirpath, _, filenames in os.walk(iso_root):
         for name in filenames + [""]:
             os.utime(os.path.join(dirpath, name), (epoch, epoch), follow_symlinks=False)
-    say("making the ISO (grub-mkrescue: BIOS El Torito + UEFI, hybrid for USB)")
-    _check(["grub-mkrescue", "-o", out_tmp, iso_root, "--", "-volid", VOLUME_ID], env, "grub-mkrescue")
+    say("making the ISO (xorriso: BIOS + UEFI El Torito, hybrid MBR/GPT for USB sticks)")
+    # grub-mkrescue's arguments, without its --modification-date (it takes the current time, and
+    # bakes it into GRUB's search): xorriso derives every date and the GPT GUIDs from SOURCE_DATE_EPOCH.
+    _check(["xorriso", "-as", "mkisofs", "-quiet", "-o", out_tmp, "-V", VOLUME_ID, "-r", "-J", "-joliet-long",
+            "-b", "boot/grub/bios.img", "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table",
+            "--grub2-boot-info", "--grub2-mbr", f"{GRUB_BIOS}/boot_hybrid.img",
+            "-eltorito-alt-boot", "-e", "boot/grub/efi.img", "-no-emul-boot",
+            "-efi-boot-part", "--efi-boot-image", "--protective-msdos-label",
+            "--sort-weight", "0", "/", "--sort-weight", "1", "/boot", iso_root], env, "xorriso")
+
+
+GRUB_BIOS, GRUB_EFI = "/usr/lib/grub/i386-pc", "/usr/lib/grub/x86_64-efi"
+# Everything GRUB needs is built into its two images (no module directories on the ISO).
+GRUB_COMMON = ["iso9660", "part_msdos", "part_gpt", "fat", "search", "search_fs_file", "configfile", "normal",
+               "linux", "gzio", "serial", "terminal", "echo", "test", "boot", "halt", "reboot"]
+GRUB_EMBEDDED = """\
+search --no-floppy --file --set=root /live/build-id-{build_id}
+set prefix=($root)/boot/grub
+configfile $prefix/grub.cfg
+"""
+
+
+def _grub_images(work: str, grub: str, build_id: str, env: dict) -> None:
+    """bios.img (i386-pc-eltorito; also reached from the hybrid MBR on a stick) and efi.img (a FAT
+    image with EFI/BOOT/BOOTX64.EFI). Both find the ISO's root by the build's marker file."""
+    cfg = os.path.join(work, "embedded.cfg")
+    with open(cfg, "w") as f:
+        f.write(GRUB_EMBEDDED.format(build_id=build_id))
+    _check(["grub-mkimage", "-O", "i386-pc-eltorito", "-d", GRUB_BIOS, "-o", os.path.join(grub, "bios.img"),
+            "-c", cfg, "-p", "/boot/grub", "biosdisk", *GRUB_COMMON], env, "grub-mkimage (BIOS)")
+    efi = os.path.join(work, "BOOTX64.EFI")
+    _check(["grub-mkimage", "-O", "x86_64-efi", "-d", GRUB_EFI, "-o", efi, "-c", cfg, "-p", "/boot/grub",
+            "efi_gop", "efi_uga", "all_video", *GRUB_COMMON], env, "grub-mkimage (UEFI)")
+    os.utime(efi, (int(env["SOURCE_DATE_EPOCH"]),) * 2)
+    img = os.path.join(grub, "efi.img")
+    kib = max(1440, (os.path.getsize(efi) // 1024 + 256) // 32 * 32)
+    # --invariant and SOURCE_DATE_EPOCH (mtools): fixed volume id and dates, so the same bytes.
+    _check(["mkfs.fat", "--invariant", "-i", "494D474B", "-n", "IMGKIT_EFI", "-C", img, str(kib)], env, "mkfs.fat")
+    _check(["mmd", "-i", img, "::/EFI", "::/EFI/BOOT"], env, "mmd")
+    _check(["mcopy", "-m", "-i", img, efi, "::/EFI/BOOT/BOOTX64.EFI"], env, "mcopy")
 
 
 def _same_fs(a: str, b: str) -> bool:
@@ -154,7 +197,7 @@ def build_rescue_iso(out: str, cache_dir: str | None = None, *, force: bool = Fa
     """Builds the ISO at `out`; returns a summary (path, size, sha256, seconds, system_cached)."""
     if os.geteuid() != 0:
         raise EnvironmentProblem("rescue-iso must run as root (mmdebstrap installs packages into a chroot)")
-    for prog in ("grub-mkrescue", "xorriso", "mksquashfs", "mformat"):
+    for prog in ("grub-mkimage", "xorriso", "mksquashfs", "mkfs.fat", "mcopy"):
         if not shutil.which(prog):
             raise EnvironmentProblem(f"{prog} not found", hint="run scripts/setup.sh")
     for d in ("/usr/lib/grub/i386-pc", "/usr/lib/grub/x86_64-efi"):

@@ -23,8 +23,10 @@ class VmRun:
 
 
 def run_iso(iso: str, disks: list[str], *, firmware: str = "bios", timeout: float = 600, memory_mib: int = 1024,
-            cpus: int = 2, accel: str = "auto", append_console: str | None = None) -> VmRun:
-    """Boots `iso` as a CD-ROM with `disks` (raw files, read-write) as virtio disks vda, vdb...
+            cpus: int = 2, accel: str = "auto", append_console: str | None = None,
+            iso_media: str = "cdrom") -> VmRun:
+    """Boots `iso` with `disks` (raw files, read-write) as virtio disks vda, vdb... The ISO is a
+    CD-ROM, or with iso_media="usb" a USB stick it was dd'ed to (the hybrid boot path).
     Returns when the guest powers off or `timeout` passes (then QEMU is killed)."""
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
@@ -34,8 +36,14 @@ def run_iso(iso: str, disks: list[str], *, firmware: str = "bios", timeout: floa
         log = os.path.join(work, "console.log")
         argv = [qemu, "-nodefaults", "-no-user-config", "-accel", accel_name, "-m", f"{memory_mib}M",
                 "-smp", str(cpus), "-display", "none", "-vga", "std", "-nic", "none", "-no-reboot",
-                "-serial", f"file:{log}", "-monitor", "none",
-                "-drive", f"file={iso},format=raw,media=cdrom,readonly=on,if=ide,index=0", "-boot", "d"]
+                "-serial", f"file:{log}", "-monitor", "none"]
+        if iso_media == "usb":
+            argv += ["-device", "qemu-xhci,id=xhci",
+                     "-drive", f"if=none,id=stick,file={iso},format=raw,readonly=on",
+                     "-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=0"]
+        else:
+            argv += ["-drive", f"if=none,id=cd,file={iso},format=raw,media=cdrom,readonly=on",
+                     "-device", "ide-cd,drive=cd,bootindex=0"]
         machine = "pc"
         if firmware == "uefi":
             code, vars_template = find_ovmf()
