@@ -53,8 +53,8 @@ def render_result(r: bootcheck.BootResult) -> str:
 @cli.command("boot-check")
 @click.argument("image", type=click.Path())
 @click.option("--expect", callback=_regex, metavar="REGEX",
-              help="What the serial console must print (default: a login prompt or the vm-fixtures marker "
-                   "IMGKIT-BOOT-OK).")
+              help="What the serial console must print (default: a login prompt, the vm-fixtures marker "
+                   "IMGKIT-BOOT-OK or the rescue ISO's banner).")
 @click.option("--firmware", type=click.Choice(["auto", "bios", "uefi"]), default="auto", show_default=True,
               help="auto: UEFI for GPT with an ESP and no BIOS boot code, BIOS otherwise; ISOs boot as a CD-ROM.")
 @click.option("--timeout", type=click.FloatRange(0.1, 86400), default=bootcheck.DEFAULT_TIMEOUT,
