@@ -146,6 +146,8 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
             parent.close()
         raise
     try:
+        from .formats.imgk_writer import check_geometry
+        check_geometry(src.size, chunk_size)  # before the source is read or planned
         warnings: list[str] = []
         if plan is None and not sector_by_sector:
             from .fsaware import build_plan

@@ -14,7 +14,7 @@ from .disk_info import describe_partitions, optical_facts
 from .os_detect import detect_os
 from .errors import InputError, Interrupted, RefusedTarget
 from .formats import imgk_layout as L
-from .formats.imgk_writer import (DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, ChunkEncoder, ImageWriter, PreparedChunk,
+from .formats.imgk_writer import (DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, ChunkEncoder, ImageWriter, PreparedChunk, check_geometry,
                                   volume_path)
 from .formats.byte_source import source_exists
 from .parallel import default_workers, ordered_map
@@ -96,6 +96,7 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
     """`base`: an opened chain (imgk_chain.open_chain); the new image is its child."""
     plan = plan or CapturePlan()
     progress = progress or NullProgress()
+    check_geometry(source.size, chunk_size)  # before anything is read
     if not force:
         for n in (1, 2):
             if source_exists(volume_path(output, n)):

@@ -48,19 +48,31 @@ def make_progress(op: str, mode: str, total: int = 0) -> Progress:
     return Progress(op, total, mode)
 
 
+MAX_PASSWORD_BYTES = 4096  # a password longer than this is a mistake (a wrong file, /dev/zero)
+
+
 def password_from_env_or_file(password_file: str | None, env_var: str = "IMGKIT_PASSWORD") -> bytes | None:
     if password_file:
         try:
             with open(password_file, "rb") as fh:
-                # The first line, without its line end (a file edited on Windows ends in \r\n).
-                line = fh.read().split(b"\n", 1)[0].rstrip(b"\r")
+                # Only the first line is the password, so never read more than one line's bound:
+                # `--password-file /dev/zero` or a huge file fails at once instead of filling memory.
+                head = fh.read(MAX_PASSWORD_BYTES + 2)
         except OSError as e:
             raise InputError(f"{password_file}: cannot read the password file ({e.strerror})") from None
+        # The first line, without its line end (a file edited on Windows ends in \r\n).
+        line, newline, _ = head.partition(b"\n")
+        line = line.rstrip(b"\r")
+        if len(line) > MAX_PASSWORD_BYTES or (not newline and len(head) > MAX_PASSWORD_BYTES + 1):
+            raise InputError(f"{password_file}: the password (its first line) is longer than "
+                             f"{MAX_PASSWORD_BYTES} bytes", hint="is this the right file?")
         if not line:
             raise InputError(f"{password_file}: the password file is empty")
         return line
     env = os.environb.get(env_var.encode())  # raw bytes: no decoding error on odd locales
     if env:
+        if len(env) > MAX_PASSWORD_BYTES:
+            raise InputError(f"{env_var} is longer than {MAX_PASSWORD_BYTES} bytes")
         return env
     return None
 

@@ -148,6 +148,25 @@ class KeySlot:
         return cls(kdf, t, m, p, salt, nonce, wrapped)
 
 
+KEY_SLOT_USED = _KEY_SLOT.size
+# Header byte ranges that are reserved (FORMAT.md, *Header*, *Key slot*): all must be zero.
+_RESERVED_RANGES = ((70, 72), (80, KEY_SLOT_OFFSET), (KEY_SLOT_OFFSET + KEY_SLOT_USED, KEY_SLOT_OFFSET + KEY_SLOT_SIZE),
+                    (KEY_SLOT_OFFSET + KEY_SLOT_SIZE, HEADER_CHECKSUM_OFFSET))
+
+
+def _nonzero_reserved(raw: bytes, encrypted: bool) -> int | None:
+    """The offset of the first non-zero reserved header byte (the whole key slot when the image is
+    not encrypted, and the key slot's 3 padding bytes), or None."""
+    ranges = list(_RESERVED_RANGES) + [(KEY_SLOT_OFFSET + 1, KEY_SLOT_OFFSET + 4)]
+    if not encrypted:
+        ranges.append((KEY_SLOT_OFFSET, KEY_SLOT_OFFSET + KEY_SLOT_SIZE))
+    for lo, hi in ranges:
+        chunk = raw[lo:hi]
+        if chunk.count(0) != len(chunk):
+            return lo + next(i for i, b in enumerate(chunk) if b)
+    return None
+
+
 @dataclass
 class Header:
     image_id: bytes
@@ -231,6 +250,11 @@ class Header:
         encrypted = bool(required & FEATURE_ENCRYPTED)
         if encrypted != (cipher == CIPHER_AES_256_GCM) or cipher not in (CIPHER_NONE, CIPHER_AES_256_GCM):
             raise BadImage(f"{where}: cipher {cipher} does not match the encryption feature bit")
+        reserved = _nonzero_reserved(raw, encrypted)
+        if reserved is not None:
+            # Reserved bytes are outside every keyed MAC, so they must be zero: otherwise a changed
+            # byte with a recomputed (unkeyed) header checksum would go unnoticed.
+            raise BadImage(f"{where}: reserved header byte {reserved} is not zero (damaged or tampered with)")
         slot = KeySlot.decode(raw[KEY_SLOT_OFFSET:KEY_SLOT_OFFSET + KEY_SLOT_SIZE]) if encrypted else None
         return cls(image_id=image_id, logical_size=size, chunk_size=chunk_size, volume_number=vol_no,
                    volume_count=vol_count, required_features=required, optional_features=optional,
@@ -373,6 +397,21 @@ class SectionBudget:
     exact_length: int | None = None  # each section's decoded length, when the header fixes it
 
 
+def max_logical_size(chunk_size: int) -> int:
+    """The largest disk whose index (chunk_count x 56 bytes) fits in one section."""
+    return (MAX_SECTION_LENGTH // INDEX_ENTRY_SIZE) * chunk_size
+
+
+def chunk_size_for(logical_size: int) -> int | None:
+    """The smallest valid chunk size whose index holds a disk of `logical_size`, or None."""
+    size = MIN_CHUNK_SIZE
+    while size <= MAX_CHUNK_SIZE:
+        if logical_size <= max_logical_size(size):
+            return size
+        size <<= 1
+    return None
+
+
 def used_map_bitmap_bytes(logical_size: int) -> int:
     """The bitmap bytes all USED_MAPs of a disk can need together: maps cover disjoint partitions
     with blocks of at least 512 bytes, so one bit per 512-byte sector of the disk at most."""
@@ -390,8 +429,7 @@ def section_budgets(header: "Header") -> dict[int, SectionBudget]:
         SECTION_VOLUMES: SectionBudget("volume table", 1, 1, 8 * header.volume_count, 8 * header.volume_count),
         SECTION_USED_MAP: SectionBudget(
             "used-block map", 0, MAX_USED_MAPS,
-            min(MAX_SECTION_LENGTH, MAX_USED_MAPS * (USED_MAP_HEAD_SIZE + 1)
-                + used_map_bitmap_bytes(header.logical_size))),
+            MAX_USED_MAPS * (USED_MAP_HEAD_SIZE + 1) + used_map_bitmap_bytes(header.logical_size)),
         # Exactly one when the PARENT bit is set, else none: checked both ways, so a header whose
         # PARENT bit was cleared (it is outside the core) cannot make a child read as a full image.
         SECTION_PARENT: SectionBudget("parent", *((1, 1) if header.required_features & FEATURE_PARENT else (0, 0)),
@@ -482,17 +520,22 @@ class UsedMap:
         return _USED_MAP_HEAD.pack(self.partition_number, self.block_size, self.first_byte,
                                    self.block_count) + self.bitmap
 
-    @classmethod
-    def decode(cls, raw: bytes, logical_size: int | None = None) -> "UsedMap":
-        if len(raw) < _USED_MAP_HEAD.size:
+    @staticmethod
+    def check_head(head: bytes, length: int, logical_size: int | None = None) -> None:
+        """Check a map's 24-byte head against its decoded `length` (and the disk's size)."""
+        if len(head) < _USED_MAP_HEAD.size or length < _USED_MAP_HEAD.size:
             raise BadImage("used-block map is truncated")
-        part, bs, first, count = _USED_MAP_HEAD.unpack_from(raw)
-        bitmap = raw[_USED_MAP_HEAD.size:]
-        if bs < 512 or bs > (1 << 20) or bs & (bs - 1) or len(bitmap) != -(-count // 8):
+        part, bs, first, count = _USED_MAP_HEAD.unpack_from(head)
+        if bs < 512 or bs > (1 << 20) or bs & (bs - 1) or length - _USED_MAP_HEAD.size != -(-count // 8):
             raise BadImage(f"used-block map of partition {part} is inconsistent")
         if logical_size is not None and (first > logical_size or count > -(-(logical_size - first) // bs)):
             raise BadImage(f"used-block map of partition {part} covers blocks beyond the disk")
-        return cls(part, bs, first, count, bitmap)
+
+    @classmethod
+    def decode(cls, raw: bytes, logical_size: int | None = None) -> "UsedMap":
+        cls.check_head(raw[:_USED_MAP_HEAD.size], len(raw), logical_size)
+        part, bs, first, count = _USED_MAP_HEAD.unpack_from(raw)
+        return cls(part, bs, first, count, raw[_USED_MAP_HEAD.size:])
 
 
 def chunk_nonce(obj: int) -> bytes:
@@ -578,3 +621,141 @@ def chain_digest(header: Header, index: "IndexTable") -> bytes:
         else:
             h.update(none)
     return h.digest()
+
+
+# -- metadata schema (FORMAT.md, *Metadata*) -------------------------------------------------------
+# The metadata is JSON written by imgkit, but read from an untrusted image: every key a reader uses
+# is checked for its type, range and length when the image is opened, so no command meets a string
+# where it wants a number (a traceback) or a gigabyte-long label. Unknown keys are allowed (newer
+# writers add keys; readers ignore them).
+MAX_META_TEXT = 4096
+MAX_META_LIST = 4096
+U64_MAX = (1 << 64) - 1
+
+
+class _Spec:
+    nullable = False
+
+    def check(self, value, where: str) -> None:
+        if value is None:
+            if not self.nullable:
+                raise BadImage(f"image metadata: {where} is null, expected {self.describe()}")
+            return
+        self._check(value, where)
+
+    def describe(self) -> str:
+        return self.name
+
+    def _wrong(self, value, where: str):
+        got = type(value).__name__ if not isinstance(value, (dict, list)) else {dict: "object", list: "list"}[type(value)]
+        raise BadImage(f"image metadata: {where} is a {got}, expected {self.describe()}")
+
+
+class _Text(_Spec):
+    name = "text"
+
+    def __init__(self, max_len: int = MAX_META_TEXT, nullable: bool = True, choices: tuple = ()):
+        self.max_len, self.nullable, self.choices = max_len, nullable, choices
+
+    def _check(self, value, where):
+        if not isinstance(value, str):
+            self._wrong(value, where)
+        if len(value) > self.max_len:
+            raise BadImage(f"image metadata: {where} is {len(value)} characters long (at most {self.max_len})")
+        if self.choices and value not in self.choices:
+            raise BadImage(f"image metadata: {where} is {value[:40]!r}, expected one of {', '.join(self.choices)}")
+
+
+class _Int(_Spec):
+    name = "integer"
+
+    def __init__(self, lo: int = 0, hi: int = U64_MAX, nullable: bool = False):
+        self.lo, self.hi, self.nullable = lo, hi, nullable
+
+    def _check(self, value, where):
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._wrong(value, where)
+        if not self.lo <= value <= self.hi:
+            raise BadImage(f"image metadata: {where} = {value} is out of range ({self.lo}..{self.hi})")
+
+
+class _Bool(_Spec):
+    name = "boolean"
+
+    def __init__(self, nullable: bool = False):
+        self.nullable = nullable
+
+    def _check(self, value, where):
+        if not isinstance(value, bool):
+            self._wrong(value, where)
+
+
+class _List(_Spec):
+    name = "list"
+
+    def __init__(self, item: _Spec, max_len: int = MAX_META_LIST, nullable: bool = False):
+        self.item, self.max_len, self.nullable = item, max_len, nullable
+
+    def _check(self, value, where):
+        if not isinstance(value, list):
+            self._wrong(value, where)
+        if len(value) > self.max_len:
+            raise BadImage(f"image metadata: {where} has {len(value)} items (at most {self.max_len})")
+        for i, v in enumerate(value):
+            self.item.check(v, f"{where}[{i}]")
+
+
+class _Object(_Spec):
+    name = "object"
+
+    def __init__(self, fields: dict, nullable: bool = False, required: tuple = ()):
+        self.fields, self.nullable, self.required = fields, nullable, required
+
+    def _check(self, value, where):
+        if not isinstance(value, dict):
+            self._wrong(value, where)
+        for key in self.required:
+            if key not in value:
+                raise BadImage(f"image metadata: {where or 'the top level'} lacks {key!r}")
+        for key, spec in self.fields.items():
+            if key in value:
+                spec.check(value[key], f"{where}.{key}" if where else key)
+
+
+_SIZE = _Int()
+_SECTOR = _Int(1, 1 << 20, nullable=True)
+_FS_FACTS = {"filesystem": _Text(64), "label": _Text(), "used_bytes": _Int(nullable=True),
+             "capture_mode": _Text()}
+METADATA_SCHEMA = _Object({
+    "imgkit_version": _Text(64),
+    "created": _Text(64),
+    "source": _Object({"path": _Text(), "kind": _Text(64), "size": _Int(nullable=True),
+                       "logical_sector_size": _SECTOR, "physical_sector_size": _SECTOR,
+                       "model": _Text(), "serial": _Text()}, nullable=True),
+    "compression": _Object({"algorithm": _Text(32), "level": _Int(-(1 << 31), 1 << 31, nullable=True)},
+                           nullable=True),
+    "partition_table": _Object({
+        "type": _Text(16, nullable=False, choices=("mbr", "gpt", "none")), "disk_id": _Text(64),
+        "sector_size": _SECTOR, "problems": _List(_Text()),
+        "partitions": _List(_Object({
+            "number": _Int(0, 1 << 20), "start": _SIZE, "size": _SIZE, "type": _Text(64),
+            "type_name": _Text(nullable=False), "uuid": _Text(64), "name": _Text(),
+            "bootable": _Bool(nullable=True), "logical": _Bool(nullable=True), **_FS_FACTS},
+            required=("number", "start", "size", "type", "type_name"))),
+        **_FS_FACTS}, nullable=True, required=("type", "partitions")),
+    "optical": _Object({"sector_size": _SECTOR, "volume_id": _Text(), "el_torito": _Bool(nullable=True)},
+                       nullable=True),
+    "capture": _Object({"mode": _Text(32), "partitions": _List(_Int(0, 1 << 20), nullable=True),
+                        "warnings": _List(_Text())}, nullable=True),
+    "os": _Object({"name": _Text(), "id": _Text(), "version_id": _Text(), "partition": _Int(0, 1 << 20, nullable=True)},
+                  nullable=True),
+})
+
+
+def check_metadata(meta) -> dict:
+    """The image's metadata object, checked against METADATA_SCHEMA; BadImage names the first
+    field that does not fit."""
+    if not isinstance(meta, dict):
+        raise BadImage("image metadata is not a JSON object")
+    METADATA_SCHEMA.check(meta, "")
+    return meta

@@ -122,11 +122,18 @@ class ImageReader(Stream):
         self.sections = L.decode_directory(dir_raw, trailer.directory_offset)
         budgets = L.check_section_budgets(self.sections, header)  # before decoding anything
         by_type: dict[int, list[bytes]] = {}
+        self._used_map_entries: list[tuple[int, L.SectionEntry]] = []
         for seq, entry in enumerate(self.sections):
             if entry.type not in budgets:
                 if entry.required:
                     raise BadImage(f"image needs section type {entry.type} unknown to this imgkit "
                                    "(made by a newer imgkit)")
+                continue
+            if entry.type == L.SECTION_USED_MAP:
+                # Checked now (digest, seal, length, head) in constant memory, decoded only when
+                # asked for (split/join copy them): the maps of a huge declared disk cost nothing.
+                self._check_used_map(seq, entry, header.logical_size)
+                self._used_map_entries.append((seq, entry))
                 continue
             by_type.setdefault(entry.type, []).append(self._read_section(seq, entry))
         expected = L.decode_volume_table(by_type[L.SECTION_VOLUMES][0], header.volume_count)
@@ -137,12 +144,10 @@ class ImageReader(Stream):
         self.index = L.decode_index(by_type[L.SECTION_INDEX][0], header, self.volume_sizes)
         self._kinds = self.index.kinds()  # one byte a chunk: kind tests on the read path decode no entry
         try:
-            self.metadata = json.loads(by_type[L.SECTION_METADATA][0])
-            if not isinstance(self.metadata, dict):
-                raise ValueError
+            metadata = json.loads(by_type[L.SECTION_METADATA][0])
         except (ValueError, RecursionError):
             raise BadImage("image metadata is not a JSON object") from None
-        self.used_maps = [L.UsedMap.decode(raw, header.logical_size) for raw in by_type.get(L.SECTION_USED_MAP, [])]
+        self.metadata = L.check_metadata(metadata)  # types, ranges, lengths: before any command reads it
         # An incremental image names its parent here; imgk_chain.py finds, checks and attaches it.
         parents = by_type.get(L.SECTION_PARENT, [])
         self.parent_ref = L.ParentRef.decode(parents[0]) if parents else None
@@ -150,12 +155,44 @@ class ImageReader(Stream):
         self.size = header.logical_size
         self.chunk_size = header.chunk_size
 
-    def _read_section(self, seq: int, entry: L.SectionEntry) -> bytes:
+    @property
+    def used_maps(self) -> list[L.UsedMap]:
+        """The USED_MAP sections, decoded now (they were checked when the image was opened)."""
+        return [L.UsedMap.decode(self._read_section(seq, entry), self.header.logical_size)
+                for seq, entry in self._used_map_entries]
+
+    def _check_used_map(self, seq: int, entry: L.SectionEntry, logical_size: int) -> None:
+        """What decoding would check, streaming the frame through a small buffer."""
+        stored = self._stored_section(seq, entry)
+        reader = zstandard.ZstdDecompressor().stream_reader(stored)
+        head, total = b"", 0
+        try:
+            while True:
+                piece = reader.read(1 << 20)
+                if not piece:
+                    break
+                if len(head) < L.USED_MAP_HEAD_SIZE:
+                    head += piece[:L.USED_MAP_HEAD_SIZE - len(head)]
+                total += len(piece)
+                if total > entry.length:
+                    break
+        except zstandard.ZstdError as e:
+            raise BadImage(f"section {seq} (type {entry.type}) does not decompress: {e}") from None
+        if total != entry.length:
+            raise BadImage(f"section {seq} (type {entry.type}) decodes to {'more than ' if total > entry.length else ''}"
+                           f"{total} bytes, expected {entry.length}")
+        L.UsedMap.check_head(head, total, logical_size)
+
+    def _stored_section(self, seq: int, entry: L.SectionEntry) -> bytes:
         stored = _pread_exact(self._fds[-1], entry.stored_length, entry.offset, f"section {entry.type}")
         if L.digest(stored, self.mac_key) != entry.digest:
             raise BadImage(f"section {seq} (type {entry.type}) checksum mismatch")
         if self.sealer:
             stored = self.sealer.open_section(entry.type, seq, stored)
+        return stored
+
+    def _read_section(self, seq: int, entry: L.SectionEntry) -> bytes:
+        stored = self._stored_section(seq, entry)
         if entry.type in (L.SECTION_VOLUMES, L.SECTION_PARENT):
             raw = stored
         else:

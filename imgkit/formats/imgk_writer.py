@@ -93,6 +93,23 @@ class ChunkEncoder:
         return PreparedChunk(index, length, L.KIND_DATA, digest, encoding, payload)
 
 
+def check_geometry(logical_size: int, chunk_size: int) -> None:
+    """Refuse, before anything is read, a chunk size the format cannot hold or whose index (56 bytes
+    a chunk, one section of at most 256 MiB) cannot describe the disk, naming the chunk size that
+    can (a 15 TiB disk in 2 MiB chunks used to fail at the very end of its capture)."""
+    if chunk_size < L.MIN_CHUNK_SIZE or chunk_size > L.MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise InputError(f"chunk size {chunk_size} must be a power of two from 64 KiB to 64 MiB")
+    if logical_size > L.max_logical_size(chunk_size):
+        from ..units import format_size
+        fits = L.chunk_size_for(logical_size)
+        if fits is None:
+            raise InputError(f"a disk of {format_size(logical_size)} is too large for an imgk image "
+                             f"(at most {format_size(L.max_logical_size(L.MAX_CHUNK_SIZE))})")
+        raise InputError(f"a disk of {format_size(logical_size)} needs more index entries than "
+                         f"{format_size(chunk_size)} chunks allow (at most {format_size(L.max_logical_size(chunk_size))})",
+                         hint=f"use --chunk-size {f'{fits >> 20}M' if fits >= 1 << 20 else f'{fits >> 10}K'} or larger")
+
+
 class ImageWriter:
     def __init__(self, path: str, logical_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                  split_size: int | None = None, sealer_factory=None, template: L.Header | None = None,
@@ -102,8 +119,7 @@ class ImageWriter:
         its header core and key slot are kept, so stored chunks, bound to the core, move byte for byte.
         `used_maps`: the image will hold USED_MAP sections. The optional-features field is part of the
         header core, which the key slot and every chunk are bound to, so it is fixed here, not at commit."""
-        if chunk_size < L.MIN_CHUNK_SIZE or chunk_size > L.MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
-            raise InputError(f"chunk size {chunk_size} must be a power of two from 64 KiB to 64 MiB")
+        check_geometry(logical_size, chunk_size)
         if split_size is not None and split_size < chunk_size + L.MAX_STORED_OVERHEAD + 2 * L.HEADER_SIZE:
             raise InputError(f"split size {split_size} is too small for {chunk_size}-byte chunks",
                              hint="use a split size of at least a few MiB")
