@@ -87,9 +87,28 @@ def relayout(image: str, output: str | None = None, *, split_size: int | None = 
     """Write `image` again in volumes of at most `split_size` bytes (None: one volume, i.e. join),
     to `output` or, without it, in place of `image`. Every stored chunk is authenticated (or
     hash-checked) as it is copied, so damage is refused, not copied. The new volumes are written
-    under temporary names and renamed into place only when complete."""
+    under temporary names and renamed into place only when complete.
+
+    Crash safety in place: the volumes of one image share its id and are found by name from volume
+    1, so renaming a new set over an old multi-volume set (volume k new, volume 1 still old) would
+    leave no readable image for a while. Each single step is safe instead: a join renames one file
+    (volume 1) over the old volume 1, after which the old volumes 2..N are mere strays; a split of a
+    one-volume image renames volumes 2..N onto free or stray names, volume 1 last. So an in-place
+    re-split of a multi-volume image joins first, then splits: at every instant the old image, the
+    joined one or the new one is complete (tests/test_volumes_crash.py kills it at every rename
+    and fsync). The price is a second copy pass, only for this case."""
     progress = progress or NullProgress()
     started = time.monotonic()
+    if split_size is not None and (output is None or _same_file(output, image)):
+        with ImageReader(image, password) as probe:
+            multi = probe.header.volume_count > 1
+        if multi:
+            joined = relayout(image, split_size=None, password=password, workers=workers)
+            result = relayout(image, split_size=split_size, password=password, progress=progress,
+                              workers=workers)
+            result.seconds = time.monotonic() - started
+            result.chunks_copied += joined.chunks_copied
+            return result
     src = ImageReader(image, password)  # every volume is checked here, before anything is written
     try:
         in_place = output is None or _same_file(output, image)

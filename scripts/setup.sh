@@ -20,6 +20,8 @@ apt_pkgs=(
   # The rescue ISO (imgkit rescue-iso, #18): a Debian root, squashfs, a flat apt repository of the
   # package cache, GRUB images.
   mmdebstrap squashfs-tools apt-utils grub-common
+  # crash-safety tests kill imgkit at chosen system calls (strace fault injection)
+  strace
 )
 missing=()
 for p in "${apt_pkgs[@]}"; do
