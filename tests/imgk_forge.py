@@ -3,11 +3,11 @@ image's sections and re-seals the directory, volume table and trailer, so every 
 and only the forged content is hostile. Also runs the CLI measuring its peak RSS and time."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
@@ -51,28 +51,42 @@ def replace_section(img_path, out_path, section_type, raw: bytes, *, declared: i
     return reseal(img_path, out_path, mutate)
 
 
+# The measured command runs as the child of this small launcher, not of pytest: Linux keeps a
+# process's peak RSS across fork and exec (the forked copy of a 700 MB pytest would be counted).
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+out, err, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with open(out, "wb") as o, open(err, "wb") as e:
+    started = time.monotonic()
+    proc = subprocess.Popen(sys.argv[4:], stdout=o, stderr=e, stdin=subprocess.DEVNULL, start_new_session=True)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() - started > timeout:
+            os.killpg(proc.pid, 9)
+            pid, status, usage = os.wait4(proc.pid, 0)
+            print(json.dumps({"timeout": True}))
+            sys.exit(0)
+        time.sleep(0.01)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "rss": usage.ru_maxrss * 1024,
+                  "seconds": time.monotonic() - started}))
+"""
+
+
 def run_measured(*args, env=None, timeout=120, cwd=None):
     """Run the CLI; returns (returncode, stdout, stderr, peak RSS in bytes, seconds)."""
     full_env = dict(os.environ)
     full_env.pop("IMGKIT_PASSWORD", None)
     full_env.update(env or {})
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "imgkit", *map(str, args)], stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, start_new_session=True)
-        deadline = started + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                os.killpg(proc.pid, 9)
-                pid, status, usage = os.wait4(proc.pid, 0)
-                raise AssertionError(f"imgkit {' '.join(map(str, args))} ran longer than {timeout} s")
-            time.sleep(0.01)
-        seconds = time.monotonic() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return (proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                usage.ru_maxrss * 1024, seconds)
+    with tempfile.TemporaryDirectory() as d:
+        out, err = os.path.join(d, "out"), os.path.join(d, "err")
+        launcher = subprocess.run([sys.executable, "-c", _LAUNCHER, out, err, str(timeout), sys.executable,
+                                   "-m", "imgkit", *map(str, args)], capture_output=True, text=True,
+                                  env=full_env, cwd=cwd, timeout=timeout + 30)
+        result = json.loads(launcher.stdout)
+        if result.get("timeout"):
+            raise AssertionError(f"imgkit {' '.join(map(str, args))} ran longer than {timeout} s")
+        with open(out, "rb") as o, open(err, "rb") as e:
+            return (result["code"], o.read().decode(errors="replace"), e.read().decode(errors="replace"),
+                    result["rss"], result["seconds"])
