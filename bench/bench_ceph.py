@@ -131,7 +131,7 @@ def main() -> None:
             table("imgk -> RBD", list(rbd.values()), "qemu-img convert raw -> rbd:"),
             f"object: {mib:.1f} MiB; restore moves it at {mib / restore['imgkit restore s3:// -> file'].median('wall'):.0f} "
             f"MiB/s, boto3 download at {mib / restore['boto3 download_file of the object'].median('wall'):.0f} MiB/s "
-            f"(the restore writes {1024 / mib:.1f}x more: the whole 1 GiB disk, fsynced; load average "
+            f"(the restore makes the whole 1 GiB disk, its data written and fsynced; load average "
             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, the cluster included)",
             "",
             f"targets: capture {cap_ratio:.2f}x (<= 1.2) {'OK' if cap_ratio <= 1.2 else 'MISSED'}; "
