@@ -92,10 +92,14 @@ def _mkfs_fat_like(image: Stream, start: int, size: int, new_size: int, label: s
 
 
 def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_socket: str,
-                       progress_note=None) -> Shrunk:
+                       replan=None) -> tuple[Shrunk, ShrinkPlan]:
     """Resize the plan's shrunk filesystems on an overlay in `workdir` (the NBD export of `image`
-    must be serving on `export_socket`). Raises RefusedTarget when a filesystem's real minimum is
-    above the plan, OperationFailed when a tool fails: in both cases nothing was written anywhere."""
+    must be serving on `export_socket`). One appliance launch, two steps: the resizers' real
+    minimums of every shrinkable filesystem are measured, `replan(minimums, pinned)` lays the disk
+    out again with them (FAT sizes pinned: their new files are made before the launch), then the
+    filesystems are resized to the new plan. Returns (what was shrunk, the plan carried out).
+    Raises RefusedTarget when the real minimums do not fit, OperationFailed when a tool fails: in
+    both cases nothing was written to the target."""
     overlay = os.path.join(workdir, "overlay.qcow2")
     backing = "json:" + json.dumps({"driver": "raw", "file": {"driver": "nbd",
                                     "server": {"type": "unix", "path": export_socket}}})
@@ -103,29 +107,65 @@ def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_soc
                            overlay, str(image.size)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise OperationFailed(f"qemu-img could not create the overlay: {proc.stderr.strip()[:300]}")
-    jobs, fat_files = [], {}
+    fat_files, pinned = {}, {}
     for pp in plan.shrunk:
-        job = {"number": pp.number, "fs": pp.filesystem, "new_size": pp.new_size}
         if pp.filesystem == "vfat":
             path = os.path.join(workdir, f"fat{pp.number}.raw")
             _mkfs_fat_like(image, pp.old_start, pp.old_size, pp.new_size, pp.label, path)
-            job["fat_file"] = fat_files[pp.number] = path
-        jobs.append(job)
-    request = {"overlay": overlay, "jobs": jobs}
-    child = subprocess.run([sys.executable, "-m", "imgkit.shrink_fs"], input=json.dumps(request),
-                           capture_output=True, text=True, timeout=APPLIANCE_TIMEOUT, cwd="/")
+            fat_files[pp.number], pinned[pp.number] = path, pp.new_size
+    measure = [{"number": pp.number, "fs": pp.filesystem} for pp in plan.parts
+               if pp.minimum is not None and pp.filesystem in ("ext2", "ext3", "ext4", "ntfs", "btrfs")]
+    log = open(os.path.join(workdir, "appliance.log"), "w+")
+    child = subprocess.Popen([sys.executable, "-m", "imgkit.shrink_fs"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=log, text=True, cwd="/")
+
+    def ask(request: dict) -> dict:
+        try:
+            child.stdin.write(json.dumps(request) + "\n")
+            child.stdin.flush()
+            line = child.stdout.readline()
+            reply = json.loads(line)
+        except (ValueError, BrokenPipeError, OSError):
+            log.seek(0)
+            said = log.read().strip().splitlines() or ["no output"]
+            raise OperationFailed("the filesystem shrinker (libguestfs appliance) failed: " + said[-1][:300]) from None
+        if "error" in reply:
+            cls = {"RefusedTarget": RefusedTarget, "EnvironmentProblem": EnvironmentProblem}.get(
+                reply.get("kind"), OperationFailed)
+            raise cls(reply["error"], hint=reply.get("hint"))
+        return reply
+
     try:
-        reply = json.loads(child.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise OperationFailed("the filesystem shrinker (libguestfs appliance) failed: "
-                              + (child.stderr.strip().splitlines() or ["no output"])[-1][:300]) from None
-    if "error" in reply:
-        cls = {"RefusedTarget": RefusedTarget, "EnvironmentProblem": EnvironmentProblem}.get(reply.get("kind"),
-                                                                                          OperationFailed)
-        raise cls(reply["error"], hint=reply.get("hint"))
+        first = ask({"overlay": overlay, "fat_files": [fat_files[n] for n in sorted(fat_files)],
+                     "measure": measure})
+        minimums = {int(k): v for k, v in first["minimums"].items()}
+        if replan is not None:
+            plan = replan(minimums, pinned)
+            if not plan.fits:
+                raise RefusedTarget(f"the filesystems' own minimums do not fit the target: {plan.reason}",
+                                    hint="; ".join(pp.describe() for pp in plan.parts if pp.minimum_exact))
+        jobs = []
+        for pp in plan.shrunk:
+            job = {"number": pp.number, "fs": pp.filesystem, "new_size": pp.new_size}
+            if pp.number in fat_files:
+                job["fat_drive"] = sorted(fat_files).index(pp.number)
+            jobs.append(job)
+        reply = ask({"jobs": jobs})
+    finally:
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
+        try:
+            child.wait(APPLIANCE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        log.close()
     used = sum(os.stat(p).st_blocks * 512 for p in [overlay, *fat_files.values()])
     ov = OverlayImage(overlay, export_socket, image.size)
-    return Shrunk(ov, fat_files, {int(k): v for k, v in reply["minimums"].items()}, reply.get("notes", []), used)
+    return Shrunk(ov, fat_files, minimums, reply.get("notes", []), used), plan
 
 
 # -- the child: one appliance, every filesystem ---------------------------------------------------
@@ -137,85 +177,109 @@ def _device_of(g, number: int) -> str:
     raise OperationFailed(f"the appliance does not see partition {number}")
 
 
-def _run_jobs(request: dict) -> dict:
-    from .guestfs_session import close_handle, first_line, new_handle
-    g, accel = new_handle()
-    notes, minimums = [], {}
-    try:
-        g.add_drive_opts(request["overlay"], format="qcow2", readonly=0)
-        fat_drives = {}
-        for job in request["jobs"]:
-            if "fat_file" in job:
-                g.add_drive_opts(job["fat_file"], format="raw", readonly=0)
-                fat_drives[job["number"]] = "/dev/sd" + chr(ord("a") + len(fat_drives) + 1)
-        g.launch()
-        for job in request["jobs"]:
-            n, fs, size = job["number"], job["fs"], job["new_size"]
-            dev = _device_of(g, n)
-            what = f"partition {n} ({fs})"
-            try:
-                if fs == "vfat":
-                    src, new = f"/src{n}", f"/new{n}"
-                    g.mkmountpoint(src)
-                    g.mkmountpoint(new)
-                    g.mount_ro(dev, src)
-                    files = g.du(src) * 1024
-                    if files > size:
-                        raise RefusedTarget(f"{what} holds {format_size(files)} of files: they do not fit "
-                                            f"in {format_size(size)}")
-                    g.mount_options("quiet", fat_drives[n], new)
-                    for entry in g.ls(src):
-                        g.cp_a(f"{src}/{entry}", new + "/")
-                    g.umount(new)
-                    g.umount(src)
-                    status = g.fsck("vfat", fat_drives[n])
-                    if status not in (0,):
-                        raise OperationFailed(f"fsck.fat reports problems on the rebuilt {what} (status {status})")
-                    notes.append(f"{what}: rebuilt as a {format_size(size)} FAT, files copied")
-                    continue
-                minimum = g.vfs_minimum_size(dev)
-                minimums[n] = minimum
-                if minimum > size:
-                    raise RefusedTarget(f"{what} needs at least {format_size(minimum)} ({minimum} bytes) "
-                                        f"by its own resizer; the plan gives it {format_size(size)}",
-                                        hint="use a larger target, or --shrink (proportional) to share the room")
-                if fs.startswith("ext"):
-                    g.e2fsck_f(dev)
-                    g.resize2fs_size(dev, size)
-                    status = g.fsck(fs, dev)
-                    if status not in (0,):
-                        raise OperationFailed(f"e2fsck reports problems after shrinking {what} (status {status})")
-                elif fs == "ntfs":
-                    g.ntfsresize_opts(dev, size=size)
-                elif fs == "btrfs":
-                    g.mount(dev, "/")
-                    g.btrfs_filesystem_resize("/", size=size)
-                    g.sync()
-                    g.umount("/")
-                    g.btrfs_fsck(dev)
-                notes.append(f"{what}: shrunk to {format_size(size)} (its minimum {format_size(minimum)})")
-            except RuntimeError as e:
-                raise OperationFailed(f"shrinking {what} failed: {first_line(e)[:300]}") from None
-        g.sync()
-        g.shutdown()
-    finally:
-        close_handle(g)
-    return {"minimums": minimums, "notes": notes, "accel": accel}
+def _measure(g, request: dict) -> dict:
+    minimums = {}
+    for m in request["measure"]:
+        dev = _device_of(g, m["number"])
+        where = f"/m{m['number']}"
+        try:
+            if m["fs"] == "btrfs":  # btrfs answers only while mounted
+                g.mkmountpoint(where)
+                g.mount(dev, where)
+            minimums[m["number"]] = g.vfs_minimum_size(dev)
+        except RuntimeError as e:  # the estimate stands; the resizer refuses a size below its minimum
+            sys.stderr.write(f"imgkit: minimum of partition {m['number']} unknown: {e}\n")
+        finally:
+            if m["fs"] == "btrfs":
+                try:
+                    g.umount(where)
+                except RuntimeError:
+                    pass
+    return {"minimums": minimums}
+
+
+def _resize(g, request: dict) -> dict:
+    from .guestfs_session import first_line
+    notes = []
+    for job in request["jobs"]:
+        n, fs, size = job["number"], job["fs"], job["new_size"]
+        dev = _device_of(g, n)
+        what = f"partition {n} ({fs})"
+        try:
+            if fs == "vfat":
+                fat_dev = "/dev/sd" + chr(ord("b") + job["fat_drive"])
+                src, new = f"/src{n}", f"/new{n}"
+                g.mkmountpoint(src)
+                g.mkmountpoint(new)
+                g.mount_ro(dev, src)
+                files = g.du(src) * 1024
+                if files > size:
+                    raise RefusedTarget(f"{what} holds {format_size(files)} of files: they do not fit "
+                                        f"in {format_size(size)}")
+                g.mount_options("quiet", fat_dev, new)
+                for entry in g.ls(src):
+                    g.cp_a(f"{src}/{entry}", new + "/")
+                g.umount(new)
+                g.umount(src)
+                status = g.fsck("vfat", fat_dev)
+                if status != 0:
+                    raise OperationFailed(f"fsck.fat reports problems on the rebuilt {what} (status {status})")
+                notes.append(f"{what}: rebuilt as a {format_size(size)} FAT, files copied")
+                continue
+            if fs.startswith("ext"):
+                g.e2fsck_f(dev)
+                g.resize2fs_size(dev, size)
+                status = g.fsck(fs, dev)
+                if status != 0:
+                    raise OperationFailed(f"e2fsck reports problems after shrinking {what} (status {status})")
+            elif fs == "ntfs":
+                g.ntfsresize_opts(dev, size=size)
+            elif fs == "btrfs":
+                g.mkmountpoint(f"/b{n}")
+                g.mount(dev, f"/b{n}")
+                g.btrfs_filesystem_resize(f"/b{n}", size=size)
+                g.sync()
+                g.umount(f"/b{n}")
+                g.btrfs_fsck(dev)
+            notes.append(f"{what}: shrunk to {format_size(size)}")
+        except RuntimeError as e:
+            raise OperationFailed(f"shrinking {what} failed: {first_line(e)[:300]}") from None
+    g.sync()
+    return {"notes": notes}
 
 
 def main() -> int:
+    """The child: one request per line on stdin (first: the drives and what to measure, then the
+    resize jobs), one JSON reply per line on stdout."""
     from .errors import ImgkitError
-    request = json.load(sys.stdin)
+    from .guestfs_session import close_handle, first_line, new_handle
     out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # only the reply on stdout, whatever libguestfs prints
+    os.dup2(2, 1)  # only replies on the pipe, whatever libguestfs prints
+    g = None
+
+    def reply(doc: dict) -> None:
+        out.write(json.dumps(doc) + "\n")
+        out.flush()
     try:
-        reply = _run_jobs(request)
-    except ImgkitError as e:
-        reply = {"error": str(e), "hint": e.hint, "kind": type(e).__name__}
-    except Exception as e:  # the binding's errors outside a job
-        reply = {"error": f"the libguestfs appliance failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
-    out.write(json.dumps(reply) + "\n")
-    out.flush()
+        for line in sys.stdin:
+            request = json.loads(line)
+            try:
+                if g is None:
+                    g, accel = new_handle()
+                    g.add_drive_opts(request["overlay"], format="qcow2", readonly=0)
+                    for path in request["fat_files"]:
+                        g.add_drive_opts(path, format="raw", readonly=0)
+                    g.launch()
+                    reply(_measure(g, request))
+                else:
+                    reply(_resize(g, request))
+            except ImgkitError as e:
+                reply({"error": str(e), "hint": e.hint, "kind": type(e).__name__})
+            except RuntimeError as e:  # the binding's errors outside a job
+                reply({"error": f"the libguestfs appliance failed: {first_line(e)}"})
+    finally:
+        if g is not None:
+            close_handle(g)
     return 0
 
 

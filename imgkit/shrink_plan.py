@@ -24,7 +24,8 @@ from .units import format_size
 MIB = 1 << 20
 SHRINKABLE = ("ext2", "ext3", "ext4", "ntfs", "vfat", "btrfs")
 CANNOT_SHRINK = {"xfs": "XFS cannot shrink"}
-GPT_TAIL_SECTORS = 33  # backup entry array (32 sectors of 128 entries) + backup header
+GPT_TAIL_SECTORS = 33
+BTRFS_FLOOR = 256 * MIB  # Linux refuses to resize a btrfs below 256 MiB (btrfs_ioctl_resize: EINVAL)  # backup entry array (32 sectors of 128 entries) + backup header
 
 
 def _align_up(n: int, a: int = MIB) -> int:
@@ -39,7 +40,7 @@ def estimated_minimum(fs: str, used: int, size: int) -> int:
     """A filesystem's smallest size from its used bytes: the used blocks (which include its own
     metadata: inode tables, journal, MFT, FATs) plus what its resizer needs to move things around."""
     slack = {"ext2": 0.08, "ext3": 0.08, "ext4": 0.08, "ntfs": 0.10, "vfat": 0.05, "btrfs": 0.25}[fs]
-    floor = {"btrfs": 128 * MIB, "vfat": 2 * MIB}.get(fs, 4 * MIB)
+    floor = {"btrfs": BTRFS_FLOOR, "vfat": 2 * MIB}.get(fs, 4 * MIB)
     extra = {"ntfs": 4 * MIB, "btrfs": 16 * MIB}.get(fs, 1 * MIB)
     return min(size, _align_up(max(floor, int(used * (1 + slack)) + extra)))
 
@@ -54,7 +55,9 @@ class PartPlan:
     new_start: int = 0
     new_size: int = 0
     used: int | None = None       # bytes the filesystem uses (None: unknown)
-    minimum: int | None = None    # estimated smallest size (None: cannot shrink)
+    minimum: int | None = None    # smallest size (None: cannot shrink)
+    minimum_exact: bool = False   # measured by the filesystem's own resizer, not estimated
+    pinned: int | None = None     # a size decided earlier (a FAT rebuilt at it): kept when re-planning
     fixed_reason: str | None = None  # why it keeps its size (None: it may shrink)
     logical: bool = False
     extended: bool = False
@@ -75,7 +78,7 @@ class PartPlan:
         if self.used is not None:
             line += f"; uses {format_size(self.used)}"
         if self.minimum is not None:
-            line += f", minimum ~{format_size(self.minimum)}"
+            line += f", minimum {'' if self.minimum_exact else '~'}{format_size(self.minimum)}"
         if self.fixed_reason and not self.extended:
             line += f" (keeps its size: {self.fixed_reason})"
         return line
@@ -123,9 +126,11 @@ def _used_bytes(image: Stream, part: Partition, fs: str | None, used_maps: dict)
 
 def plan_shrink(image: Stream, target_size: int, mode: str = "proportional",
                 metadata: dict | None = None, used_maps: list | None = None,
-                table: PartitionTable | None = None) -> ShrinkPlan:
+                table: PartitionTable | None = None, minimums: dict[int, int] | None = None,
+                pinned: dict[int, int] | None = None) -> ShrinkPlan:
     """The layout of `image` on a disk of `target_size` bytes. Never raises for a layout that does
-    not fit: the plan says why (fits False, reason), so --dry-run can show it."""
+    not fit: the plan says why (fits False, reason), so --dry-run can show it. `minimums`: real
+    minimums measured by the resizers (replacing the estimates); `pinned`: sizes already fixed."""
     table = table or read_partition_table(image)
     plan = ShrinkPlan(table.type, image.size, target_size, mode)
     if table.type not in ("gpt", "mbr") or not table.partitions:
@@ -163,6 +168,11 @@ def plan_shrink(image: Stream, target_size: int, mode: str = "proportional",
             pp.fixed_reason = "--shrink last shrinks only the last partition"
         if pp.fixed_reason is None:
             pp.minimum = estimated_minimum(fs, pp.used, p.size)
+            if minimums and p.number in minimums:
+                real = max(minimums[p.number], BTRFS_FLOOR if fs == "btrfs" else 0)
+                pp.minimum, pp.minimum_exact = min(p.size, _align_up(real)), True
+            if pinned and p.number in pinned:
+                pp.pinned = pp.minimum = pinned[p.number]
         plan.parts.append(pp)
     sector = table.sector_size
     end_limit = _align_down(target_size - (GPT_TAIL_SECTORS * sector if table.type == "gpt" else 0), sector)
@@ -198,12 +208,12 @@ def _place(plan: ShrinkPlan, ordered: list[Partition], sizes: list[int]) -> int:
 
 def _lay_out(plan: ShrinkPlan, ordered: list[Partition], end_limit: int) -> None:
     parts = plan.parts
-    sizes = [pp.old_size for pp in parts]
+    sizes = [pp.pinned or pp.old_size for pp in parts]
     end = _place(plan, ordered, sizes)
     if end <= end_limit:
         plan.fits, plan.needed = True, end
         return
-    flexible = [i for i, pp in enumerate(parts) if pp.minimum is not None]
+    flexible = [i for i, pp in enumerate(parts) if pp.minimum is not None and pp.pinned is None]
     minimal = [pp.minimum if pp.minimum is not None else pp.old_size for pp in parts]
     need = _place(plan, ordered, minimal)
     plan.needed = need + (plan.target_size - end_limit)

@@ -133,8 +133,10 @@ def target_size_of(target: str, given: int | None) -> int:
     raise InputError(f"{target}: a new file has no size to shrink onto", hint="give one with --target-size")
 
 
-def make_plan(img: Stream, target_size: int, mode: str) -> ShrinkPlan:
-    return plan_shrink(img, target_size, mode, getattr(img, "metadata", None), getattr(img, "used_maps", None))
+def make_plan(img: Stream, target_size: int, mode: str, minimums: dict | None = None,
+              pinned: dict | None = None) -> ShrinkPlan:
+    return plan_shrink(img, target_size, mode, getattr(img, "metadata", None), getattr(img, "used_maps", None),
+                       minimums=minimums, pinned=pinned)
 
 
 def _used_map(fs: str, part: Stream) -> UsedBlocks | None:
@@ -162,7 +164,9 @@ def restore_shrunk(img: Stream, target: str, plan: ShrinkPlan, *, image_paths, c
         raise InputError("restore cancelled: nothing was written")
     table = read_partition_table(img)
     with tempfile.TemporaryDirectory(prefix="imgkit-shrink-") as work, export_stream(img) as export:
-        shrunk = shrink_filesystems(img, plan, work, export.socket_path)
+        shrunk, plan = shrink_filesystems(
+            img, plan, work, export.socket_path,
+            replan=lambda minimums, pinned: make_plan(img, plan.target_size, plan.mode, minimums, pinned))
         try:
             sources = {}
             for pp in plan.parts:

@@ -217,3 +217,84 @@ def test_linux_fixture_grown_then_shrunk_to_half_boots(name, tmp_path):
     code, doc, err = boot_check_json(half, "--timeout", "240")
     assert code == 0, (doc, err)
     assert doc["matched"].startswith(f"IMGKIT-BOOT-OK {name} ")
+
+
+def _tree(root, seed):
+    import random
+    rng = random.Random(seed)
+    files = {"hello.txt": b"hello shrink\n", "data/random.bin": rng.randbytes(3 * MIB),
+             "data/deep/er/small.txt": b"x" * 1000, "empty.txt": b""}
+    for rel, data in files.items():
+        full = root / rel
+        full.parent.mkdir(parents=True, exist_ok=True)
+        full.write_bytes(data)
+    return {"/" + rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+
+
+def test_mbr_logical_btrfs_fat_shrunk_to_half(tmp_path):
+    """An MBR disk: ext4 primary, an extended partition holding a btrfs and a FAT16 logical. Shrunk
+    onto half (btrfs stays >= 256 MiB, Linux's floor): the EBR chain is rewritten (sfdisk reads it back), the boot code and disk id kept,
+    btrfs resized while mounted in the appliance, FAT rebuilt; fsck clean, every file's sha256."""
+    disk = tmp_path / "mbr.raw"
+    with open(disk, "wb") as f:
+        f.truncate(800 * MIB)
+    sh("sfdisk", "-q", disk, input="label: dos\nlabel-id: 0x12345678\nstart=2048, size=131072, type=83\n"
+       "start=133120, type=5\nstart=135168, size=1048576, type=83\nstart=1185792, size=131072, type=e\n",
+       check=True)
+    with open(disk, "r+b") as f:  # recognisable boot code
+        f.write(b"\xeb\x63IMGKIT-BOOTCODE" + bytes(440 - 17))
+    layout = {1: ("ext4", 2048, 131072), 5: ("btrfs", 135168, 1048576), 6: ("vfat", 1185792, 131072)}
+    truth = {}
+    for n, (fs, start, count) in layout.items():
+        root = tmp_path / f"tree{n}"
+        root.mkdir()
+        truth[n] = _tree(root, n)
+        part = tmp_path / f"src{n}.raw"
+        with open(part, "wb") as f:
+            f.truncate(count * 512)
+        if fs == "ext4":
+            sh("mkfs.ext4", "-q", "-d", root, part, check=True)
+        elif fs == "btrfs":
+            sh("mkfs.btrfs", "-q", "-r", root, part, check=True)
+        else:
+            sh("mkfs.fat", "-F", "16", "-n", "IMGKFAT", part, check=True)
+            sh("mcopy", "-s", "-i", part, *sorted(root.iterdir()), "::/", check=True,
+               env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+        with open(disk, "r+b") as f:
+            f.seek(start * 512)
+            f.write(part.read_bytes())
+        part.unlink()
+    img = tmp_path / "mbr.imgk"
+    run_imgkit("capture", disk, img, "--progress", "none", check=True)
+    half = tmp_path / "half.raw"
+    with open(half, "wb") as f:
+        f.truncate(400 * MIB)
+    proc = run_imgkit("restore", img, half, "--yes", "--shrink", "--json", "--progress", "none", check=True)
+    plan = {p["number"]: p for p in json.loads(proc.stdout)["shrink"]["plan"]["partitions"]}
+    assert plan[5]["shrinks"] and plan[5]["minimum_exact"]
+    dump = json.loads(sh("sfdisk", "-J", half, check=True).stdout)["partitiontable"]
+    assert dump["id"] == "0x12345678"
+    got = {int(p["node"][len(str(half)):]): p for p in dump["partitions"]}
+    assert sorted(got) == [1, 2, 5, 6]
+    with open(half, "rb") as f:
+        assert f.read(17) == b"\xeb\x63IMGKIT-BOOTCODE"
+    for n, (fs, _, _) in layout.items():
+        p = got[n]
+        assert p["start"] * 512 == plan[n]["new_start"] and p["size"] * 512 == plan[n]["new_size"]
+        part = tmp_path / f"p{n}.raw"
+        extract(half, p["start"] * 512, p["size"] * 512, part)
+        if fs == "btrfs":
+            check = sh("btrfs", "check", "--readonly", part)
+            assert check.returncode == 0, check.stderr
+            out = tmp_path / "btrfs-out"
+            out.mkdir()
+            sh("btrfs", "restore", part, out, check=True)
+            hashes = {}
+            for rel in truth[n]:
+                with open(str(out) + rel, "rb") as f:
+                    hashes[rel] = hashlib.sha256(f.read()).hexdigest()
+        else:
+            fsck(fs, part)
+            hashes = files_of(fs, part, tmp_path / f"w{n}" if (tmp_path / f"w{n}").mkdir() is None else None,
+                              truth[n])
+        assert hashes == truth[n], fs
