@@ -76,17 +76,23 @@ print(json.dumps({"code": os.waitstatus_to_exitcode(status), "rss": usage.ru_max
 
 def run_measured(*args, env=None, timeout=120, cwd=None):
     """Run the CLI; returns (returncode, stdout, stderr, peak RSS in bytes, seconds)."""
+    return run_argv_measured([sys.executable, "-m", "imgkit", *map(str, args)], env=env, timeout=timeout, cwd=cwd)
+
+
+def run_argv_measured(argv, env=None, timeout=120, cwd=None):
+    """Run `argv`; returns (returncode, stdout, stderr, peak RSS in bytes, seconds)."""
+    args = argv
     full_env = dict(os.environ)
     full_env.pop("IMGKIT_PASSWORD", None)
     full_env.update(env or {})
     with tempfile.TemporaryDirectory() as d:
         out, err = os.path.join(d, "out"), os.path.join(d, "err")
-        launcher = subprocess.run([sys.executable, "-c", _LAUNCHER, out, err, str(timeout), sys.executable,
-                                   "-m", "imgkit", *map(str, args)], capture_output=True, text=True,
+        launcher = subprocess.run([sys.executable, "-c", _LAUNCHER, out, err, str(timeout), *map(str, args)],
+                                  capture_output=True, text=True,
                                   env=full_env, cwd=cwd, timeout=timeout + 30)
         result = json.loads(launcher.stdout)
         if result.get("timeout"):
-            raise AssertionError(f"imgkit {' '.join(map(str, args))} ran longer than {timeout} s")
+            raise AssertionError(f"{' '.join(map(str, args))} ran longer than {timeout} s")
         with open(out, "rb") as o, open(err, "rb") as e:
             return (result["code"], o.read().decode(errors="replace"), e.read().decode(errors="replace"),
                     result["rss"], result["seconds"])

@@ -82,7 +82,9 @@ SECTION_FLAG_REQUIRED = 1
 
 # key-slot caps a reader enforces before deriving anything (a hostile header cannot force a huge KDF)
 KDF_MAX_ITERATIONS = 16
-KDF_MAX_MEMORY_KIB = 1 << 20
+# 64 MiB: what imgkit writes (RFC 9106's second option). A hostile header can then make a reader
+# spend at most 64 MiB on the derivation (the 100 MiB bound on crafted input, issue 13).
+KDF_MAX_MEMORY_KIB = 64 << 10
 KDF_MIN_MEMORY_KIB = 8
 KDF_MAX_LANES = 16
 
