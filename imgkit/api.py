@@ -207,7 +207,7 @@ def _base_warnings(parent, src: Stream, output: str, base_dir: str | None) -> li
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
             discard: bool = False, progress: Progress | None = None, grow: bool = False,
             force: bool = False, shrink: str | None = None,
-            target_size: int | None = None) -> RestoreResult:
+            target_size: int | None = None, keep_going: bool = False) -> RestoreResult:
     """Restore a whole image (any format imgkit reads: imgk, qcow2, VHD, VHDX, VMDK, raw, ISO, a
     block device) to a block device or file. `confirm(text) -> bool` is asked before an
     existing target is overwritten; pass None only when the user already agreed (--yes).
@@ -216,8 +216,11 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
     the image's size; an existing one is replaced only with `force` (remote/rbd_image.py).
     On a smaller target, `shrink` ("proportional" or "last") lays the partitions out anew and shrinks
     filesystems (shrink_restore.py); a file target then has `target_size` bytes (default: its current
-    size)."""
+    size). `keep_going`: a chunk that fails its check is written as zeros instead of stopping the
+    restore; result.damaged describes each such range (damage.py)."""
     from .remote.rbd_image import check_target, is_rbd, write_image
+    if keep_going and (shrink or is_rbd(target)):
+        raise InputError("--keep-going applies to a restore onto a disk or a file, without --shrink")
     if is_rbd(target):
         if grow or discard or shrink:
             raise InputError("--grow, --shrink and --discard do not apply to an rbd: target (it gets the image's size)")
@@ -237,9 +240,16 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
                                             early_checks=lambda: _early_target_checks(target, paths))
             result.shrink = report
             return result
-        result = restore_stream(img, target, image_paths=paths, confirm=confirm, verify=verify,
+        source = img
+        if keep_going:
+            from .damage import ZeroOnDamage
+            source = ZeroOnDamage(img)
+        result = restore_stream(source, target, image_paths=paths, confirm=confirm, verify=verify,
                                 discard=discard, progress=progress,
                                 too_small=lambda ts: too_small_message(target, ts, size, make_plan(img, ts, "proportional")))
+        if keep_going:
+            from .damage import report
+            result.damaged = report(img, source.damaged_ranges(), target)
     from .grow import fit_to_disk
     with RawSource(target) as written:
         larger = written.size > size

@@ -36,6 +36,7 @@ class RestoreResult:
     verified: bool
     grow: dict | None = None  # what grow.fit_to_disk did (GPT moved, partition/filesystem grown)
     shrink: dict | None = None  # restore --shrink: the plan, the resizers' notes and minimums
+    damaged: list | None = None  # restore --keep-going: damage.DamagedRange of each range written as zeros
 
 
 def _zero_range(fd: int, offset: int, length: int, discard: bool) -> None:

@@ -107,6 +107,9 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
 @click.option("--to-partition", type=click.IntRange(0), metavar="M",
               help="With --partition: write into partition M of the target instead of the same number.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--keep-going", is_flag=True,
+              help="A damaged chunk does not stop the restore: its range is written as zeros and reported "
+                   "(partition, files where the filesystem tells); exit 1 if any.")
 @click.option("--grow", is_flag=True,
               help="On a larger disk, grow the last partition and its filesystem (ext*, NTFS, FAT) to fill it.")
 @click.option("--force", is_flag=True, help="Replace an existing rbd:POOL/IMAGE target (never one in use).")
@@ -118,7 +121,7 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
 @password_options
 @progress_option
 @json_option
-def restore(image, target, yes, verify_after, discard, partition, to_partition, dry_run, grow, force,
+def restore(image, target, yes, verify_after, discard, partition, to_partition, dry_run, keep_going, grow, force,
             shrink, target_size, password_file, progress_mode, as_json):
     """Restore an image to a block device or a file (sparse), or one partition of it.
 
@@ -129,6 +132,8 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
     """
     if to_partition is not None and partition is None:
         raise click.UsageError("--to-partition needs --partition")
+    if keep_going and (partition is not None or shrink or dry_run):
+        raise click.UsageError("--keep-going applies to a whole-disk restore (not --partition, --shrink or --dry-run)")
     if partition is not None and (grow or verify_after or discard or shrink):
         raise click.UsageError("--grow, --shrink, --verify and --discard apply to whole-disk restores, not --partition")
     if shrink and (grow or verify_after):
@@ -169,11 +174,12 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
         return
     result = api.restore(image, target, password=password, confirm=confirm_or_refuse(yes),
                          verify=verify_after, discard=discard, progress=make_progress("restore", progress_mode),
-                         grow=grow, force=force, shrink=shrink, target_size=target_size)
+                         grow=grow, force=force, shrink=shrink, target_size=target_size, keep_going=keep_going)
+    damaged = result.damaged or []
     if as_json:
         emit_json({"target": result.target, "bytes_written": result.bytes_written,
                    "seconds": round(result.seconds, 3), "verified": result.verified, "grow": result.grow,
-                   "shrink": result.shrink})
+                   "shrink": result.shrink, "damaged": [d.to_dict() for d in damaged]})
     else:
         click.echo(f"restored {image} to {target}: {format_size(result.bytes_written)} of data written "
                    f"in {result.seconds:.1f} s" + (", verified" if result.verified else ""))
@@ -182,6 +188,12 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
             click.echo(f"  {note}")
         for note in (result.shrink or {}).get("notes") or []:
             click.echo(f"  {note}")
+    if damaged:
+        click.echo(f"imgkit: DAMAGED: {len(damaged)} range(s) of the image failed their check and were "
+                   f"written as zeros:", err=True)
+        for d in damaged:
+            click.echo(f"  {d.describe()}", err=True)
+        sys.exit(1)
 
 
 @cli.command()
