@@ -118,6 +118,8 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
     if sector_by_sector and partitions:
         raise InputError("--sector-by-sector and --partitions exclude each other",
                          hint="a partition selection is filesystem-aware; drop one of them")
+    from .capture import check_output_names
+    check_output_names(output, force, [source])
     if os.path.exists(source):
         refuse_output_on_source(source, output)
     parent = _open_base(base, output, password if password is not None else source_password, base_dir) \
@@ -164,7 +166,8 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
             warnings += _base_warnings(parent, src, output, base_dir)
         result = capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
                                 split_size=split_size, sealer_factory=sealer_factory, plan=plan,
-                                force=force, progress=progress, base=parent)
+                                force=force, progress=progress, base=parent,
+                                sources=[source, *getattr(src, "volume_paths", [])])
         result.warnings = warnings
         return result
     finally:
@@ -207,7 +210,7 @@ def _base_warnings(parent, src: Stream, output: str, base_dir: str | None) -> li
 def restore(image: str, target: str, *, password: Password = None, confirm=None, verify: bool = False,
             discard: bool = False, progress: Progress | None = None, grow: bool = False,
             force: bool = False, shrink: str | None = None,
-            target_size: int | None = None, keep_going: bool = False) -> RestoreResult:
+            target_size: int | None = None, keep_going: bool = False, dry_run: bool = False) -> RestoreResult:
     """Restore a whole image (any format imgkit reads: imgk, qcow2, VHD, VHDX, VMDK, raw, ISO, a
     block device) to a block device or file. `confirm(text) -> bool` is asked before an
     existing target is overwritten; pass None only when the user already agreed (--yes).
@@ -217,7 +220,9 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
     On a smaller target, `shrink` ("proportional" or "last") lays the partitions out anew and shrinks
     filesystems (shrink_restore.py); a file target then has `target_size` bytes (default: its current
     size). `keep_going`: a chunk that fails its check is written as zeros instead of stopping the
-    restore; result.damaged describes each such range (damage.py)."""
+    restore; result.damaged describes each such range (damage.py). `dry_run` runs every check of the
+    real run (the same refusals, the same errors) and writes nothing; the result's `plan` says what
+    would happen."""
     from .remote.rbd_image import check_target, is_rbd, write_image
     if keep_going and (shrink or is_rbd(target)):
         raise InputError("--keep-going applies to a restore onto a disk or a file, without --shrink")
@@ -225,6 +230,8 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
         if grow or discard or shrink:
             raise InputError("--grow, --shrink and --discard do not apply to an rbd: target (it gets the image's size)")
         check_target(target, force)  # refuse before reading anything
+        if dry_run:
+            return RestoreResult(target, 0, 0.0, False, plan=f"This will write a new RBD image {target}.")
         with open_restore_source(image, password) as img:
             r = write_image(img, target, force=force, progress=progress, verify=verify)
         return RestoreResult(r.target, r.bytes_written, r.seconds, verify)
@@ -235,6 +242,12 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
         size = img.size
         wanted = target_size_of(target, target_size) if shrink else None
         if shrink and wanted < size:
+            if dry_run:  # restore_shrunk's own refusals, without its slow filesystem work
+                plan = make_plan(img, wanted, shrink)
+                if not plan.fits:
+                    raise RefusedTarget(too_small_message(target, plan.target_size, img.size, plan))
+                _early_target_checks(target, paths)
+                return RestoreResult(target, 0, 0.0, False, plan=plan.describe(), final_size=wanted)
             report, result = restore_shrunk(img, target, make_plan(img, wanted, shrink), image_paths=paths,
                                             confirm=confirm, progress=progress,
                                             early_checks=lambda: _early_target_checks(target, paths))
@@ -245,11 +258,13 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
             from .damage import ZeroOnDamage
             source = ZeroOnDamage(img)
         result = restore_stream(source, target, image_paths=paths, confirm=confirm, verify=verify,
-                                discard=discard, progress=progress,
+                                discard=discard, progress=progress, dry_run=dry_run,
                                 too_small=lambda ts: too_small_message(target, ts, size, make_plan(img, ts, "proportional")))
-        if keep_going:
+        if keep_going and not dry_run:
             from .damage import report
             result.damaged = report(img, source.damaged_ranges(), target)
+    if dry_run:
+        return result
     from .grow import fit_to_disk
     with RawSource(target) as written:
         larger = written.size > size
@@ -259,20 +274,10 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
 
 
 def _early_target_checks(target: str, image_paths: list[str]) -> None:
-    """restore_stream's device checks, run before slow preparation (restore_stream runs them again)."""
-    import stat
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        return
-    if stat.S_ISBLK(st.st_mode):
-        from .targets import check_block_target_free, refuse_image_on_target
-        refuse_image_on_target(list(image_paths), target, st.st_rdev)
-        check_block_target_free(target, st.st_rdev)
-    else:
-        for p in image_paths:
-            if os.path.samefile(p, target):
-                raise RefusedTarget(f"{target} is the image being read")
+    """restore_stream's target checks (targets.open_restore_target), run before slow preparation
+    (restore_stream runs them again)."""
+    from .targets import open_restore_target
+    open_restore_target(target, list(image_paths), write=False).close()
 
 
 def plan_restore(image: str, target: str, *, password: Password = None, shrink: str | None = None,
@@ -300,11 +305,17 @@ def plan_restore(image: str, target: str, *, password: Password = None, shrink: 
 
 
 def plan_partition_restore(image: str, target: str, number: int, *, to_partition: int | None = None,
-                           password: Password = None):
-    """Where partition `number` of the image would go on `target` (partition_restore.py has the rules)."""
+                           password: Password = None, check: bool = False):
+    """Where partition `number` of the image would go on `target` (partition_restore.py has the rules).
+    `check` (a dry run) also runs every target check the real run runs (targets.py)."""
     from .partition_restore import plan_partition_restore as make_plan
+    from .targets import open_restore_target
     with open_restore_source(image, password) as img:
-        return make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+        plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+        if check:
+            open_restore_target(target, getattr(img, "volume_paths", [image]), start=plan.offset,
+                                length=plan.source.size, write=False).close()
+        return plan
 
 
 def restore_partition(image: str, target: str, number: int, *, to_partition: int | None = None,

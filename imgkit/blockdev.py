@@ -14,6 +14,11 @@ import struct
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 BLKPBSZGET = 0x127B
+BLKROGET = 0x125E
+LOOP_GET_STATUS64 = 0x4C05
+# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64 each), then
+# lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32), names and key: 232 bytes.
+_LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
 
 
 def ioctl_int(fd: int, req: int, fmt: str) -> int | None:
@@ -96,6 +101,83 @@ def loop_offset(dev: int) -> int:
 
 def loop_backing_file(dev: int) -> str | None:
     return _read(os.path.join(sys_dir(dev), "loop", "backing_file")) or None
+
+
+def is_read_only(fd: int) -> bool:
+    """BLKROGET: the kernel refuses writes to this device (losetup -r, a write-protected card)."""
+    return bool(ioctl_int(fd, BLKROGET, "i"))
+
+
+def block_devices() -> dict[int, str]:
+    """Every block device the kernel knows (disks, partitions, loop, dm): device number -> name."""
+    out: dict[int, str] = {}
+    try:
+        names = os.listdir("/sys/class/block")
+    except OSError:
+        return out
+    for name in names:
+        dev = dev_of(os.path.join("/sys/class/block", name))
+        if dev is not None:
+            out[dev] = name
+    return out
+
+
+def sys_size(dev: int) -> int:
+    """Size in bytes from sysfs (512-byte sectors whatever the logical sector size); 0 when unknown."""
+    text = _read(os.path.join(sys_dir(dev), "size"))
+    return int(text) * 512 if text and text.isdigit() else 0
+
+
+def partition_start(dev: int) -> int | None:
+    """Byte offset of a kernel partition into its whole disk (None when dev is no partition)."""
+    text = _read(os.path.join(sys_dir(dev), "start"))
+    if not is_partition(dev) or not text or not text.isdigit():
+        return None
+    return int(text) * 512
+
+
+def _huge_decode_dev(value: int) -> int:
+    """The kernel's huge_encode_dev (as in loop_info64) to a Python device number."""
+    return os.makedev((value >> 8) & 0xFFF, (value & 0xFF) | ((value >> 12) & 0xFFF00))
+
+
+def loop_backing(dev: int) -> tuple[tuple, int, int] | None:
+    """What a loop device reads and writes: (key, offset, sizelimit) with key ("blk", rdev) for a
+    block device or ("file", st_dev, st_ino) for a file (device number and inode identify the file
+    whatever name it is reached by, even once deleted); sizelimit 0 means "to the end". None when dev
+    is not a bound loop device. The kernel's own answer (LOOP_GET_STATUS64 on the /dev node) first,
+    the sysfs backing_file name as a fallback."""
+    base = sys_dir(dev)
+    if not os.path.isdir(os.path.join(base, "loop")):
+        return None
+    offset = loop_offset(dev)
+    limit = _read(os.path.join(base, "loop", "sizelimit"))
+    sizelimit = int(limit) if limit and limit.isdigit() else 0
+    node = os.path.join("/dev", os.path.basename(base))
+    try:
+        if os.stat(node).st_rdev == dev:
+            fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                info = _LOOP_INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size)))
+            finally:
+                os.close(fd)
+            lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit = info[:5]
+            if lo_rdevice:
+                return ("blk", _huge_decode_dev(lo_rdevice)), lo_offset, lo_sizelimit
+            return ("file", _huge_decode_dev(lo_device), lo_inode), lo_offset, lo_sizelimit
+    except OSError:
+        pass
+    name = loop_backing_file(dev)
+    if not name:
+        return None
+    try:
+        st = os.stat(name)
+    except OSError:
+        return None
+    import stat as _stat
+    if _stat.S_ISBLK(st.st_mode):
+        return ("blk", st.st_rdev), offset, sizelimit
+    return ("file", st.st_dev, st.st_ino), offset, sizelimit
 
 
 def holders(dev: int) -> list[str]:

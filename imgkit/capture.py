@@ -21,6 +21,7 @@ from .parallel import default_workers, ordered_map
 from .remote.s3 import is_s3
 from .progress import NullProgress, Progress
 from .stream import DATA, Stream
+from .targets import check_replaceable, refuse_device_image_path
 
 
 @dataclass
@@ -69,6 +70,41 @@ def refuse_output_on_source(source_path: str, output: str) -> None:
                                 hint="write the image to another disk")
 
 
+def existing_volume_names(output: str) -> list[str]:
+    """output and every output.NNN that exists (any number: a stale .005 of an older image counts)."""
+    directory, base = os.path.split(os.path.abspath(output))
+    names = [output] if os.path.lexists(output) else []
+    try:
+        entries = os.listdir(directory or ".")
+    except OSError:
+        return names
+    for e in sorted(entries):
+        suffix = e[len(base) + 1:] if e.startswith(base + ".") else ""
+        if suffix.isdigit() and 2 <= int(suffix) <= L.MAX_VOLUMES and suffix == f"{int(suffix):03d}":
+            names.append(os.path.join(os.path.dirname(output), e))
+    return names
+
+
+def check_output_names(output: str, force: bool, sources: list[str] = ()) -> None:
+    """Every volume name of the new image: never a device or under /dev, replaced only with --force
+    and only when a regular file, never one of the files being read (x.imgk.002 captured into x.imgk).
+    An S3 output is an object, not a path: capture_stream checks its names."""
+    if is_s3(output):
+        return
+    refuse_device_image_path(output, other=sources[0] if sources else None)
+    for name in existing_volume_names(output):
+        check_replaceable(name, force, list(sources))
+
+
+def remove_stale_volumes(output: str, count: int) -> None:
+    for name in existing_volume_names(output):
+        if name != output and int(name.rsplit(".", 1)[1]) > count:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+
+
 def build_metadata(source: Stream, source_info: dict, level: int, plan: CapturePlan) -> dict:
     table, parts = describe_partitions(source)
     meta = {
@@ -92,15 +128,21 @@ def build_metadata(source: Stream, source_info: dict, level: int, plan: CaptureP
 def capture_stream(source: Stream, output: str, *, source_info: dict, level: int = LEVEL_DEFAULT,
                    chunk_size: int = DEFAULT_CHUNK_SIZE, split_size: int | None = None,
                    sealer_factory=None, plan: CapturePlan | None = None, force: bool = False,
-                   progress: Progress | None = None, workers: int | None = None, base=None) -> CaptureResult:
-    """`base`: an opened chain (imgk_chain.open_chain); the new image is its child."""
+                   progress: Progress | None = None, workers: int | None = None, base=None,
+                   sources: list[str] = ()) -> CaptureResult:
+    """Write `source` as an imgk image at `output` (volumes output, output.002, ... with a split
+    size). `base`: an opened chain (imgk_chain.open_chain); the new image is its child. `sources` are
+    the files being read: no output name may be one of them, even with --force."""
     plan = plan or CapturePlan()
     progress = progress or NullProgress()
     check_geometry(source.size, chunk_size)  # before anything is read
-    if not force:
-        for n in (1, 2):
-            if source_exists(volume_path(output, n)):
-                raise InputError(f"{volume_path(output, n)} already exists", hint="use --force to replace it")
+    if is_s3(output):
+        if not force:
+            for n in (1, 2):
+                if source_exists(volume_path(output, n)):
+                    raise InputError(f"{volume_path(output, n)} already exists", hint="use --force to replace it")
+    else:
+        check_output_names(output, force, sources)
     out_dir = os.path.dirname(os.path.abspath(output))
     if not is_s3(output) and not os.path.isdir(out_dir):
         raise InputError(f"{out_dir}: no such directory for the image")
@@ -110,7 +152,8 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
         from .formats.imgk_chain import parent_ref_for
         metadata["incremental"] = {"base": os.path.basename(base.path), "base_image_id": base.header.image_id.hex()}
     writer = ImageWriter(output, source.size, chunk_size, split_size=split_size, sealer_factory=sealer_factory,
-                         used_maps=bool(plan.used_maps))
+                         used_maps=bool(plan.used_maps), replace=force)
+    progress.total = progress.total or source.size
     try:
         encoder = ChunkEncoder(level, writer.sealer, writer.header.hash_algo)
         unchanged = None
@@ -172,6 +215,8 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
     except BaseException:
         writer.abort()
         raise
+    if force and not is_s3(output):  # volumes of the replaced image beyond the new count would look like part of it
+        remove_stale_volumes(output, len(paths))
     result = CaptureResult(paths, source.size, sum(writer.volume_sizes), counts[L.KIND_DATA],
                            counts[L.KIND_ZERO], counts[L.KIND_FREE], writer.deduplicated,
                            time.monotonic() - started, counts[L.KIND_PARENT])

@@ -25,6 +25,7 @@ import signal
 import time
 from dataclasses import dataclass, replace
 
+from .targets import check_replaceable, refuse_device_image_path
 from .errors import CorruptChunk, InputError
 from .formats import imgk_layout as L
 from .formats.imgk_chain import _header_id, _same_file, links, open_chain
@@ -118,11 +119,12 @@ def consolidate(child: str, output: str | None = None, *, into: str | None = Non
                     if os.path.exists(output) and _same_file(output, p):
                         raise InputError(f"{output} is a link of the chain being read",
                                          hint="choose another output name")
-            if os.path.exists(output) and not force:
-                raise InputError(f"{output} already exists", hint="use --force to replace it")
+            refuse_device_image_path(output, command="consolidate")
+            check_replaceable(output, force)
             if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
                 raise InputError(f"{os.path.dirname(os.path.abspath(output))}: no such directory")
-        result = _write(top, target, stop, progress, workers)
+        # --into replaces the parent's file on purpose (checked above); an OUT replaces only with --force.
+        result = _write(top, target, stop, progress, workers, replace=into is not None or force)
         stale = _volumes_of(target)[len(result[0]):] if into is not None else []
     finally:
         top.close()
@@ -167,10 +169,11 @@ def _finish_interrupted(child: str, into: str) -> ConsolidateResult | None:
 
 
 def _write(top: ImageReader, target: str, stop: ImageReader | None, progress: Progress,
-           workers: int | None) -> tuple[list[str], int, int, int]:
+           workers: int | None, replace: bool = False) -> tuple[list[str], int, int, int]:
     """Write top's disk to `target` with every PARENT entry resolved down to (not into) `stop`."""
     kinds = top.index.kinds()
-    writer = ImageWriter(target, top.size, top.chunk_size, template=top.header, sealer=top.sealer)
+    writer = ImageWriter(target, top.size, top.chunk_size, template=top.header, sealer=top.sealer,
+                         replace=replace)
     progress.total = top.size
     try:
         jobs = []  # (chunk index, link that stores it)

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .capture import capture_stream
+from .targets import check_replaceable, refuse_device_image_path
 from .disk_info import optical_facts
 from .errors import InputError, Interrupted, OperationFailed
 from .formats import foreign
@@ -31,7 +32,7 @@ from .remote.rbd_image import is_rbd
 from .remote.s3 import is_s3
 from .qemu_tools import describe_failure, kill_group, limits_for_size, popen
 from .stream import DATA, Stream
-from .writeback import WRITEBACK_STEP, WritebackNudger, fsync_parent_dir, start_writeback
+from .writeback import WRITEBACK_STEP, WritebackNudger, fsync_parent_dir, publish, start_writeback
 
 SUBFORMATS = {"vhd": ("fixed", "dynamic"), "vhdx": ("dynamic", "fixed"),
               "vmdk": ("monolithicSparse", "streamOptimized")}
@@ -110,25 +111,25 @@ def _check_destination(source: str, dest: str, force: bool) -> None:
     if is_s3(dest):
         return  # capture_stream refuses an existing object without --force
     foreign.refuse_json_name(dest)
+    refuse_device_image_path(dest, other=source, command="convert")
     out_dir = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(out_dir):
         raise InputError(f"{out_dir}: no such directory for the destination")
-    if os.path.exists(dest):
-        if os.path.exists(source) and os.path.samefile(source, dest):
-            raise InputError(f"{dest} is the source itself: refusing to overwrite what is converted")
-        if not force:
-            raise InputError(f"{dest} already exists", hint="use --force to replace it")
-        if not os.path.isfile(dest):
-            raise InputError(f"{dest} is not a regular file: convert writes image files only")
+    if os.path.lexists(dest) and os.path.exists(source) and os.path.samefile(source, dest):
+        raise InputError(f"{dest} is the source itself: refusing to overwrite what is converted")
+    check_replaceable(dest, force, [source])
 
 
-def _finish_file(tmp: str, dest: str) -> None:
+def _finish_file(tmp: str, dest: str, force: bool) -> None:
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, dest)
+    try:
+        publish(tmp, dest, replace=force)  # a DEST that appeared meanwhile is never replaced
+    except FileExistsError as e:
+        raise InputError(f"{dest}: {e.strerror}", hint="use --force to replace it") from None
     fsync_parent_dir(dest)
 
 
@@ -284,7 +285,8 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
             else:  # the inspected descriptor, with backing: null (qemu_image.format_node)
                 from .formats.qemu_image import image_spec
                 src_args, fds = [image_spec(inspected)], (inspected.fd,)
-            _into_temp(dest, lambda tmp: _run_qemu_img_convert(src_args, plan, tmp, size, progress, pass_fds=fds))
+            _into_temp(dest, lambda tmp: _run_qemu_img_convert(src_args, plan, tmp, size, progress, pass_fds=fds),
+                       force)
         finally:
             if inspected is not None:
                 inspected.close()
@@ -352,12 +354,12 @@ def _direct_source(source: str, source_format: str | None, plan: _Plan):
     return None
 
 
-def _into_temp(dest: str, write) -> None:
+def _into_temp(dest: str, write, force: bool = False) -> None:
     """Run write(tmp) and rename tmp to dest when it is complete; never leave tmp behind."""
     tmp = _tmp_name(dest)
     try:
         write(tmp)
-        _finish_file(tmp, dest)
+        _finish_file(tmp, dest, force)
     finally:
         import shutil
         shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
@@ -370,7 +372,8 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
                                                                  "kind": "image", "size": src.size}
         if level is None:
             level = LEVEL_DEFAULT
-        capture_stream(src, dest, source_info=info, level=level, force=force, progress=progress)
+        capture_stream(src, dest, source_info=info, level=level, force=force, progress=progress,
+                       sources=[source, *getattr(src, "volume_paths", [])])
         return "capture"
     if plan.to in ("raw", "iso"):
         if plan.to == "iso":
@@ -379,12 +382,12 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
                 raise InputError(f"{source} is not an optical image (no ISO 9660 volume descriptor at "
                                  "sector 16): refusing to make an .iso of a hard disk",
                                  hint="convert it to raw, qcow2, vhd, vhdx or vmdk instead")
-        _into_temp(dest, lambda tmp: _copy_to_raw(src, tmp, progress))
+        _into_temp(dest, lambda tmp: _copy_to_raw(src, tmp, progress), force)
         return "copy"
     stream = PaddedStream(src, plan.size) if plan.size and plan.size != src.size else src
 
     def write(tmp: str) -> None:
         with export_stream(stream) as export:
             _run_qemu_img_convert(["-f", "raw", export.qemu_filename], plan, tmp, stream.size, progress, export)
-    _into_temp(dest, write)
+    _into_temp(dest, write, force)
     return "nbd-export"

@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 
 from .blockdev import device_size, is_partition, loop_offset
-from .errors import InputError, Interrupted, RefusedTarget
+from .errors import InputError, Interrupted, OperationFailed, RefusedTarget
 from .partitions import Partition, read_partition_table
 from .progress import NullProgress, Progress
 from .restore import WRITE_PIECE, RestoreResult, restore_stream, write_stream
 from .sources import RawSource
 from .stream import SliceStream, Stream
-from .targets import check_block_target_free, refuse_image_on_target
+from .targets import open_restore_target
 from .units import format_size
 
 
@@ -129,33 +129,30 @@ def restore_partition(image: Stream, plan: PartitionPlan, *, image_paths: list[s
         return restore_stream(part, plan.target, image_paths=image_paths, confirm=confirm, progress=progress)
     progress = progress or NullProgress()
     started = time.monotonic()
-    st = os.stat(plan.target)
-    is_block = stat.S_ISBLK(st.st_mode)
-    flags = os.O_WRONLY | os.O_CLOEXEC
-    if is_block:
-        refuse_image_on_target(list(image_paths), plan.target, st.st_rdev)
-        check_block_target_free(plan.target, st.st_rdev)
-        flags |= os.O_EXCL
-    else:
-        for p in image_paths:
-            if os.path.samefile(p, plan.target):
-                raise RefusedTarget(f"{plan.target} is the image being read")
-    if confirm is not None and not confirm(f"This will overwrite {plan.describe()[8:]}. "
-                                           "Everything on that partition will be lost."):
-        raise InputError("restore cancelled: nothing was written")
-    try:
-        fd = os.open(plan.target, flags)
-    except OSError as e:
-        raise RefusedTarget(f"{plan.target}: cannot open for writing ({e.strerror})") from None
-    try:
-        # ZERO runs are zeroed (the target's old bytes must not show through); FREE runs are unused
-        # by the filesystem and left as they are.
-        written = write_stream(part, fd, base=plan.offset, zero_old=True, sparse=False, progress=progress)
-        os.fsync(fd)
-    except KeyboardInterrupt:
-        raise Interrupted(f"restore interrupted: partition on {plan.target} is partially written") from None
-    finally:
-        os.close(fd)
+    # The one home of target checks (targets.py): only the partition's byte range counts, so a
+    # mounted neighbour partition (or a loop over it) does not refuse, while anything over this
+    # range, at any depth, does.
+    dest = open_restore_target(plan.target, list(image_paths), start=plan.offset, length=plan.source.size)
+    with dest:
+        if confirm is not None and not confirm(f"This will overwrite {plan.describe()[8:]}. "
+                                               "Everything on that partition will be lost."):
+            raise InputError("restore cancelled: nothing was written")
+        if dest.fd < 0:
+            try:
+                dest.fd = os.open(plan.target, os.O_WRONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise RefusedTarget(f"{plan.target}: cannot open for writing ({e.strerror})") from None
+        fd = dest.fd
+        try:
+            # ZERO runs are zeroed (the target's old bytes must not show through); FREE runs are unused
+            # by the filesystem and left as they are.
+            written = write_stream(part, fd, base=plan.offset, zero_old=True, sparse=False, progress=progress)
+            os.fsync(fd)
+        except KeyboardInterrupt:
+            raise Interrupted(f"restore interrupted: partition on {plan.target} is partially written") from None
+        except OSError as e:
+            raise OperationFailed(f"{plan.target}: write failed ({e.strerror}): the partition is partially "
+                                  "written") from None
     progress.finish()
     return RestoreResult(plan.target, written, time.monotonic() - started, False)
 

@@ -18,6 +18,7 @@ class Progress:
         self.mode = mode
         self.start = time.monotonic()
         self._last = 0.0
+        self._finished = False
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.start
@@ -48,6 +49,10 @@ class Progress:
             self.stream.flush()
 
     def finish(self, **extra) -> None:
+        """The final `done` event (once: a restore that verifies after writing ends once)."""
+        if self._finished:
+            return
+        self._finished = True
         if self.mode == "json":
             doc = {"op": self.op, "event": "done", "done": self.done, "total": self.total,
                    "rate": int(self.rate()), "seconds": round(time.monotonic() - self.start, 3)}

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import fcntl
 import os
-import stat
 import struct
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .blockdev import fd_size
 from .errors import InputError, Interrupted, OperationFailed, RefusedTarget
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
 from .stream import DATA, ZERO, Stream
-from .targets import check_block_target_free, refuse_image_on_target
+from .targets import open_restore_target
 from .units import format_size
-from .writeback import WRITEBACK_STEP, fsync_parent_dir, start_writeback
+from .writeback import WRITEBACK_STEP, fsync_parent_dir, publish, start_writeback
 
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
@@ -37,6 +35,8 @@ class RestoreResult:
     grow: dict | None = None  # what grow.fit_to_disk did (GPT moved, partition/filesystem grown)
     shrink: dict | None = None  # restore --shrink: the plan, the resizers' notes and minimums
     damaged: list | None = None  # restore --keep-going: damage.DamagedRange of each range written as zeros
+    plan: str = ""  # what the restore does (and, for a dry run, would do)
+    final_size: int | None = None  # the target's size afterwards
 
 
 def _zero_range(fd: int, offset: int, length: int, discard: bool) -> None:
@@ -84,21 +84,32 @@ def _pwrite_sparse(fd: int, data: bytes, offset: int) -> None:
 
 
 def plan_text(image: Stream, target: str, target_size: int | None, is_block: bool) -> str:
-    what = "block device" if is_block else "file"
-    size = f" ({format_size(target_size)})" if target_size else ""
-    return (f"This will overwrite {what} {target}{size} with an image of {format_size(image.size)}. "
-            "Everything on it will be lost.")
+    if is_block:
+        return (f"This will overwrite block device {target} ({format_size(target_size)}) with an image of "
+                f"{format_size(image.size)}. Everything on it will be lost.")
+    if target_size is None:
+        return f"This will create file {target} ({format_size(image.size)})."
+    if target_size > image.size:
+        fate = (f"it keeps its size ({format_size(target_size)}); the image fills its first "
+                f"{format_size(image.size)} and the rest reads as zeros")
+    elif target_size < image.size:
+        fate = f"it grows from {format_size(target_size)} to {format_size(image.size)}"
+    else:
+        fate = f"it keeps its size ({format_size(target_size)})"
+    return (f"This will overwrite file {target} with an image of {format_size(image.size)}: {fate}. "
+            "Everything in it will be lost.")
 
 
 def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
                    confirm: Callable[[str], bool] | None = None, verify: bool = False,
                    discard: bool = False, progress: Progress | None = None,
                    workers: int | None = None, layout=None,
-                   too_small: Callable[[int], str] | None = None) -> RestoreResult:
+                   too_small: Callable[[int], str] | None = None, dry_run: bool = False) -> RestoreResult:
     """Restore `image` to `target`. `confirm(message)` is asked before anything existing is
     overwritten; None means the caller already agreed (--yes). `layout` (shrink_restore.ShrinkLayout)
     writes a shrunk layout of `size` bytes instead of the image as it is; `too_small(target_size)`
-    words the refusal of a target smaller than the image."""
+    words the refusal of a target smaller than the image. Every target check is targets.py's
+    (open_restore_target); `dry_run` runs them all, then stops with the plan in `result.plan`."""
     need = layout.size if layout is not None else image.size
 
     def write(fd, **kw):
@@ -107,77 +118,71 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
         return write_stream(image, fd, progress=progress, workers=workers, **kw)
     progress = progress or NullProgress()
     started = time.monotonic()
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        st = None
-    except PermissionError:
-        raise InputError(f"{target}: permission denied") from None
-    is_block = st is not None and stat.S_ISBLK(st.st_mode)
-    if st is not None and not is_block and not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{target}: not a block device or regular file")
-    if is_block:
-        refuse_image_on_target(list(image_paths), target, st.st_rdev)
-        check_block_target_free(target, st.st_rdev)
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
-        except OSError as e:
-            raise RefusedTarget(f"{target}: cannot open exclusively ({e.strerror}): in use?") from None
-        try:
-            target_size = fd_size(fd)
-            if layout is not None and target_size != layout.size:
-                raise RefusedTarget(f"{target} is {format_size(target_size)}, the shrink plan was made for "
+    dest = open_restore_target(target, list(image_paths), write=not dry_run)
+    with dest:
+        if dest.is_block:
+            if layout is not None and dest.size != layout.size:
+                raise RefusedTarget(f"{target} is {format_size(dest.size)}, the shrink plan was made for "
                                     f"{format_size(layout.size)}: it changed")
-            if target_size < need:
-                raise RefusedTarget(too_small(target_size) if too_small else
-                                    f"{target} is {format_size(target_size)} ({target_size} bytes), smaller "
-                                    f"than the image's {format_size(image.size)} ({image.size} bytes)")
-            if confirm is not None and not confirm(plan_text(image, target, target_size, True)):
+            if dest.size < need:
+                raise RefusedTarget(too_small(dest.size) if too_small else
+                                    f"refusing {target}: it is {format_size(dest.size)} ({dest.size} bytes), "
+                                    f"smaller than the image's {format_size(image.size)} ({image.size} bytes)")
+        plan = plan_text(image, target, dest.size, dest.is_block)
+        final_size = need if layout is not None else max(dest.size or 0, need)
+        if dry_run:
+            return RestoreResult(target, 0, 0.0, False, plan=plan, final_size=final_size)
+        if dest.is_block:
+            if confirm is not None and not confirm(plan):
                 raise InputError("restore cancelled: nothing was written")
-            written = write(fd, zero_old=True, sparse=False, discard=discard)
-            os.fsync(fd)
+            try:
+                written = write(dest.fd, zero_old=True, sparse=False, discard=discard)
+                os.fsync(dest.fd)
+            except KeyboardInterrupt:
+                raise Interrupted(f"restore interrupted: {target} is partially written") from None
+            except OSError as e:
+                raise OperationFailed(f"{target}: write failed ({e.strerror}): the device is partially "
+                                      "written") from None
+            dest.close()
             if verify and layout is None:
                 _verify_target(image, target, progress)
-        except KeyboardInterrupt:
-            raise Interrupted(f"restore interrupted: {target} is partially written") from None
-        finally:
-            os.close(fd)
-        return RestoreResult(target, written, time.monotonic() - started, verify)
+            progress.finish()
+            return RestoreResult(target, written, time.monotonic() - started, verify, plan=plan,
+                                 final_size=dest.size)
 
-    # A file target: write a temporary sibling, rename over the target when complete.
-    for p in image_paths:
-        if st is not None and os.path.samefile(p, target):
-            raise RefusedTarget(f"{target} is the image being read")
-    if st is not None and confirm is not None and not confirm(plan_text(image, target, st.st_size, False)):
+    # A file target: write a temporary sibling, rename over the target when complete. An existing
+    # larger file keeps its size (a VM disk file restored into): the image fills its start, the rest
+    # is holes, and grow.py can then grow into it as on a larger device.
+    if dest.st is not None and confirm is not None and not confirm(plan):
         raise InputError("restore cancelled: nothing was written")
     directory = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(directory):
-        raise InputError(f"{directory}: no such directory")
     tmp = os.path.join(directory, f".{os.path.basename(target)}.imgkit-partial-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise InputError(f"{target}: cannot write ({e.strerror})") from None
     try:
-        os.ftruncate(fd, need)  # holes everywhere; only data is written
+        os.ftruncate(fd, final_size)  # holes everywhere; only data is written
         written = write(fd, zero_old=False, sparse=True)
         os.fsync(fd)
         os.close(fd)
         fd = -1
         if verify and layout is None:
             _verify_target(image, tmp, progress)
-        os.rename(tmp, target)
+        # Replace only what the user confirmed; a name that appeared meanwhile is never replaced.
+        publish(tmp, target, replace=dest.st is not None)
         fsync_parent_dir(target)
     except KeyboardInterrupt:
         _cleanup(fd, tmp)
         raise Interrupted(f"restore interrupted: {target} was not written") from None
     except OSError as e:
         _cleanup(fd, tmp)
-        raise InputError(f"{target}: write failed ({e.strerror})") from None
+        raise InputError(f"{e.filename or target}: write failed ({e.strerror})") from None
     except BaseException:
         _cleanup(fd, tmp)
         raise
-    return RestoreResult(target, written, time.monotonic() - started, verify)
+    progress.finish()
+    return RestoreResult(target, written, time.monotonic() - started, verify, plan=plan, final_size=final_size)
 
 
 def _cleanup(fd: int, tmp: str) -> None:

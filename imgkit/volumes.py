@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from .targets import check_replaceable, refuse_device_image_path
 from .errors import InputError
 from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader, PasswordProvider
@@ -39,6 +40,7 @@ def change_password(image: str, old_password: PasswordProvider,
     is then rewritten in place (4 KiB at offset 0) and fsynced, volume 1 last: readers take the key
     slot from volume 1 only, so until that write the old password works, and after it the new one.
     """
+    refuse_device_image_path(image, command="passwd")
     from .crypto import new_key_slot
     with ImageReader(image, old_password) as img:
         if not img.header.encrypted:
@@ -99,6 +101,9 @@ def relayout(image: str, output: str | None = None, *, split_size: int | None = 
     and fsync). The price is a second copy pass, only for this case."""
     progress = progress or NullProgress()
     started = time.monotonic()
+    refuse_device_image_path(image, command="split/join")
+    if output is not None:
+        refuse_device_image_path(output, other=image, command="split/join")
     if split_size is not None and (output is None or _same_file(output, image)):
         with ImageReader(image, password) as probe:
             multi = probe.header.volume_count > 1
@@ -120,15 +125,15 @@ def relayout(image: str, output: str | None = None, *, split_size: int | None = 
                     if _same_file(p, q):
                         raise InputError(f"{q} is a volume of the image being read",
                                          hint="choose another output name")
-            if old_volumes and not force:
-                raise InputError(f"{old_volumes[0]} already exists", hint="use --force to replace it")
+            for q in old_volumes:  # regular files only, and only with --force
+                check_replaceable(q, force)
             if not os.path.isdir(os.path.dirname(os.path.abspath(target))):
                 raise InputError(f"{os.path.dirname(os.path.abspath(target))}: no such directory")
         data = [i for i, e in enumerate(src.index) if e.kind == L.KIND_DATA]
         # Deduplicated chunks share one stored copy: place each source copy once.
         shared = Counter((src.index[i].volume, src.index[i].offset) for i in data)
         writer = ImageWriter(target, src.size, src.chunk_size, split_size=split_size,
-                             template=src.header, sealer=src.sealer)
+                             template=src.header, sealer=src.sealer, replace=in_place or force)
         progress.total = src.size
         placed: dict[tuple[int, int], tuple[int, int]] = {}
         copied = 0

@@ -76,3 +76,50 @@ def replace_small_file(path: str, text: str, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _renameat2():
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = getattr(libc, "renameat2", None)  # glibc >= 2.28
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def publish(tmp: str, final: str, *, replace: bool = False) -> None:
+    """Give a complete temporary file its final name, atomically. Without `replace`, a name that
+    appeared meanwhile (another capture to the same destination, a file the user made) is never
+    replaced: renameat2(RENAME_NOREPLACE), or where a filesystem lacks it, link() then unlink() (link
+    fails with EEXIST just the same). With `replace` (the user said --force or confirmed), the name
+    is replaced only while it is still a regular file. Errors name `final`."""
+    if replace:
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            st = None
+        import stat as _stat
+        if st is not None and not _stat.S_ISREG(st.st_mode):
+            raise FileExistsError(17, "exists and is not a regular file", final)
+        os.rename(tmp, final)
+        return
+    import ctypes
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(final), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == 17:  # EEXIST
+            raise FileExistsError(err, "appeared while imgkit was writing it; not replaced", final)
+        if err not in (22, 38, 95):  # EINVAL/ENOSYS/EOPNOTSUPP: this filesystem lacks the flag
+            raise OSError(err, os.strerror(err), final)
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise FileExistsError(17, "appeared while imgkit was writing it; not replaced", final) from None
+    os.unlink(tmp)

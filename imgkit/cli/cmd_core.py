@@ -7,7 +7,7 @@ import sys
 import click
 
 from .. import api
-from ..errors import BadImage, InputError, NewerFormat
+from ..errors import BadImage, ImgkitError, InputError, NewerFormat
 from ..formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
@@ -142,7 +142,8 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
         raise click.UsageError("--target-size needs --shrink")
     password = reading_password(password_file)
     if partition is not None:
-        plan = api.plan_partition_restore(image, target, partition, to_partition=to_partition, password=password)
+        plan = api.plan_partition_restore(image, target, partition, to_partition=to_partition, password=password,
+                                          check=dry_run)
         if dry_run:
             emit_json({"dry_run": True, "plan": plan.to_dict()}) if as_json else click.echo(f"plan: {plan.describe()}")
             return
@@ -160,17 +161,31 @@ def restore(image, target, yes, verify_after, discard, partition, to_partition, 
                        + f": {format_size(result.bytes_written)} of data written in {result.seconds:.1f} s")
         return
     if dry_run:
+        # Every check of the real run: the plan is printed, then a refusal is the real run's own
+        # error with its exit code (a dry run that says yes to what the run refuses misleads).
         doc = api.plan_restore(image, target, password=password, shrink=shrink, target_size=target_size)
         doc["grow"] = grow
+        refusal = None
+        try:
+            result = api.restore(image, target, password=password, grow=grow, force=force, shrink=shrink,
+                                 target_size=target_size, dry_run=True)
+            doc["text"], doc["final_size"] = result.plan, result.final_size
+        except ImgkitError as e:
+            refusal = e
+            doc["refused"] = str(e)
         if as_json:
-            emit_json({"dry_run": True, "plan": doc})
+            emit_json({"dry_run": True, "ok": refusal is None, "plan": doc})
         else:
             click.echo(f"plan: restore the whole image ({format_size(doc['image_size'])}) to {target}"
                        + (", then grow the last partition to fill it" if grow else ""))
-            if doc.get("plan_text"):
+            if doc.get("text"):
+                click.echo(doc["text"])
+            if doc.get("plan_text") and doc["plan_text"] != doc.get("text"):
                 click.echo(doc["plan_text"])
             if doc.get("refused"):
-                click.echo(f"refused without --shrink: {doc['refused']}")
+                click.echo(f"refused: {doc['refused']}")
+        if refusal is not None:
+            raise refusal
         return
     result = api.restore(image, target, password=password, confirm=confirm_or_refuse(yes),
                          verify=verify_after, discard=discard, progress=make_progress("restore", progress_mode),

@@ -14,7 +14,7 @@ import zstandard
 
 from ..errors import InputError
 from ..remote.s3 import is_s3
-from ..writeback import WRITEBACK_STEP, fsync_parent_dir, start_writeback
+from ..writeback import WRITEBACK_STEP, fsync_parent_dir, publish, start_writeback
 from . import imgk_layout as L
 
 
@@ -113,17 +113,20 @@ def check_geometry(logical_size: int, chunk_size: int) -> None:
 class ImageWriter:
     def __init__(self, path: str, logical_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                  split_size: int | None = None, sealer_factory=None, template: L.Header | None = None,
-                 sealer=None, used_maps: bool = False):
+                 sealer=None, used_maps: bool = False, replace: bool = False):
         """sealer_factory(image_id, core_digest) -> (Sealer, KeySlot) for encrypted images.
         `template` (with its `sealer`) writes an existing image in a new volume layout (split/join):
         its header core and key slot are kept, so stored chunks, bound to the core, move byte for byte.
         `used_maps`: the image will hold USED_MAP sections. The optional-features field is part of the
-        header core, which the key slot and every chunk are bound to, so it is fixed here, not at commit."""
+        header core, which the key slot and every chunk are bound to, so it is fixed here, not at commit.
+        `replace`: commit may replace existing volume names (--force, an in-place re-split); without
+        it a name that appeared meanwhile is never replaced (writeback.publish)."""
         check_geometry(logical_size, chunk_size)
         if split_size is not None and split_size < chunk_size + L.MAX_STORED_OVERHEAD + 2 * L.HEADER_SIZE:
             raise InputError(f"split size {split_size} is too small for {chunk_size}-byte chunks",
                              hint="use a split size of at least a few MiB")
         self.path = path
+        self.replace = replace
         self.split_size = split_size
         if template is not None:
             if template.encrypted != (sealer is not None):
@@ -168,7 +171,7 @@ class ImageWriter:
             sink = MultipartSink(final, part_size_for(min(self.split_size or self.header.logical_size,
                                                           self.header.logical_size)))
         else:
-            sink = LocalVolume(final)
+            sink = LocalVolume(final, self.replace)
         self._volumes.append(sink)
         self._sizes.append(0)
         self.header.volume_number = number
@@ -309,8 +312,15 @@ class ImageWriter:
             before_publish()
         finals = [volume_path(self.path, n) for n in range(1, count + 1)]
         order = list(range(1, count)) + [0]  # volume 1, the name users open, appears last
+        published: list[str] = []
         for i in order:
-            self._volumes[i].publish()
+            try:
+                self._volumes[i].publish()
+            except FileExistsError as e:
+                for name in published:  # ours, and incomplete without the rest: take them back
+                    os.unlink(name)
+                raise InputError(f"{finals[i]}: {e.strerror}", hint="use --force to replace it") from None
+            published.append(finals[i])
         if not is_s3(self.path):
             fsync_parent_dir(self.path)
         self._committed = True
@@ -331,8 +341,8 @@ class ImageWriter:
 class LocalVolume:
     """A volume file written under a temporary name beside its final one, renamed by publish()."""
 
-    def __init__(self, final: str):
-        self.final = final
+    def __init__(self, final: str, replace: bool = False):
+        self.final, self.replace = final, replace
         self.tmp = os.path.join(os.path.dirname(os.path.abspath(final)),
                                 f".{os.path.basename(final)}.imgkit-partial-{os.getpid()}-{os.urandom(4).hex()}")
         try:
@@ -362,7 +372,8 @@ class LocalVolume:
         os.fsync(self.fd)  # a failed fsync raises and is fatal: never retried
 
     def publish(self) -> None:
-        os.rename(self.tmp, self.final)
+        # Never over a name that appeared meanwhile, unless replacing was asked (writeback.publish).
+        publish(self.tmp, self.final, replace=self.replace)
         os.close(self.fd)
         self.fd = -1
         self.tmp = None
