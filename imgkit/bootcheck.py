@@ -593,7 +593,9 @@ def junit_xml(result: BootResult, suite: str = "imgkit.boot-check") -> str:
     case = ET.SubElement(ts, "testcase", classname=suite, name=os.path.basename(result.image), time=secs)
     props = ET.SubElement(case, "properties")
     for key in ("format", "media", "firmware", "accel", "expect", "reason"):
-        ET.SubElement(props, "property", name=key, value=str(getattr(result, key)))
+        value = getattr(result, key)
+        if value is not None:  # a pass has no reason: no reason="None" property
+            ET.SubElement(props, "property", name=key, value=str(value))
     if not result.passed:
         fail = ET.SubElement(case, "failure", message=f"{result.reason}: {result.detail or ''}".strip(": "),
                              type=result.reason or "failure")

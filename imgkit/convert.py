@@ -217,7 +217,8 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
     if proc.returncode != 0:
         if export is not None and export.errors:
             raise OperationFailed(f"reading the source failed: {export.errors[0]}")
-        raise OperationFailed("qemu-img convert failed: "
+        dest = os.path.join(os.path.dirname(os.path.dirname(tmp)), os.path.basename(tmp))  # see _tmp_name
+        raise OperationFailed(f"qemu-img convert to {dest} failed: "
                               + describe_failure(proc.returncode, b"".join(err_chunks).decode("utf-8", "replace")))
     if progress.done < size:
         progress.advance(size - progress.done)
@@ -358,7 +359,12 @@ def _into_temp(dest: str, write, force: bool = False) -> None:
     """Run write(tmp) and rename tmp to dest when it is complete; never leave tmp behind."""
     tmp = _tmp_name(dest)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:  # ENOSPC and friends name the destination the user gave
+            if e.filename and e.filename != tmp:
+                raise
+            raise OSError(e.errno, e.strerror, dest) from None
         _finish_file(tmp, dest, force)
     finally:
         import shutil

@@ -34,9 +34,9 @@ def confirm_or_refuse(yes: bool):
 @click.argument("source", type=click.Path())
 @click.argument("image", type=click.Path())
 @click.option("--level", type=click.IntRange(MIN_LEVEL, MAX_LEVEL), help=f"zstd level (default {LEVEL_DEFAULT}).")
-@click.option("--fast", "preset", flag_value="fast", help=f"zstd level {LEVEL_FAST}.")
-@click.option("--high", "preset", flag_value="high", help=f"zstd level {LEVEL_HIGH}.")
-@click.option("--no-compress", "preset", flag_value="none", help="Store chunks uncompressed.")
+@click.option("--fast", is_flag=True, help=f"zstd level {LEVEL_FAST}.")
+@click.option("--high", is_flag=True, help=f"zstd level {LEVEL_HIGH}.")
+@click.option("--no-compress", is_flag=True, help="Store chunks uncompressed.")
 @click.option("--chunk-size", type=SIZE,
               help=f"Chunk size (64K..64M, power of two; default {DEFAULT_CHUNK_SIZE >> 20}M, or the base's).")
 @click.option("--split-size", type=SPLIT_SIZE,
@@ -55,7 +55,7 @@ def confirm_or_refuse(yes: bool):
                    "or another incremental); the new image needs PARENT to be read.")
 @progress_option
 @json_option
-def capture(source, image, level, preset, chunk_size, split_size, encrypt, password_file, force,
+def capture(source, image, level, fast, high, no_compress, chunk_size, split_size, encrypt, password_file, force,
             sector_by_sector, partitions, base, progress_mode, as_json):
     """Capture a disk, raw image or ISO into an imgk image.
 
@@ -65,6 +65,12 @@ def capture(source, image, level, preset, chunk_size, split_size, encrypt, passw
     Examples: imgkit capture /dev/sdb backup.imgk --high --partitions 1,2;
     imgkit capture /dev/sdb tue.imgk --base mon.imgk
     """
+    # Separate flags (not one shared destination), so that two presets given together are seen
+    # and refused like --level with one, instead of the last one silently winning.
+    chosen = [name for name, on in (("fast", fast), ("high", high), ("none", no_compress)) if on]
+    if len(chosen) > 1:
+        raise click.UsageError("--fast, --high and --no-compress exclude each other")
+    preset = chosen[0] if chosen else None
     if level is not None and preset:
         raise click.UsageError("--level and --fast/--high/--no-compress exclude each other")
     if level is None:

@@ -356,7 +356,10 @@ class LocalVolume:
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            n = os.write(self.fd, view)
+            try:
+                n = os.write(self.fd, view)
+            except OSError as e:  # ENOSPC, EIO, EFBIG: the error names the image, not just the errno
+                raise OSError(e.errno, e.strerror, self.final) from None
             view = view[n:]
         self.size += len(data)
         if self.size - self._flushed >= WRITEBACK_STEP:
@@ -369,7 +372,10 @@ class LocalVolume:
         os.pwrite(self.fd, data, offset)
 
     def sync(self) -> None:
-        os.fsync(self.fd)  # a failed fsync raises and is fatal: never retried
+        try:
+            os.fsync(self.fd)  # a failed fsync raises and is fatal: never retried
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.final) from None
 
     def publish(self) -> None:
         # Never over a name that appeared meanwhile, unless replacing was asked (writeback.publish).

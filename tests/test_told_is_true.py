@@ -1,0 +1,74 @@
+"""What the user is told is true (issue #12): errors name the path (ENOSPC on a real small tmpfs),
+option conflicts are usage errors, a passing boot check's JUnit has no reason="None", progress has a
+real total and a final done event."""
+import contextlib
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import needs_root, pattern_bytes, run_imgkit
+
+MiB = 1 << 20
+
+
+@contextlib.contextmanager
+def small_tmpfs(where, size="2m"):
+    os.makedirs(where, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@needs_root
+def test_enospc_names_the_path_and_leaves_nothing(tmp_path):
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(6 * MiB))
+    with small_tmpfs(tmp_path / "full") as full:
+        for args, name in ((("capture", src, full / "x.imgk", "--sector-by-sector", "--no-compress"), "x.imgk"),
+                           (("convert", src, full / "x.qcow2"), "x.qcow2"),
+                           (("convert", src, full / "x.raw"), "x.raw")):
+            p = run_imgkit(*args, "--progress", "none")
+            assert p.returncode != 0 and "Traceback" not in p.stderr
+            assert str(full / name).split("/")[-1] in p.stderr and "No space left on device" in p.stderr, p.stderr
+            assert os.listdir(full) == []  # no half-written image, no temporary file
+
+
+def test_fast_and_high_together_is_a_usage_error(tmp_path):
+    src = tmp_path / "s.raw"
+    src.write_bytes(pattern_bytes(MiB))
+    p = run_imgkit("capture", src, tmp_path / "s.imgk", "--fast", "--high")
+    assert p.returncode == 2 and "exclude each other" in p.stderr
+    assert not (tmp_path / "s.imgk").exists()
+
+
+def test_junit_of_a_pass_has_no_reason_none():
+    from imgkit.bootcheck import BootResult, junit_xml
+    r = BootResult(image="x.imgk", passed=True, reason=None, detail=None, seconds_to_result=1.0,
+                   total_seconds=2.0, expect="ok", matched="ok", matched_on="serial", format="imgk",
+                   media="disk", firmware="bios", firmware_why="", accel="tcg", accel_why="", streamed=True,
+                   timeout=10, memory=256)
+    xml = junit_xml(r)
+    assert "None" not in xml and 'name="reason"' not in xml and 'name="firmware" value="bios"' in xml
+    r.passed, r.reason, r.detail = False, "timeout", "no match"
+    assert 'name="reason" value="timeout"' in junit_xml(r)
+
+
+@pytest.mark.parametrize("op", ["capture", "convert", "verify", "restore"])
+def test_progress_json_has_a_total_and_one_done_event(tmp_path, op):
+    src = tmp_path / "s.raw"
+    src.write_bytes(pattern_bytes(4 * MiB, seed=2))
+    img = tmp_path / "s.imgk"
+    run_imgkit("capture", src, img, "--progress", "none", check=True)
+    args = {"capture": ("capture", src, tmp_path / "c.imgk"),
+            "convert": ("convert", img, tmp_path / "c.qcow2"),
+            "verify": ("verify", img),
+            "restore": ("restore", img, tmp_path / "r.raw")}[op]
+    p = run_imgkit(*args, "--progress", "json", check=True)
+    events = [json.loads(line) for line in p.stderr.splitlines() if line.startswith("{")]
+    done = [e for e in events if e.get("event") == "done"]
+    assert len(done) == 1 and events[-1] is done[0], p.stderr
+    assert done[0]["total"] == 4 * MiB and done[0]["done"] == 4 * MiB, done
