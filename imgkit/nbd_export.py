@@ -1,5 +1,7 @@
-"""Serve any imgkit Stream read-only over NBD on a unix socket, so qemu-img and qemu-system read it
-with an explicit `-f raw` and no temporary raw copy on disk.
+"""Serve any imgkit Stream read-only over NBD, so qemu-img and qemu-system read it with an explicit
+`-f raw` and no temporary raw copy on disk. Internally (convert, boot-check, run) on a unix socket in
+a private temp directory; `imgkit serve` also on a socket path the user names, or on TCP, optionally
+with TLS (NBD_OPT_STARTTLS, x509 through Python's ssl module; see docs/serve.md for why no PSK).
 
 An in-process pure-Python server rather than nbdkit's python plugin: the plugin runs in nbdkit's own
 process, so it would have to reopen the image there (and ask for the password again, and could not
@@ -29,6 +31,7 @@ import struct
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 from .stream import DATA, Stream, merge_runs
 
@@ -42,6 +45,7 @@ OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 
 OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
 REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
 REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_UNKNOWN = 0x80000001, 0x80000002, 0x80000003, 0x80000006
+REP_ERR_TLS_REQD = 0x80000005
 INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
 # Transmission
 TFLAG_HAS_FLAGS, TFLAG_READ_ONLY, TFLAG_SEND_DF, TFLAG_CAN_MULTI_CONN = 1, 2, 128, 256
@@ -61,7 +65,8 @@ META_CONTEXT_ID = 1
 MAX_REQUEST = 32 << 20          # qemu's NBD client never asks for more
 MAX_OPTION = 64 << 10           # option payloads are names and queries: small
 MAX_EXTENTS = 1024              # per BLOCK_STATUS reply
-EXPORT_NAMES = (b"", b"imgkit")
+EXPORT_NAMES = (b"", b"imgkit")  # the names accepted when no export name is given
+HANDSHAKE_SECONDS = 30          # a client that stalls in the handshake is dropped (TCP clients are strangers)
 
 
 class _Closed(Exception):
@@ -111,16 +116,38 @@ class NbdExport:
     """A running export. `socket_path`, `qemu_filename` (use with `-f raw`); `bytes_read` counts bytes
     sent as data, `bytes_skipped` bytes answered as holes; `errors` collects read failures (the client only sees EIO)."""
 
-    def __init__(self, stream: Stream, *, workers: int = 2, socket_dir: str | None = None):
+    def __init__(self, stream: Stream, *, workers: int = 2, socket_dir: str | None = None,
+                 socket_path: str | None = None, tcp: tuple[str, int] | None = None,
+                 tls=None, export_name: str | None = None, on_error=None):
+        """Listen on a unix socket in a new private directory (default), on `socket_path`, or on
+        `tcp` (host, port). `tls`: an ssl.SSLContext (server side); clients must then STARTTLS before
+        any other option. `export_name`: the only name served (default: "" and "imgkit").
+        `on_error(message)` is called for each failed read (the client only sees EIO)."""
         self.stream = stream
         self.size = stream.size
         self.runmap = RunMap(stream)
-        self._dir = tempfile.mkdtemp(prefix="imgkit-nbd-", dir=socket_dir)
-        os.chmod(self._dir, 0o700)
-        self.socket_path = os.path.join(self._dir, "export.sock")
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.socket_path)
-        self._listener.listen(8)
+        self.tls = tls
+        self.export_name = export_name
+        self.names = (export_name.encode(),) if export_name is not None else EXPORT_NAMES
+        self.on_error = on_error
+        self._dir = None
+        self.tcp_address = None
+        if tcp is not None:
+            self.socket_path = None
+            family = socket.AF_INET6 if ":" in tcp[0] else socket.AF_INET
+            self._listener = socket.socket(family, socket.SOCK_STREAM)
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind(tcp)
+            self.tcp_address = self._listener.getsockname()[:2]
+        else:
+            if socket_path is None:
+                self._dir = tempfile.mkdtemp(prefix="imgkit-nbd-", dir=socket_dir)
+                os.chmod(self._dir, 0o700)
+                socket_path = os.path.join(self._dir, "export.sock")
+            self.socket_path = os.path.abspath(socket_path)
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(self.socket_path)
+        self._listener.listen(16)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imgkit-nbd")
         # Read-ahead has a thread of its own: in the read pool, a speculative decode would sit in
         # front of the reads a client is waiting for.
@@ -174,7 +201,26 @@ class NbdExport:
     @property
     def qemu_filename(self) -> str:
         """An NBD URI for qemu: always pair it with `-f raw` (or `-F raw` as a backing file)."""
-        return f"nbd+unix:///?socket={self.socket_path}"
+        return self.uri
+
+    @property
+    def uri(self) -> str:
+        """The export's URI (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/uri.md)."""
+        name = quote(self.export_name or "", safe="")
+        scheme = "nbds" if self.tls is not None else "nbd"
+        if self.tcp_address is not None:
+            host, port = self.tcp_address
+            host = f"[{host}]" if ":" in host else host
+            return f"{scheme}://{host}:{port}/{name}"
+        return f"{scheme}+unix:///{name}?socket={quote(self.socket_path, safe='/')}"
+
+    def report_error(self, message: str) -> None:
+        self.errors.append(message)
+        if self.on_error is not None:
+            try:
+                self.on_error(message)
+            except Exception:
+                pass
 
     # -- life cycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -199,7 +245,13 @@ class NbdExport:
             t.join(5)
         self._ahead_pool.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        elif self.socket_path is not None:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
@@ -225,10 +277,12 @@ class NbdExport:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = _Session(self, conn)
         try:
             session.run()
-        except (_Closed, OSError, struct.error):
+        except (_Closed, OSError, struct.error, ValueError):
             pass
         except RuntimeError:  # a submit after close() shut the pools down: the export is ending
             pass
@@ -236,10 +290,13 @@ class NbdExport:
             session.drain()
             with self._lock:
                 self._conns.discard(conn)
-            try:
-                conn.close()
-            except OSError:
-                pass
+            # The buffered reader holds the socket open (makefile): close it first, or the fd lives
+            # on until garbage collection and the client waits for the disconnect.
+            for c in (session.rfile, session.conn, conn):  # reader, TLS wrapper (if any), raw socket
+                try:
+                    c.close()
+                except OSError:
+                    pass
 
 
 class _Session:
@@ -254,6 +311,7 @@ class _Session:
         self.no_zeroes = False
         self.pending: set = set()
         self.pending_lock = threading.Lock()
+        self.tls_done = False
 
     # -- wire helpers -----------------------------------------------------------------------------
     def recv(self, n: int) -> bytes:
@@ -272,6 +330,7 @@ class _Session:
 
     # -- handshake --------------------------------------------------------------------------------
     def run(self) -> None:
+        self.conn.settimeout(HANDSHAKE_SECONDS)
         self.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         (client_flags,) = struct.unpack(">I", self.recv(4))
         if not client_flags & FLAG_FIXED_NEWSTYLE:
@@ -282,9 +341,30 @@ class _Session:
             if magic != IHAVEOPT or length > MAX_OPTION:
                 raise _Closed()
             data = self.recv(length)
+            if self.export.tls is not None and not self.tls_done:
+                if self.before_tls(opt, data):
+                    continue
             if self.option(opt, data):
                 break
+        self.conn.settimeout(None)
         self.transmission()
+
+    def before_tls(self, opt: int, data: bytes) -> bool:
+        """TLS is required and not yet on: only STARTTLS and ABORT are answered (the NBD spec's
+        FORCEDTLS mode, as qemu-nbd with --tls-creds). True when the option was handled here."""
+        if opt == OPT_STARTTLS and not data:
+            self.opt_reply(opt, REP_ACK)
+            self.rfile.close()  # nothing buffered: the client waits for the ACK before its TLS hello
+            self.conn = self.export.tls.wrap_socket(self.conn, server_side=True)
+            self.rfile = self.conn.makefile("rb", buffering=1 << 16)
+            self.tls_done = True
+            return True
+        if opt == OPT_EXPORT_NAME:
+            raise _Closed()  # no way to answer this option with an error: drop the client
+        if opt == OPT_ABORT:
+            return False
+        self.opt_reply(opt, REP_ERR_TLS_REQD if opt != OPT_STARTTLS else REP_ERR_INVALID)
+        return True
 
     def tflags(self) -> int:
         return TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN | (TFLAG_SEND_DF if self.structured else 0)
@@ -292,7 +372,7 @@ class _Session:
     def option(self, opt: int, data: bytes) -> bool:
         """Handle one option; True when transmission begins."""
         if opt == OPT_EXPORT_NAME:
-            if data not in EXPORT_NAMES:
+            if data not in self.export.names:
                 raise _Closed()
             self.send(struct.pack(">QH", self.export.size, self.tflags()) + (b"" if self.no_zeroes else bytes(124)))
             return True
@@ -300,7 +380,7 @@ class _Session:
             self.opt_reply(opt, REP_ACK)
             raise _Closed()
         if opt == OPT_LIST:
-            for name in EXPORT_NAMES[:1]:
+            for name in self.export.names[:1]:
                 self.opt_reply(opt, REP_SERVER, struct.pack(">I", len(name)) + name)
             self.opt_reply(opt, REP_ACK)
             return False
@@ -314,7 +394,7 @@ class _Session:
             except struct.error:
                 self.opt_reply(opt, REP_ERR_INVALID)
                 return False
-            if name not in EXPORT_NAMES:
+            if name not in self.export.names:
                 self.opt_reply(opt, REP_ERR_UNKNOWN)
                 return False
             self.opt_reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.export.size, self.tflags()))
@@ -345,7 +425,7 @@ class _Session:
                 self.opt_reply(opt, REP_META_CONTEXT, struct.pack(">I", META_CONTEXT_ID) + BASE_ALLOCATION)
             self.opt_reply(opt, REP_ACK)
             return False
-        # STARTTLS and anything newer: not supported (the socket is private to this process's user).
+        # STARTTLS without TLS credentials (or a second one), and anything newer: not supported.
         self.opt_reply(opt, REP_ERR_UNSUP)
         return False
 
@@ -476,7 +556,7 @@ class _Session:
         except (_Closed, BrokenPipeError, ConnectionResetError):
             pass
         except Exception as e:  # a damaged chunk, a qemu reader that died: the client sees EIO
-            exp.errors.append(str(e) or type(e).__name__)
+            exp.report_error(f"read of {length} bytes at offset {offset} failed: {str(e) or type(e).__name__}")
             try:
                 self.error(handle, EIO, "read failed")
             except OSError:
@@ -520,6 +600,10 @@ class _Session:
         if not payload:
             self.conn.sendall(header)
             return
+        if self.tls_done:  # an SSLSocket has no sendmsg
+            self.conn.sendall(header)
+            self.conn.sendall(payload)
+            return
         # One sendmsg for header and payload; the rest (a full socket buffer) with sendall.
         sent = self.conn.sendmsg([header, payload])
         if sent < len(header):
@@ -542,6 +626,7 @@ class _Session:
             self.send(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, errno_, handle))
 
 
-def export_stream(stream: Stream, *, workers: int = 2, socket_dir: str | None = None) -> NbdExport:
-    """Start serving `stream` read-only; use as a context manager (the export stops on exit)."""
-    return NbdExport(stream, workers=workers, socket_dir=socket_dir)
+def export_stream(stream: Stream, *, workers: int = 2, socket_dir: str | None = None, **listen) -> NbdExport:
+    """Start serving `stream` read-only; use as a context manager (the export stops on exit).
+    `listen`: socket_path, tcp, tls, export_name, on_error (see NbdExport)."""
+    return NbdExport(stream, workers=workers, socket_dir=socket_dir, **listen)

@@ -12,7 +12,7 @@ apt_pkgs=(
   libguestfs-tools libguestfs-xfs linux-image-amd64
   fuse3 libfuse3-dev pkg-config gcc
   fdisk gdisk util-linux e2fsprogs dosfstools mtools ntfs-3g xfsprogs btrfs-progs
-  partclone zstd nbdkit xorriso python3-libnbd fatresize exfatprogs guestmount
+  partclone zstd nbdkit xorriso python3-libnbd libnbd-bin fatresize exfatprogs guestmount
   busybox-static extlinux syslinux-common isolinux grub-pc-bin grub-efi-amd64-bin cpio
   # Images in Ceph (#19): rbd: targets through librbd, and a real single-node cluster for the tests
   # and benchmarks (imgkit/testing/ceph_cluster.py, scripts/ceph-up.sh).

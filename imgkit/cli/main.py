@@ -47,6 +47,7 @@ COMMAND_MODULES = {
     "cmd_volumes": ("passwd", "split", "join", "consolidate"),
     "cmd_convert": ("convert",),
     "cmd_bootcheck": ("boot-check",),
+    "cmd_serve": ("serve",),
     "cmd_mount": ("mount", "umount"),
     "cmd_remote": ("s3-cleanup",),
     "cmd_rescue": ("rescue-iso",),
