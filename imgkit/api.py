@@ -164,6 +164,10 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
             sealer_factory = sealer_factory_for(_password_provider(password)())
         if parent is not None:
             warnings += _base_warnings(parent, src, output, base_dir)
+        from .targets import consistency_warning
+        live = consistency_warning(source) if os.path.exists(source) else None
+        if live:
+            warnings.insert(0, live)
         result = capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
                                 split_size=split_size, sealer_factory=sealer_factory, plan=plan,
                                 force=force, progress=progress, base=parent,

@@ -96,6 +96,38 @@ def check_output_names(output: str, force: bool, sources: list[str] = ()) -> Non
         check_replaceable(name, force, list(sources))
 
 
+def stale_partials(output: str) -> list[str]:
+    """Temporary volumes an earlier capture to `output` left behind when it was killed (kill -9, a
+    crash, a power cut): `.NAME.imgkit-partial-PID-RANDOM` beside it, whose PID no longer runs. One
+    of a capture still running is not listed."""
+    directory, base = os.path.split(os.path.abspath(output))
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for e in sorted(entries):
+        if not e.startswith(f".{base}") or ".imgkit-partial-" not in e:
+            continue
+        name, _, rest = e[1:].partition(".imgkit-partial-")
+        if name != base and not (name.startswith(base + ".") and name[len(base) + 1:].isdigit()):
+            continue
+        pid = rest.split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process still runs: maybe a capture in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        path = os.path.join(directory, e)
+        if os.path.isfile(path) and not os.path.islink(path):
+            found.append(path)
+    return found
+
+
 def remove_stale_volumes(output: str, count: int) -> None:
     for name in existing_volume_names(output):
         if name != output and int(name.rsplit(".", 1)[1]) > count:

@@ -201,6 +201,35 @@ def check_nothing_sees(target: str, written: list[Extent], target_dev: int | Non
                                 hint=f"detach it first (losetup -d {u.path}) or restore to {u.path}")
 
 
+def mounted_rw_over(path: str) -> list[tuple[str, str]]:
+    """(device, mount point) of every read-write mount that reads the bytes of `path` (a block device
+    or a file, e.g. a VM disk attached as a loop device), through any alias: capturing it then gives
+    an image of a filesystem that changes while it is read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    if stat.S_ISBLK(st.st_mode):
+        extents = extents_below(st.st_rdev, 0, max(sys_size(st.st_rdev), 1))
+    elif stat.S_ISREG(st.st_mode):
+        extents = [(("file", st.st_dev, st.st_ino), 0, max(st.st_size, 1))]
+    else:
+        return []
+    rw = mounts(rw_only=True)
+    return [(u.path, rw[u.dev]) for u in users_of(extents) if u.dev in rw]
+
+
+def consistency_warning(path: str) -> str | None:
+    found = mounted_rw_over(path)
+    if not found:
+        return None
+    where = ", ".join(f"{dev} on {mp}" for dev, mp in found)
+    return (f"{path} is mounted read-write ({where}): the image may be inconsistent, since the filesystem "
+            "changes while it is read. For a consistent image unmount it or remount it read-only "
+            "(mount -o remount,ro MOUNTPOINT), freeze it during the capture (fsfreeze -f MOUNTPOINT, "
+            "then fsfreeze -u), or capture a snapshot (LVM, btrfs, a VM snapshot)")
+
+
 # -- restore targets ---------------------------------------------------------------------------------
 @dataclass
 class RestoreTarget:

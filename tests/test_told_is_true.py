@@ -72,3 +72,75 @@ def test_progress_json_has_a_total_and_one_done_event(tmp_path, op):
     done = [e for e in events if e.get("event") == "done"]
     assert len(done) == 1 and events[-1] is done[0], p.stderr
     assert done[0]["total"] == 4 * MiB and done[0]["done"] == 4 * MiB, done
+
+
+@needs_root
+def test_capturing_a_read_write_mounted_filesystem_warns(tmp_path):
+    """A test-made ext4 on a loop device, mounted read-write: capture warns (text and --json) and says
+    how to get a consistent image; the file under the loop device (a VM disk) warns the same."""
+    from conftest import loop_device
+    fs = tmp_path / "fs.raw"
+    with open(fs, "wb") as f:
+        f.truncate(8 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs)], check=True)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with loop_device(fs) as dev:
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        try:
+            p = run_imgkit("capture", dev, tmp_path / "a.imgk", "--progress", "none", check=True)
+            assert "warning" in p.stderr and "mounted read-write" in p.stderr and "fsfreeze" in p.stderr
+            doc = json.loads(run_imgkit("capture", fs, tmp_path / "b.imgk", "--json", "--progress", "none",
+                                        check=True).stdout)
+            assert any("mounted read-write" in w and dev in w for w in doc["warnings"])
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+            p = run_imgkit("capture", dev, tmp_path / "c.imgk", "--progress", "none", check=True)
+            assert "mounted read-write" not in p.stderr
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_partial_files_of_a_killed_capture_are_mentioned_and_cleaned_with_consent(tmp_path):
+    import signal
+    import sys
+    import time
+    src = tmp_path / "big.raw"
+    with open(src, "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(MiB))
+    img = tmp_path / "x.imgk"
+    proc = subprocess.Popen([sys.executable, "-m", "imgkit", "capture", str(src), str(img), "--high",
+                             "--sector-by-sector", "--progress", "none"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not any(".imgkit-partial-" in n for n in os.listdir(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = [n for n in os.listdir(tmp_path) if ".imgkit-partial-" in n]
+    assert partial and not img.exists()
+    small = tmp_path / "small.raw"
+    small.write_bytes(pattern_bytes(MiB))
+    p = run_imgkit("capture", small, img, "--progress", "none", check=True)  # no terminal: mention only
+    assert "interrupted capture" in p.stderr and partial[0] in p.stderr and "--yes" in p.stderr
+    assert all((tmp_path / n).exists() for n in partial)
+    p = run_imgkit("capture", small, img, "--force", "--yes", "--progress", "none", check=True)
+    assert "removed" in p.stderr
+    assert not any(".imgkit-partial-" in n for n in os.listdir(tmp_path))
+
+
+@needs_root
+def test_mount_on_a_non_empty_directory_warns(tmp_path):
+    src = tmp_path / "s.raw"
+    src.write_bytes(pattern_bytes(MiB))
+    img = tmp_path / "s.imgk"
+    run_imgkit("capture", src, img, "--progress", "none", check=True)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    (mnt / "mine.txt").write_text("kept")
+    p = run_imgkit("mount", img, mnt, check=True)
+    try:
+        assert "not empty" in p.stderr and "1 entry is hidden" in p.stderr
+        assert (mnt / "disk.raw").exists()
+    finally:
+        run_imgkit("umount", mnt, check=True)
+    assert (mnt / "mine.txt").read_text() == "kept"

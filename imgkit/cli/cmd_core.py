@@ -45,6 +45,8 @@ def confirm_or_refuse(yes: bool):
 @click.option("--encrypt", is_flag=True, help="Encrypt with a password (prompted twice).")
 @password_options
 @click.option("--force", is_flag=True, help="Replace an existing image.")
+@click.option("--yes", "-y", is_flag=True,
+              help="Remove the partial files of an interrupted earlier capture to IMAGE without asking.")
 @click.option("--sector-by-sector", is_flag=True,
               help="Keep every byte, free space too (forensics, unknown layouts). Default: only used blocks.")
 @click.option("--partitions", metavar="LIST",
@@ -56,7 +58,7 @@ def confirm_or_refuse(yes: bool):
 @progress_option
 @json_option
 def capture(source, image, level, fast, high, no_compress, chunk_size, split_size, encrypt, password_file, force,
-            sector_by_sector, partitions, base, progress_mode, as_json):
+            yes, sector_by_sector, partitions, base, progress_mode, as_json):
     """Capture a disk, raw image or ISO into an imgk image.
 
     Filesystem-aware by default: ext2/3/4, FAT, exFAT, NTFS, XFS, btrfs and swap partitions store only
@@ -80,6 +82,7 @@ def capture(source, image, level, fast, high, no_compress, chunk_size, split_siz
     # With --base, --password-file opens the base; an encrypted base makes an encrypted child under
     # the same password (api.capture), a plain base refuses --encrypt.
     password = new_password(password_file) if encrypt else None
+    _offer_partials_cleanup(image, yes)
     result = api.capture(source, image, level=level, chunk_size=chunk_size, split_size=split_size,
                          password=password, force=force, progress=make_progress("capture", progress_mode),
                          source_password=reading_password(password_file),
@@ -100,6 +103,25 @@ def capture(source, image, level, fast, high, no_compress, chunk_size, split_siz
                    f"({ratio:.2f}x) in {result.seconds:.1f} s: {result.paths[0]}"
                    + (f" (+{len(result.paths) - 1} volumes)" if len(result.paths) > 1 else "")
                    + (f"; {result.parent_chunks} unchanged chunks left in {base}" if base else ""))
+
+
+def _offer_partials_cleanup(image: str, yes: bool) -> None:
+    """An earlier capture to IMAGE killed before it finished left dot-named partial files: say so,
+    and remove them with consent (--yes, or yes at the terminal's question)."""
+    from ..capture import stale_partials
+    found = stale_partials(image)
+    if not found:
+        return
+    total = sum(os.path.getsize(p) for p in found)
+    listing = ", ".join(os.path.basename(p) for p in found)
+    click.echo(f"imgkit: warning: an interrupted capture to {image} left {len(found)} partial file(s) "
+               f"({format_size(total)}): {listing}", err=True)
+    if yes or (sys.stdin.isatty() and click.confirm("Remove them?", default=True, err=True)):
+        for p in found:
+            os.unlink(p)
+        click.echo(f"imgkit: removed {len(found)} partial file(s), {format_size(total)} freed", err=True)
+    else:
+        click.echo("hint: rerun with --yes to remove them, or delete them yourself", err=True)
 
 
 @cli.command()

@@ -27,6 +27,14 @@ def mount(app, image, mountpoint, foreground, allow_other, cache_size, log_file,
 
     Example: imgkit mount backup.imgk /mnt/backup && cp /mnt/backup/files/p1/etc/fstab .
     """
+    import os
+    try:
+        hidden = len(os.listdir(mountpoint))
+    except OSError:
+        hidden = 0  # missing or unreadable: mount_op.mount says so
+    if hidden:
+        click.echo(f"imgkit: warning: {mountpoint} is not empty: its {hidden} entr{'y is' if hidden == 1 else 'ies are'} "
+                   "hidden while the image is mounted there (they come back after umount)", err=True)
     pid = mount_op.mount(image, mountpoint, password=reading_password(password_file), foreground=foreground,
                          allow_other=allow_other, cache_size=cache_size, log_file=log_file,
                          debug=app.debug if app else False)
