@@ -88,8 +88,9 @@ def popen(argv: list[str], limits: Limits, **kw) -> subprocess.Popen:
     env = dict(os.environ, LC_ALL="C")
     import threading
     die_with_parent = threading.current_thread() is threading.main_thread()
+    kw.setdefault("stdin", subprocess.DEVNULL)  # `imgkit run` hands QEMU the terminal (stdin=None)
     return subprocess.Popen(argv, preexec_fn=_preexec(limits, die_with_parent), start_new_session=True,
-                            env=env, stdin=subprocess.DEVNULL, **kw)
+                            env=env, **kw)
 
 
 def kill_group(proc: subprocess.Popen) -> None:

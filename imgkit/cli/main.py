@@ -48,6 +48,7 @@ COMMAND_MODULES = {
     "cmd_convert": ("convert",),
     "cmd_bootcheck": ("boot-check",),
     "cmd_serve": ("serve",),
+    "cmd_run": ("run",),
     "cmd_mount": ("mount", "umount"),
     "cmd_remote": ("s3-cleanup",),
     "cmd_rescue": ("rescue-iso",),
