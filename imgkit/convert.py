@@ -260,11 +260,15 @@ def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
 def convert(source: str, dest: str, *, source_format: str | None = None, to: str | None = None,
             compress: bool = False, subformat: str | None = None, preset: str | None = None,
             force: bool = False, password=None, progress: Progress | None = None,
-            level: int | None = None) -> ConvertResult:
+            level: int | None = None, overlay: str | None = None) -> ConvertResult:
     from .api import open_image  # the api opens images; convert only routes them
     progress = progress or NullProgress()
     started = time.monotonic()
     foreign.refuse_json_name(source)
+    if overlay is not None:
+        return _with_overlay(source, dest, overlay, source_format=source_format, to=to, compress=compress,
+                             subformat=subformat, preset=preset, force=force, password=password,
+                             progress=progress, started=started)
     if is_rbd(dest):  # a VM disk in Ceph: librbd writes it sparse (remote/rbd_image.py)
         return _to_rbd(source, dest, source_format, to, compress or subformat or preset or level is not None,
                        force, password, progress, started)
@@ -397,3 +401,55 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
             _run_qemu_img_convert(["-f", "raw", export.qemu_filename], plan, tmp, stream.size, progress, export)
     _into_temp(dest, write, force)
     return "nbd-export"
+
+
+def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, compress, subformat, preset, force,
+                  password, progress: Progress, started: float) -> ConvertResult:
+    """The image with an `imgkit run --overlay` file's writes on top, as one standalone disk (what
+    `run --mirror-to` does live, done offline): qemu-img reads the overlay, whose backing node is
+    the image served by imgkit over NBD. The overlay must have been made over this very image."""
+    from .api import open_image
+    from .vmrun import IDENTITY_PREFIX, image_identity, read_overlay_backing
+    to = destination_format(dest, to)
+    if to not in foreign.QEMU_FORMATS and to != "raw":
+        raise InputError(f"--overlay: the destination must be raw, qcow2, vhd, vhdx or vmdk, not {to}")
+    plan = _plan(to, subformat, compress, preset)
+    if plan.pad_to_mib:
+        raise InputError("--overlay does not combine with --preset azure")
+    if not os.path.isfile(overlay):
+        raise InputError(f"{overlay}: no such overlay file")
+    _check_destination(source, dest, force)
+    backing, vsize = read_overlay_backing(overlay)
+    src = open_image(source, password, fmt=source_format)
+    try:
+        src_fmt = "imgk" if isinstance(src, ImageReader) else getattr(src, "format_name", None) or (
+            source_format or "raw")
+        if backing != IDENTITY_PREFIX + image_identity(src, src_fmt):
+            raise InputError(f"{overlay}: this overlay was made over a different image ({backing or 'none'})")
+        if vsize != src.size:
+            raise InputError(f"{overlay}: overlay size {vsize} differs from the image's {src.size}")
+        progress.total = src.size
+
+        def write(tmp: str) -> None:
+            # qemu-img has no -blockdev, and through a json: name qemu puts the overlay header's backing
+            # name on the NBD node (refused); so a private sparse copy of the overlay (only the guest's
+            # writes, small next to the disk) gets the export's URI as its backing name instead.
+            import subprocess
+            import tempfile
+            with tempfile.TemporaryDirectory(prefix="imgkit-overlay-") as work, export_stream(src, socket_dir=work) as export:
+                os.chmod(work, 0o700)
+                copy = os.path.join(work, "overlay.qcow2")
+                subprocess.run(["cp", "--sparse=always", "--reflink=auto", "--", overlay, copy], check=True)
+                from .qemu_tools import run as run_qemu
+                run_qemu(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", export.qemu_filename, "-F", "raw", copy],
+                         what="qemu-img rebase (the overlay copy)")
+                _run_qemu_img_convert(["-f", "qcow2", copy], plan, tmp, src.size, progress, export)
+        _into_temp(dest, write, force)
+    finally:
+        src.close()
+    progress.finish()
+    st = os.stat(dest)
+    return ConvertResult(source=source, source_format=src_fmt, destination=dest, format=plan.to,
+                         subformat=plan.subformat, virtual_size=vsize, file_size=st.st_size,
+                         allocated_size=st.st_blocks * 512, seconds=round(time.monotonic() - started, 3),
+                         method="nbd-export+overlay")

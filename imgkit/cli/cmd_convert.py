@@ -27,10 +27,12 @@ from .output import emit_json
 @click.option("--preset", type=click.Choice(conversion.PRESETS),
               help="azure: fixed VHD, exact size rounded up to a whole MiB.")
 @click.option("--force", is_flag=True, help="Replace an existing DEST.")
+@click.option("--overlay", type=click.Path(dir_okay=False), metavar="FILE.qcow2",
+              help="Apply the writes kept by `imgkit run --overlay FILE` on top of SOURCE (made over SOURCE only).")
 @password_options
 @progress_option
 @json_option
-def convert(source, dest, source_format, dest_format, compress, level, subformat, preset, force, password_file,
+def convert(source, dest, source_format, dest_format, compress, level, subformat, preset, force, overlay, password_file,
             progress_mode, as_json):
     """Convert a disk image between imgk, raw, iso, qcow2, vhd, vhdx and vmdk.
 
@@ -43,7 +45,7 @@ def convert(source, dest, source_format, dest_format, compress, level, subformat
     """
     result = conversion.convert(source, dest, source_format=source_format, to=dest_format, compress=compress,
                                 subformat=subformat, preset=preset, force=force, level=level,
-                                password=reading_password(password_file),
+                                password=reading_password(password_file), overlay=overlay,
                                 progress=make_progress("convert", progress_mode))
     if as_json:
         emit_json(result.as_dict())

@@ -1,0 +1,116 @@
+"""`imgkit run` as its users meet it: a real `imgkit run` process booting real QEMU (TCG) from imgk
+images served by imgkit over NBD. The tiny boot-sector fixture where any bootable disk will do; the
+Linux fixture once, with an overlay and --mirror-to, and its mirror booted again with the backup gone.
+Overlays: identity recorded and checked, --force, offline `convert --overlay`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.bootcheck_helpers import TCG, boot_check_json, file_state
+from tests.conftest import assert_one_line_error, run_imgkit
+
+pytestmark = pytest.mark.qemu
+MiB = 1 << 20
+
+
+def imgkit_run(*args, timeout=240):
+    env = dict(os.environ, **TCG)
+    env.pop("IMGKIT_PASSWORD", None)
+    return subprocess.run([sys.executable, "-m", "imgkit", "run", *map(str, args)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(vm_fixture, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    image = d / "tiny.imgk"
+    run_imgkit("capture", "--sector-by-sector", vm_fixture("tiny-bios"), image, check=True)
+    return image
+
+
+def test_run_boots_with_the_console_on_stdout_and_never_writes_the_image(tiny):
+    before = file_state(tiny)
+    proc = imgkit_run(tiny, "--memory", "64M")
+    assert proc.returncode == 0, proc.stderr
+    assert "IMGKIT-BOOT-OK tiny-bios" in proc.stdout
+    assert file_state(tiny) == before
+
+
+def test_overlay_records_its_image_and_is_refused_over_another(tiny, vm_fixture, tmp_path):
+    overlay = tmp_path / "changes.qcow2"
+    proc = imgkit_run(tiny, "--overlay", overlay, "--memory", "64M")
+    assert proc.returncode == 0, proc.stderr
+    assert "new overlay" in proc.stderr
+    info = subprocess.run(["qemu-img", "info", "-f", "qcow2", overlay], capture_output=True, text=True).stdout
+    assert "backing file: imgkit-image:imgk-" in info
+    proc = imgkit_run(tiny, "--overlay", overlay, "--memory", "64M")
+    assert proc.returncode == 0 and "reusing overlay" in proc.stderr, proc.stderr
+    other = tmp_path / "other.imgk"  # the same disk captured again: another image (another id)
+    run_imgkit("capture", "--sector-by-sector", vm_fixture("tiny-bios"), other, check=True)
+    state = file_state(overlay)
+    proc = imgkit_run(other, "--overlay", overlay, "--memory", "64M")
+    assert_one_line_error(proc, 3, "made over a different image")
+    assert file_state(overlay) == state
+    proc = imgkit_run(other, "--overlay", overlay, "--memory", "64M", "--force")
+    assert proc.returncode == 0 and "new overlay" in proc.stderr, proc.stderr
+    not_qcow2 = tmp_path / "notes.txt"
+    not_qcow2.write_text("mine")
+    assert_one_line_error(imgkit_run(tiny, "--overlay", not_qcow2), 3, "not a qcow2")
+    assert not_qcow2.read_text() == "mine"
+
+
+def test_convert_with_overlay_applies_the_kept_writes(tiny, vm_fixture, tmp_path):
+    """The overlay's writes (made here with qemu-io: the fixture guests cannot write their disk) on top
+    of the image, offline, exact everywhere else; refused for an overlay of another image."""
+    overlay = tmp_path / "changes.qcow2"
+    assert imgkit_run(tiny, "--overlay", overlay, "--memory", "64M").returncode == 0
+    spec = '{"driver": "qcow2", "file": {"driver": "file", "filename": "%s"}, "backing": null}' % overlay
+    subprocess.run(["qemu-io", "-f", "qcow2", "json:" + spec, "-c", "write -P 0xab 4M 64k"], check=True,
+                   capture_output=True)
+    out = tmp_path / "merged.raw"
+    run_imgkit("convert", tiny, out, "--overlay", overlay, check=True)
+    want = bytearray(open(vm_fixture("tiny-bios"), "rb").read())
+    want[4 * MiB:4 * MiB + 65536] = b"\xab" * 65536
+    assert out.read_bytes() == bytes(want)
+    qcow = tmp_path / "merged.qcow2"
+    run_imgkit("convert", tiny, qcow, "--overlay", overlay, check=True)
+    assert "identical" in subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", out, qcow],
+                                         capture_output=True, text=True).stdout
+    other = tmp_path / "other.imgk"
+    run_imgkit("capture", "--sector-by-sector", vm_fixture("tiny-bios"), other, check=True)
+    assert_one_line_error(run_imgkit("convert", other, tmp_path / "x.raw", "--overlay", overlay), 3,
+                          "different image")
+    assert not (tmp_path / "x.raw").exists()
+
+
+def test_mirror_to_yields_a_standalone_disk(tiny, tmp_path):
+    mirror = tmp_path / "vm.qcow2"
+    proc = imgkit_run(tiny, "--mirror-to", mirror, "--memory", "64M", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert '"mirror_completed": true' in proc.stdout
+    assert "switching the VM to the new disk" in proc.stderr and "no longer used" in proc.stderr
+    assert not list(tmp_path.glob("*.imgkit-part"))
+    subprocess.run(["qemu-img", "check", "-f", "qcow2", mirror], check=True, capture_output=True)
+    info = subprocess.run(["qemu-img", "info", "-f", "qcow2", mirror], capture_output=True, text=True).stdout
+    assert "backing file" not in info
+    assert_one_line_error(imgkit_run(tiny, "--mirror-to", mirror), 3, "exists")
+
+
+@pytest.mark.slow
+def test_linux_runs_from_imgk_with_overlay_and_mirrors_to_a_disk_that_boots_alone(linux_bios_image, tmp_path):
+    image = tmp_path / "lb.imgk"
+    run_imgkit("capture", linux_bios_image, image, check=True)
+    overlay, mirror = tmp_path / "changes.qcow2", tmp_path / "vm.qcow2"
+    proc = imgkit_run(image, "--overlay", overlay, "--mirror-to", mirror, "--memory", "256M", timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    assert "IMGKIT-BOOT-OK linux-bios" in proc.stdout
+    assert "the VM now runs from" in proc.stderr
+    subprocess.run(["qemu-img", "check", "-f", "qcow2", mirror], check=True, capture_output=True)
+    os.unlink(image)  # the backup is gone: the mirror must boot on its own
+    code, doc, err = boot_check_json(mirror, "--timeout", "240")
+    assert code == 0, (doc, err)
+    assert doc["matched"].startswith("IMGKIT-BOOT-OK linux-bios")
