@@ -4,6 +4,9 @@ every input is rebuilt from this script and the machine's own files, cached unde
   A  ext4 with realistic content (text/source, ELF binaries, incompressible, records); free space zeroed
   B  the same content, but the free space holds stale data (random bytes written before mkfs)
   F  a whole GPT disk: ESP (FAT32, via mtools) + ext4 (content A) + swap, with an MBR boot sector
+  I  a 1 GiB GPT disk, one ext4 partition with ~250 MiB used and stale free space, inode tables and
+     journal zeroed as after a first mount (the incremental benchmark, bench/bench_incremental.py,
+     changes it through a loop mount)
 
 `--quick` sizes are a third of the full ones. Usage: python bench/inputs.py [--quick] [A B F]
 """
@@ -51,9 +54,14 @@ def _copy_tree_until(src_dirs, dest, budget, want):
     return used
 
 
-def build_content(quick: bool) -> str:
-    s = sizes(quick)
-    dest = os.path.join(WORK, f"content-{'quick' if quick else 'full'}")
+def incremental_sizes() -> dict:
+    """Input I: 250 MiB of the same kinds of content on a 1 GiB disk."""
+    return {"fs": (1 << 30) - (2 << 20), "text": 95 << 20, "elf": 70 << 20, "random": 50 << 20, "records": 35 << 20}
+
+
+def build_content(quick: bool, s: dict | None = None, tag: str | None = None) -> str:
+    s = s or sizes(quick)
+    dest = os.path.join(WORK, f"content-{tag or ('quick' if quick else 'full')}")
     stamp = dest + ".done"
     if os.path.exists(stamp):
         return dest
@@ -88,7 +96,10 @@ def build_content(quick: bool) -> str:
     return dest
 
 
-def _mkfs_ext4(path: str, size: int, content: str, stale: bool) -> None:
+def _mkfs_ext4(path: str, size: int, content: str, stale: bool, lived: bool = False) -> None:
+    """`lived`: inode tables and journal zeroed as on a disk that has been mounted (the kernel's
+    ext4lazyinit zeroes them in the background after the first mount; a fresh mkfs over stale data
+    leaves them holding it, which a benchmark that mounts the disk would then see change)."""
     with open(path, "wb") as f:
         if stale:  # a disk that has lived: its free space holds old data (never-repeating random bytes,
             # so no tool can win by deduplicating it)
@@ -96,7 +107,8 @@ def _mkfs_ext4(path: str, size: int, content: str, stale: bool) -> None:
             for _ in range(size // (8 << 20)):
                 f.write(rng.randbytes(8 << 20))
         f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,root_owner=0:0", "-U",
+    extended = "nodiscard,root_owner=0:0" + (",lazy_itable_init=0,lazy_journal_init=0" if lived else "")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", extended, "-U",
                     "c0ffee00-0000-4000-8000-000000000001", "-d", content, path], check=True)
 
 
@@ -105,6 +117,25 @@ def build(name: str, quick: bool) -> str:
     tag = "quick" if quick else "full"
     out = os.path.join(WORK, f"input-{name}-{tag}.raw")
     if os.path.exists(out):
+        return out
+    if name == "I":
+        out = os.path.join(WORK, "input-I.raw")
+        if os.path.exists(out):
+            return out
+        s = incremental_sizes()
+        content = build_content(False, s, "incremental")
+        tmp = out + ".tmp"
+        with open(tmp, "wb") as f:
+            f.truncate(1 << 30)
+        subprocess.run(["sgdisk", "-n", "1:2048:0", "-t", "1:8300", "-c", "1:root", tmp], check=True,
+                       capture_output=True)
+        part = tmp + ".ext4"
+        _mkfs_ext4(part, s["fs"], content, stale=True, lived=True)
+        subprocess.run(["dd", f"if={part}", f"of={tmp}", "bs=4M", "seek=1048576", "oflag=seek_bytes",
+                        "conv=notrunc", "status=none"],
+                       check=True)
+        os.unlink(part)
+        os.rename(tmp, out)
         return out
     content = build_content(quick)
     size = sizes(quick)["fs"]
