@@ -333,3 +333,30 @@ def test_boot_check_of_a_child(tiny_bios_image, tmp_path):
     code, doc, err = boot_check_json(tmp_path / "child.imgk", "--timeout", "60")
     assert code == 0 and doc["passed"] is True, err
     assert doc["matched"] == "IMGKIT-BOOT-OK tiny-bios"
+
+
+def test_a_chain_that_loops_is_refused(chain, tmp_path):
+    """full <- inc1, then full rewritten (same id, same digests, so inc1 still accepts it) as a child of
+    inc1: opening either one must end in a clear error, not a recursion."""
+    from imgkit.formats import imgk_layout as L
+    from imgkit.formats.imgk_chain import parent_ref_for
+    from imgkit.formats.imgk_reader import ImageReader
+    from imgkit.formats.imgk_writer import ImageWriter
+    images = copy_chain(chain, tmp_path / "c")
+    os.unlink(images[2])
+    os.unlink(images[3])
+    src, inc1 = ImageReader(images[0]), ImageReader(images[1])
+    w = ImageWriter(images[0] + ".new", src.size, src.chunk_size, template=src.header)
+    for i, e in enumerate(src.index):
+        if e.kind == L.KIND_DATA:
+            volume, offset = w.copy_stored(src.read_stored(i))
+            w.set_entry(i, L.IndexEntry(L.KIND_DATA, e.encoding, volume, e.stored_length, offset, e.object, e.digest))
+        elif e.kind != L.KIND_ZERO:
+            w.set_entry(i, e)
+    w.set_parent(parent_ref_for(inc1))
+    w.commit(src.metadata)
+    src.close()
+    inc1.close()
+    os.replace(images[0] + ".new", images[0])
+    for image in images[:2]:
+        assert_one_line_error(run_imgkit("info", image), 3, "loops")
