@@ -260,7 +260,12 @@ def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
 def convert(source: str, dest: str, *, source_format: str | None = None, to: str | None = None,
             compress: bool = False, subformat: str | None = None, preset: str | None = None,
             force: bool = False, password=None, progress: Progress | None = None,
-            level: int | None = None, overlay: str | None = None) -> ConvertResult:
+            level: int | None = None, overlay: str | None = None, encrypt: bytes | None = None,
+            decrypt: bool = False) -> ConvertResult:
+    """Convert `source` into `dest`. An encrypted imgk source stays encrypted in an imgk destination
+    (under the same password, or under `encrypt`, a new one); any output in clear from it (imgk
+    with `decrypt`, or raw/qcow2/...) needs `decrypt`: nobody gets a clear copy of an encrypted
+    backup without saying so. `encrypt` also encrypts an imgk destination of a clear source."""
     from .api import open_image  # the api opens images; convert only routes them
     progress = progress or NullProgress()
     started = time.monotonic()
@@ -268,7 +273,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     if overlay is not None:
         return _with_overlay(source, dest, overlay, source_format=source_format, to=to, compress=compress,
                              subformat=subformat, preset=preset, force=force, password=password,
-                             progress=progress, started=started)
+                             progress=progress, started=started, decrypt=decrypt)
     if is_rbd(dest):  # a VM disk in Ceph: librbd writes it sparse (remote/rbd_image.py)
         return _to_rbd(source, dest, source_format, to, compress or subformat or preset or level is not None,
                        force, password, progress, started)
@@ -276,6 +281,10 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     if to not in foreign.FORMATS:
         raise InputError(f"unknown destination format {to!r}", hint="formats: " + ", ".join(foreign.FORMATS))
     plan = _plan(to, subformat, compress, preset)
+    if encrypt is not None and to != "imgk":
+        raise InputError(f"--encrypt applies to imgk destinations, not {to}")
+    if encrypt is not None and decrypt:
+        raise InputError("--encrypt and --decrypt exclude each other")
     if level is not None and to != "imgk":
         raise InputError(f"--level applies to imgk destinations, not {to}",
                          hint="for a compressed qcow2 use --compress")
@@ -304,7 +313,8 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
             progress.total = src.size
             if plan.pad_to_mib:
                 plan.size = -(-src.size // MiB) * MiB
-            method = _route(src, source, dest, plan, force, progress, level)
+            sealer = _sealer_for(src, source, plan.to, password, encrypt, decrypt)
+            method = _route(src, source, dest, plan, force, progress, level, sealer)
             virtual = plan.size or src.size
         finally:
             src.close()
@@ -375,15 +385,35 @@ def _into_temp(dest: str, write, force: bool = False) -> None:
         shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
 
 
+def _sealer_for(src: Stream, source: str, to: str, password, encrypt: bytes | None, decrypt: bool):
+    """The sealer factory of an imgk destination (None: clear), after the clear-output rule."""
+    encrypted = isinstance(src, ImageReader) and src.header.encrypted
+    if encrypted and not decrypt and to != "imgk":
+        raise InputError(f"{source} is encrypted: converting it to {to} writes the disk in clear",
+                         hint="add --decrypt to confirm, or convert to .imgk to keep it encrypted")
+    from .crypto import sealer_factory_for
+    if encrypt is not None:
+        return sealer_factory_for(encrypt)
+    if encrypted and not decrypt and to == "imgk":
+        from .api import _password_provider
+        return sealer_factory_for(_password_provider(password)())  # the same password, a new data key
+    return None
+
+
 def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progress: Progress,
-           level: int | None) -> str:
+           level: int | None, sealer_factory=None) -> str:
     if plan.to == "imgk":
         info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
                                                                  "kind": "image", "size": src.size}
         if level is None:
             level = LEVEL_DEFAULT
+        # Filesystem-aware like capture: only the blocks each filesystem uses are stored.
+        from .fsaware import build_plan
+        from .sources import RawSource
+        fs_plan = build_plan(src, path=source if isinstance(src, RawSource) else None)
         capture_stream(src, dest, source_info=info, level=level, force=force, progress=progress,
-                       sources=[source, *getattr(src, "volume_paths", [])])
+                       sources=[source, *getattr(src, "volume_paths", [])], plan=fs_plan.plan,
+                       sealer_factory=sealer_factory)
         return "capture"
     if plan.to in ("raw", "iso"):
         if plan.to == "iso":
@@ -404,7 +434,7 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
 
 
 def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, compress, subformat, preset, force,
-                  password, progress: Progress, started: float) -> ConvertResult:
+                  password, progress: Progress, started: float, decrypt: bool = False) -> ConvertResult:
     """The image with an `imgkit run --overlay` file's writes on top, as one standalone disk (what
     `run --mirror-to` does live, done offline): qemu-img reads the overlay, whose backing node is
     the image served by imgkit over NBD. The overlay must have been made over this very image."""
@@ -424,6 +454,7 @@ def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, co
     try:
         src_fmt = "imgk" if isinstance(src, ImageReader) else getattr(src, "format_name", None) or (
             source_format or "raw")
+        _sealer_for(src, source, to, password, None, decrypt)  # a clear output of an encrypted image needs --decrypt
         if backing != IDENTITY_PREFIX + image_identity(src, src_fmt):
             raise InputError(f"{overlay}: this overlay was made over a different image ({backing or 'none'})")
         if vsize != src.size:

@@ -18,7 +18,7 @@ def tiny_images(tiny_bios_image, tmp_path_factory):
     out = {"raw": (tiny_bios_image, None), "imgk": (imgk, None), "imgk-encrypted": (enc, PASSWORD)}
     for fmt in ("qcow2", "vhd", "vhdx", "vmdk"):
         out[fmt] = (convert(imgk, d / f"tiny.{fmt}"), None)
-    out["vmdk-from-encrypted"] = (convert(enc, d / "tiny-enc.vmdk", password=True), None)
+    out["vmdk-from-encrypted"] = (convert(enc, d / "tiny-enc.vmdk", "--decrypt", password=True), None)
     return out
 
 

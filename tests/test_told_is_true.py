@@ -144,3 +144,52 @@ def test_mount_on_a_non_empty_directory_warns(tmp_path):
     finally:
         run_imgkit("umount", mnt, check=True)
     assert (mnt / "mine.txt").read_text() == "kept"
+
+
+def test_convert_of_an_encrypted_imgk_stays_encrypted_unless_decrypt(tmp_path):
+    from imgkit.formats.imgk_reader import ImageReader
+    src = tmp_path / "s.raw"
+    data = pattern_bytes(4 * MiB, seed=21)
+    src.write_bytes(data)
+    enc = tmp_path / "enc.imgk"
+    env = {"IMGKIT_PASSWORD": "old-pass", "IMGKIT_NEW_PASSWORD": "new-pass"}
+    run_imgkit("capture", src, enc, "--encrypt", "--progress", "none", env=env, check=True)
+
+    def header(path):
+        with open(path, "rb") as f:
+            from imgkit.formats import imgk_layout as L
+            return L.Header.decode(f.read(L.HEADER_SIZE), where=str(path))
+    same = tmp_path / "same.imgk"
+    run_imgkit("convert", enc, same, "--progress", "none", env=env, check=True)
+    assert header(same).encrypted
+    with ImageReader(str(same), lambda: b"old-pass") as r:
+        assert r.read(0, r.size) == data
+    new = tmp_path / "new.imgk"
+    run_imgkit("convert", enc, new, "--encrypt", "--progress", "none", env=env, check=True)
+    with ImageReader(str(new), lambda: b"new-pass") as r:
+        assert header(new).encrypted and r.read(0, r.size) == data
+    for dest in ("clear.imgk", "clear.raw", "clear.qcow2"):
+        p = run_imgkit("convert", enc, tmp_path / dest, "--progress", "none", env=env)
+        if dest == "clear.imgk":
+            assert p.returncode == 0 and header(tmp_path / dest).encrypted  # kept encrypted
+            continue
+        assert p.returncode == 3 and "--decrypt" in p.stderr and not (tmp_path / dest).exists()
+    clear = tmp_path / "clear2.imgk"
+    run_imgkit("convert", enc, clear, "--decrypt", "--progress", "none", env=env, check=True)
+    assert not header(clear).encrypted
+    raw = tmp_path / "clear2.raw"
+    run_imgkit("convert", enc, raw, "--decrypt", "--progress", "none", env=env, check=True)
+    assert raw.read_bytes() == data
+
+
+def test_convert_to_imgk_is_filesystem_aware(tmp_path):
+    """An ext4 whose free blocks hold old junk: convert stores only the used blocks, like capture."""
+    disk = tmp_path / "fs.raw"
+    disk.write_bytes(os.urandom(32 * MiB))  # junk in what will be free space
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(disk)], check=True)
+    out = tmp_path / "fs.imgk"
+    doc = json.loads(run_imgkit("convert", disk, out, "--json", "--progress", "none", check=True).stdout)
+    cap = json.loads(run_imgkit("capture", disk, tmp_path / "cap.imgk", "--json", "--progress", "none",
+                                check=True).stdout)
+    assert doc["file_size"] < 8 * MiB  # 32 MiB of random bytes would not compress
+    assert abs(doc["file_size"] - cap["stored_size"]) < MiB

@@ -8,7 +8,7 @@ from ..formats.foreign import FORMATS
 from ..formats.imgk_writer import LEVEL_DEFAULT, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
-from .options import json_option, make_progress, password_options, progress_option, reading_password
+from .options import json_option, make_progress, new_password, password_options, progress_option, reading_password
 from .output import emit_json
 
 
@@ -29,11 +29,16 @@ from .output import emit_json
 @click.option("--force", is_flag=True, help="Replace an existing DEST.")
 @click.option("--overlay", type=click.Path(dir_okay=False), metavar="FILE.qcow2",
               help="Apply the writes kept by `imgkit run --overlay FILE` on top of SOURCE (made over SOURCE only).")
+@click.option("--encrypt", is_flag=True,
+              help="imgk DEST: encrypt under a new password (IMGKIT_NEW_PASSWORD, --new-password-file or a "
+                   "prompt). An encrypted imgk SOURCE otherwise stays encrypted under its own password.")
+@click.option("--new-password-file", type=click.Path(dir_okay=False), help="With --encrypt: the new password.")
+@click.option("--decrypt", is_flag=True, help="Write an encrypted SOURCE in clear (needed for any clear DEST).")
 @password_options
 @progress_option
 @json_option
-def convert(source, dest, source_format, dest_format, compress, level, subformat, preset, force, overlay, password_file,
-            progress_mode, as_json):
+def convert(source, dest, source_format, dest_format, compress, level, subformat, preset, force, overlay, encrypt,
+            new_password_file, decrypt, password_file, progress_mode, as_json):
     """Convert a disk image between imgk, raw, iso, qcow2, vhd, vhdx and vmdk.
 
     Foreign images are inspected and refused (backing files, external data files, VMDK extents)
@@ -43,8 +48,12 @@ def convert(source, dest, source_format, dest_format, compress, level, subformat
     imgkit convert backup.imgk azure.vhd --preset azure;
     imgkit convert disk.vmdk disk.imgk
     """
+    if encrypt and decrypt:
+        raise click.UsageError("--encrypt and --decrypt exclude each other")
+    fresh = new_password(new_password_file, "IMGKIT_NEW_PASSWORD", "--new-password-file") if encrypt else None
     result = conversion.convert(source, dest, source_format=source_format, to=dest_format, compress=compress,
                                 subformat=subformat, preset=preset, force=force, level=level,
+                                encrypt=fresh, decrypt=decrypt,
                                 password=reading_password(password_file), overlay=overlay,
                                 progress=make_progress("convert", progress_mode))
     if as_json:
