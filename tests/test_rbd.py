@@ -127,3 +127,25 @@ def test_rbd_errors_are_one_line(ceph, disk):
     assert_one_line_error(run_imgkit("info", "rbd:nopool/x"), 3, "no pool")
     assert_one_line_error(run_imgkit("restore", imgk, "rbd:justname"), 3, "rbd:POOL/IMAGE")
     assert_one_line_error(run_imgkit("restore", imgk, f"rbd:{ceph.rbd_pool}/x@snap"), 3, "snapshot")
+
+
+def test_capture_of_a_named_snapshot(ceph, disk, tmp_path):
+    """rbd:pool/image@snap reads that snapshot, not the image as it is now."""
+    raw, imgk = disk
+    image = name()
+    target = f"rbd:{ceph.rbd_pool}/{image}"
+    run_imgkit("restore", imgk, target, check=True)
+    subprocess.run(["rbd", "snap", "create", f"{ceph.rbd_pool}/{image}@before"], check=True, capture_output=True)
+    import rados  # change the image after the snapshot
+    import rbd
+    c = rados.Rados(conffile=ceph.conf)
+    c.connect()
+    try:
+        with rbd.Image(c.open_ioctx(ceph.rbd_pool), image) as img:
+            img.write(b"\xff" * 4096, 0)
+    finally:
+        c.shutdown()
+    out = tmp_path / "snap.imgk"
+    run_imgkit("capture", f"{target}@before", out, "--sector-by-sector", check=True)
+    run_imgkit("restore", out, tmp_path / "snap.raw", "--yes", check=True)
+    assert (tmp_path / "snap.raw").read_bytes() == raw.read_bytes()

@@ -119,9 +119,14 @@ class RbdSource(Stream):
                 raise InputError(f"{location}: no such RBD image")
             snap = self.spec.snapshot
             if snap is None:  # a consistent copy even while a VM writes to the image
-                snap = self._own_snap = f"imgkit-capture-{os.getpid()}-{os.urandom(3).hex()}"
-                with rbd.Image(self.conn.ioctx, self.spec.image) as img:
-                    img.create_snap(snap)
+                snap = f"imgkit-capture-{os.getpid()}-{os.urandom(3).hex()}"
+                try:
+                    with rbd.Image(self.conn.ioctx, self.spec.image) as img:
+                        img.create_snap(snap)
+                except rbd.PermissionError:
+                    raise InputError(f"{location}: no permission to snapshot the image for a consistent copy",
+                                     hint=f"name an existing snapshot: {self.spec}@SNAPSHOT") from None
+                self._own_snap = snap
             try:
                 self.image = rbd.Image(self.conn.ioctx, self.spec.image, snapshot=snap, read_only=True)
             except rbd.ImageNotFound:
@@ -281,7 +286,10 @@ def write_image(image: Stream, location: str, *, force: bool = False, progress: 
             if verify:
                 _verify(image, out, spec, piece, read_workers)
         replaced = conn.exists(spec.image)
-        if replaced:  # force was given and checked; the image may have been opened since
+        if replaced:  # checked before writing; it may have been created or opened since
+            if not force:
+                raise RefusedTarget(f"{spec} was created while the restore ran: left as it is",
+                                    hint="use --force to replace it")
             if conn.watchers(spec.image):
                 raise RefusedTarget(f"{spec} came into use during the restore: left as it was")
             conn.rbd.remove(conn.ioctx, spec.image)
