@@ -113,6 +113,9 @@ def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_soc
             path = os.path.join(workdir, f"fat{pp.number}.raw")
             _mkfs_fat_like(image, pp.old_start, pp.old_size, pp.new_size, pp.label, path)
             fat_files[pp.number], pinned[pp.number] = path, pp.new_size
+    for pp in plan.parts:  # a FAT the plan leaves whole has no new file: it stays whole
+        if pp.filesystem == "vfat" and pp.minimum is not None and not pp.shrinks:
+            pinned[pp.number] = pp.old_size
     measure = [{"number": pp.number, "fs": pp.filesystem} for pp in plan.parts
                if pp.minimum is not None and pp.filesystem in ("ext2", "ext3", "ext4", "ntfs", "btrfs")]
     log = open(os.path.join(workdir, "appliance.log"), "w+")

@@ -167,8 +167,8 @@ def restore_shrunk(img: Stream, target: str, plan: ShrinkPlan, *, image_paths, c
         shrunk, plan = shrink_filesystems(
             img, plan, work, export.socket_path,
             replan=lambda minimums, pinned: make_plan(img, plan.target_size, plan.mode, minimums, pinned))
+        sources: dict[int, Stream] = {}
         try:
-            sources = {}
             for pp in plan.parts:
                 if pp.extended:
                     continue
@@ -186,8 +186,8 @@ def restore_shrunk(img: Stream, target: str, plan: ShrinkPlan, *, image_paths, c
             result = restore_stream(img, target, image_paths=image_paths, confirm=None, progress=progress,
                                     layout=layout)
         finally:
-            for s in sources.values() if "sources" in dir() else []:
-                part = getattr(s, "part", None)
+            for src in sources.values():
+                part = getattr(src, "part", None)
                 if isinstance(part, RawSource):
                     part.close()
             shrunk.overlay.close()
