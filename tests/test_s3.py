@@ -227,3 +227,12 @@ def test_incremental_chain_across_objects(disk, bucket, tmp_path):
     assert out.read_bytes() == bytes(changed)
     s3.client().delete_object(Bucket=bucket, Key="web1/mon.imgk")
     assert_one_line_error(run_imgkit("info", tue), 3, "parent", "missing")
+
+
+def test_endpoint_url_option_overrides_the_environment(ceph, disk, bucket):
+    url = f"s3://{bucket}/ep.imgk"
+    run_imgkit("capture", disk, url, "--sector-by-sector", check=True)
+    wrong = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}  # nothing listens there
+    assert_one_line_error(run_imgkit("info", url, env=wrong), 3, "cannot reach")
+    proc = run_imgkit("--endpoint-url", ceph.s3_endpoint, "info", url, "--json", env=wrong, check=True)
+    assert json.loads(proc.stdout)["path"] == url
