@@ -36,11 +36,11 @@ def test_each_partition_is_byte_exact_with_label_aliases(plain_mount):
             import hashlib
             want = hashlib.sha256(src.read(size)).hexdigest()
             assert sha256_file(os.path.join(parts, f"p{n}.raw")) == want, n
-    # Filesystem labels (ext4 'rootfs', FAT 'ESP') and, lacking one, the GPT name ('data' for NTFS).
+    # Filesystem labels (ext4 'rootfs', FAT 'ESP', NTFS 'WINDATA' from $Volume since #12), before GPT names.
     assert os.readlink(os.path.join(parts, "rootfs.raw")) == "p1.raw"
     assert os.readlink(os.path.join(parts, "ESP.raw")) == "p2.raw"
-    assert os.readlink(os.path.join(parts, "data.raw")) == "p3.raw"
-    assert sorted(os.listdir(parts)) == ["ESP.raw", "data.raw", "p1.raw", "p2.raw", "p3.raw", "rootfs.raw"]
+    assert os.readlink(os.path.join(parts, "WINDATA.raw")) == "p3.raw"
+    assert sorted(os.listdir(parts)) == ["ESP.raw", "WINDATA.raw", "p1.raw", "p2.raw", "p3.raw", "rootfs.raw"]
 
 
 def test_random_reads_match_the_source(plain_mount):

@@ -32,12 +32,15 @@ def mount(app, image, mountpoint, foreground, allow_other, cache_size, log_file,
         hidden = len(os.listdir(mountpoint))
     except OSError:
         hidden = 0  # missing or unreadable: mount_op.mount says so
-    if hidden:
-        click.echo(f"imgkit: warning: {mountpoint} is not empty: its {hidden} entr{'y is' if hidden == 1 else 'ies are'} "
-                   "hidden while the image is mounted there (they come back after umount)", err=True)
+    warning = (f"imgkit: warning: {mountpoint} is not empty: its {hidden} entr{'y is' if hidden == 1 else 'ies are'} "
+               "hidden while the image is mounted there (they come back after umount)") if hidden else None
+    if warning and foreground:  # a foreground mount runs until unmounted: say it now
+        click.echo(warning, err=True)
     pid = mount_op.mount(image, mountpoint, password=reading_password(password_file), foreground=foreground,
                          allow_other=allow_other, cache_size=cache_size, log_file=log_file,
                          debug=app.debug if app else False)
+    if warning and not foreground:  # once the mount is live (a refused mount hides nothing)
+        click.echo(warning, err=True)
     if not foreground:
         click.echo(f"mounted {image} on {mountpoint} (daemon pid {pid}, cache {format_size(cache_size)}); "
                    f"unmount with: imgkit umount {mountpoint}")

@@ -61,3 +61,33 @@ def used_blocks(part: Stream) -> UsedBlocks:
     if len(bitmap) < need:  # contiguous bitmaps may have no FAT chain: read them straight
         bitmap = bytearray(part.read(heap + (first - 2) * cs, need))
     return UsedBlocks("exfat", cs, heap, clusters, bitmap)
+
+
+def volume_label(part: Stream) -> str | None:
+    """The volume label: the root directory's Volume Label entry (0x83: a count of UTF-16 units,
+    at most 11, then the units). None when there is none or the volume cannot be read."""
+    bs = part.read(0, 512)
+    if len(bs) < 512 or bs[3:11] != b"EXFAT   " or bs[510:512] != b"\x55\xaa":
+        return None
+    _, fat_off, _, heap_off, clusters, root = struct.unpack_from("<QIIIII", bs, 0x48)
+    bps_shift, spc_shift = bs[0x6C], bs[0x6D]
+    if not 9 <= bps_shift <= 12 or spc_shift > 25 - bps_shift:
+        return None
+    bps, cs = 1 << bps_shift, 1 << (bps_shift + spc_shift)
+    if heap_off * bps + clusters * cs > part.size:
+        return None
+    try:
+        chain = _chain(part, fat_off * bps, root, clusters, 1 << 12)
+    except NotUsable:
+        return None
+    for c in chain:
+        data = part.read(heap_off * bps + (c - 2) * cs, cs)
+        for pos in range(0, len(data) - 31, 32):
+            etype = data[pos]
+            if etype == 0:
+                return None
+            if etype == 0x83:
+                count = min(data[pos + 1], 11)
+                text = data[pos + 2:pos + 2 + 2 * count].decode("utf-16-le", "replace").strip()
+                return text or None
+    return None

@@ -52,6 +52,50 @@ def _runlist(raw: bytes, pos: int) -> list[tuple[int | None, int]]:
     return runs
 
 
+def _mft_record(part: Stream, number: int) -> tuple[bytearray, int, int, int]:
+    """MFT record `number` (fixups applied) of the volume, with bytes per sector, cluster size and
+    cluster count, every field checked against the partition."""
+    bs = part.read(0, 512)
+    if len(bs) < 512 or bs[3:11] != b"NTFS    ":
+        raise NotUsable("ntfs: no NTFS boot sector")
+    bps, cs = _cluster_size(bs)
+    total_sectors, mft_lcn = struct.unpack_from("<QQ", bs, 0x28)
+    cpr = struct.unpack_from("<b", bs, 0x40)[0]
+    rec_size = cs * cpr if cpr > 0 else 1 << -cpr
+    if not 256 <= rec_size <= 65536 or total_sectors * bps > part.size:
+        raise NotUsable("ntfs: MFT record size or volume size is invalid")
+    clusters = total_sectors * bps // cs
+    if mft_lcn >= clusters:
+        raise NotUsable("ntfs: the MFT lies past the end of the volume")
+    rec = bytearray(part.read(mft_lcn * cs + number * rec_size, rec_size))
+    if len(rec) != rec_size or rec[:4] != b"FILE":
+        raise NotUsable(f"ntfs: MFT record {number} is not a FILE record")
+    _apply_fixups(rec, bps)
+    return rec, bps, cs, clusters
+
+
+def volume_label(part: Stream) -> str | None:
+    """The volume label: the resident $VOLUME_NAME attribute (0x60, UTF-16LE) of MFT record 3
+    ($Volume). None when there is none or the volume cannot be read."""
+    try:
+        rec, _, _, _ = _mft_record(part, 3)
+    except NotUsable:
+        return None
+    pos = struct.unpack_from("<H", rec, 0x14)[0]
+    while pos + 24 <= len(rec):
+        atype, alen = struct.unpack_from("<II", rec, pos)
+        if atype == 0xFFFFFFFF or alen < 16 or pos + alen > len(rec):
+            return None
+        if atype == 0x60 and rec[pos + 8] == 0:  # resident, as $VOLUME_NAME always is
+            vlen, voff = struct.unpack_from("<IH", rec, pos + 0x10)
+            if vlen > 256 or voff + vlen > alen:  # a label has at most 128 UTF-16 units
+                return None
+            text = bytes(rec[pos + voff:pos + voff + vlen]).decode("utf-16-le", "replace").strip("\0").strip()
+            return text or None
+        pos += alen
+    return None
+
+
 def used_blocks(part: Stream) -> UsedBlocks:
     bs = part.read(0, 512)
     if len(bs) < 512 or bs[3:11] != b"NTFS    ":

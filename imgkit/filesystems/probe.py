@@ -1,6 +1,7 @@
 """Which filesystem a partition holds, and its label, from superblock magics (as blkid does).
 
-Only fixed offsets inside the first 72 KiB are read; every field is bounds-checked by slicing.
+Fixed offsets inside the first 72 KiB are read, every field bounds-checked by slicing; NTFS and
+exFAT keep their labels in metadata files (ntfs.py, exfat.py read them, bounded the same way).
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ def probe(part: Stream) -> Probe:
         kind = "ext4" if incompat & 0x2C0 or ro_compat & 0x78 else ("ext3" if compat & 0x4 else "ext2")
         u = sb[0x68:0x78].hex()
         return Probe(kind, _clean(sb[0x78:0x88]), f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}")
-    if head[3:11] == b"NTFS    ":
-        return Probe("ntfs", None, head[0x48:0x50][::-1].hex().upper())
-    if head[3:11] == b"EXFAT   ":
-        return Probe("exfat", None, head[0x64:0x68][::-1].hex().upper())
+    if head[3:11] == b"NTFS    ":  # the label lives in MFT record 3 ($Volume), not the boot sector
+        from .ntfs import volume_label
+        return Probe("ntfs", volume_label(part), head[0x48:0x50][::-1].hex().upper())
+    if head[3:11] == b"EXFAT   ":  # the label is an entry of the root directory
+        from .exfat import volume_label as exfat_label
+        return Probe("exfat", exfat_label(part), head[0x64:0x68][::-1].hex().upper())
     if head[510:512] == b"\x55\xaa":
         if head[0x52:0x5A] == b"FAT32   ":
             return Probe("vfat", _clean(head[0x47:0x52]), head[0x43:0x47][::-1].hex().upper())
