@@ -177,7 +177,9 @@ class S3Object:
         """The consumer will read (nearly) the whole object in order (restore, verify, convert): fetch
         aligned WINDOW-sized ranges, each once, and serve the chunks inside them from memory. Without
         this, every pread is its own GET of exactly the bytes asked (a mount reads only what it needs).
-        Measured on bench input B (191 MiB object, 257 chunks): restore 1.9 s -> see bench/results/ceph.md."""
+        Measured on bench input B (191 MiB object, 257 chunks), restore_stream, median of 4 alternating
+        runs on a loaded machine: 4.7 s with one GET a chunk, 3.1 s with these windows (2 MiB windows 12
+        ahead: 2.7 s, 8 MiB 8 ahead: 3.2 s, within the noise)."""
         self._sequential = True
         if self._ahead is None:
             self._ahead = ThreadPoolExecutor(max_workers=AHEAD, thread_name_prefix="imgkit-s3-ahead")
