@@ -14,6 +14,9 @@ appliance (its own kernel, in a VM) opens the overlay read-write and runs, per p
 Each filesystem's real minimum (vfs-minimum-size: resize2fs -P, ntfsresize --info, btrfs' own) is
 checked against the plan first: a plan below it is refused before the target is touched.
 
+When every filesystem involved is ext2/3/4 or NTFS, no appliance is launched: shrink_host.py runs the
+same tools on the host, confined by bubblewrap, on the overlay's partitions exposed as plain files.
+
 The appliance runs in a child process (python -m imgkit.shrink_fs): libguestfs calls can hold the
 GIL while qemu reads the overlay's backing file, which the NBD export in this process serves.
 """
@@ -45,6 +48,7 @@ class Shrunk:
     minimums: dict[int, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     overlay_bytes: int = 0  # disk space the overlay and FAT files took (peak extra disk)
+    engine: str = "appliance"  # where the resizers ran: "host" (confined, shrink_host.py) or "appliance"
 
 
 class OverlayImage(QemuImage):
@@ -107,6 +111,17 @@ def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_soc
                            overlay, str(image.size)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise OperationFailed(f"qemu-img could not create the overlay: {proc.stderr.strip()[:300]}")
+    from .shrink_host import HOST_FILESYSTEMS, host_path_usable, shrink_on_host
+    involved = {pp.filesystem for pp in plan.shrunk}
+    # a btrfs the first plan leaves whole may still shrink once measured (appliance); a FAT it
+    # leaves whole stays whole on both paths (pinned), so it does not need the appliance
+    involved |= {pp.filesystem for pp in plan.parts
+                 if pp.minimum is not None and pp.filesystem in (*HOST_FILESYSTEMS, "btrfs")}
+    if host_path_usable(involved):  # no appliance: the resizers run confined on the host
+        minimums, notes, plan = shrink_on_host(plan, overlay, export_socket, workdir, replan)
+        used = os.stat(overlay).st_blocks * 512
+        return Shrunk(OverlayImage(overlay, export_socket, image.size), {}, minimums, notes, used,
+                      engine="host"), plan
     fat_files, pinned = {}, {}
     for pp in plan.shrunk:
         if pp.filesystem == "vfat":

@@ -192,5 +192,5 @@ def restore_shrunk(img: Stream, target: str, plan: ShrinkPlan, *, image_paths, c
                     part.close()
             shrunk.overlay.close()
     report = {"plan": plan.to_dict(), "notes": shrunk.notes, "minimums": shrunk.minimums,
-              "overlay_bytes": shrunk.overlay_bytes}
+              "overlay_bytes": shrunk.overlay_bytes, "engine": shrunk.engine}
     return report, result
