@@ -751,6 +751,10 @@ METADATA_SCHEMA = _Object({
                         "warnings": _List(_Text())}, nullable=True),
     "os": _Object({"name": _Text(), "id": _Text(), "version_id": _Text(), "partition": _Int(0, 1 << 20, nullable=True)},
                   nullable=True),
+    # Incremental images (FORMAT.md, *Incremental images*): descriptive only; the PARENT section,
+    # not these, is what a reader resolves a chain by.
+    "incremental": _Object({"base": _Text(), "base_image_id": _Text(64)}, nullable=True),
+    "consolidated": _Object({"from": _List(_Text(), max_len=MAX_CHAIN_DEPTH + 1), "at": _Text(64)}, nullable=True),
 })
 
 
