@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from .caching_reader import CachingReader
 from .capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
 from .errors import BadImage, InputError, RefusedTarget
 from .formats import imgk_layout as L
@@ -89,7 +90,7 @@ def _local_paths(img: Stream, image: str) -> list[str]:
     """The image's files on this machine (an object in S3 or an RBD image cannot be the target)."""
     from .remote.rbd_image import is_rbd
     from .remote.s3 import is_s3
-    return [p for p in getattr(img, "volume_paths", [image]) if not is_s3(p) and not is_rbd(p)]
+    return [p for p in img.paths() or [image] if not is_s3(p) and not is_rbd(p)]
 
 
 def open_restore_source(path: str, password: Password = None) -> Stream:
@@ -156,8 +157,7 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
             fs_plan = build_plan(src, partitions=partitions, chunk_size=chunk_size,
                                  path=source if isinstance(src, RawSource) else None)
             plan, warnings = fs_plan.plan, fs_plan.warnings
-        info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
-                                                                 "kind": "image", "size": src.size}
+        info = src.describe()
         sealer_factory = None
         if password is not None:
             from .crypto import sealer_factory_for
@@ -188,13 +188,13 @@ def _open_base(base: str, output: str, password: Password, base_dir: str | None)
     if is_s3(base) or is_s3(output):
         if base == output:
             raise InputError(f"{output} is the base image: refusing to overwrite the parent of the new image")
-        return open_chain(base, _password_provider(password), base_dir, cache_chunks=1)
+        return open_chain(base, _password_provider(password), base_dir)
     if not is_imgk(base):
         raise InputError(f"{base}: --base must be an imgk image" if os.path.exists(base)
                          else f"{base}: no such image for --base")
     if os.path.exists(output) and os.path.samefile(base, output):
         raise InputError(f"{output} is the base image: refusing to overwrite the parent of the new image")
-    return open_chain(base, _password_provider(password), base_dir, cache_chunks=1)
+    return open_chain(base, _password_provider(password), base_dir)
 
 
 def _base_warnings(parent, src: Stream, output: str, base_dir: str | None) -> list[str]:
@@ -315,9 +315,9 @@ def plan_partition_restore(image: str, target: str, number: int, *, to_partition
     from .partition_restore import plan_partition_restore as make_plan
     from .targets import open_restore_target
     with open_restore_source(image, password) as img:
-        plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+        plan = make_plan(img, target, number, to_partition, img.metadata)
         if check:
-            open_restore_target(target, getattr(img, "volume_paths", [image]), start=plan.offset,
+            open_restore_target(target, img.paths() or [image], start=plan.offset,
                                 length=plan.source.size, write=False).close()
         return plan
 
@@ -327,7 +327,7 @@ def restore_partition(image: str, target: str, number: int, *, to_partition: int
     """Restore one partition of an image; returns (plan, RestoreResult)."""
     from .partition_restore import plan_partition_restore as make_plan, restore_partition as run
     with open_restore_source(image, password) as img:
-        plan = make_plan(img, target, number, to_partition, getattr(img, "metadata", None))
+        plan = make_plan(img, target, number, to_partition, img.metadata)
         return plan, run(img, plan, image_paths=_local_paths(img, image), confirm=confirm,
                          progress=progress)
 
@@ -346,8 +346,10 @@ def verify(image: str, *, password: Password = None, progress: Progress | None =
         return verify_image(img, progress)
 
 
-def image_info(img: Stream) -> dict:
-    """What `imgkit info --json` prints."""
+def image_info(stream: Stream) -> dict:
+    """What `imgkit info --json` prints. Probing reads (partition tables, filesystem headers) go
+    through a caching reader: many small reads of the same few chunks."""
+    img = stream.stream if isinstance(stream, CachingReader) else stream
     if isinstance(img, ImageReader):
         meta = img.metadata
         kinds = img.index.kinds()
@@ -385,12 +387,19 @@ def image_info(img: Stream) -> dict:
             "os": meta.get("os"),
         }
     from .capture import build_metadata  # a raw or foreign disk: describe it on the fly
-    meta = build_metadata(img, {"path": getattr(img, "path", None), "size": img.size}, 0, CapturePlan())
-    doc = {"format": getattr(img, "format_name", "raw"), "path": getattr(img, "path", None),
+    from .formats.qemu_image import QemuImage
+    described = img.describe()
+    probe = stream if isinstance(stream, CachingReader) else CachingReader(img, 8 << 20)
+    try:
+        meta = build_metadata(probe, {"path": described.get("path"), "size": img.size}, 0, CapturePlan())
+    finally:
+        if probe is not stream:
+            probe.close()
+    doc = {"format": described.get("format", "raw"), "path": described.get("path"),
            "virtual_size": img.size, "partition_table": meta["partition_table"],
            "optical": meta.get("optical"), "os": meta.get("os")}
-    inspected = getattr(img, "inspected", None)  # a foreign image: what its own header says
-    if inspected is not None:
+    if isinstance(img, QemuImage):  # a foreign image: what its own header says
+        inspected = img.inspected
         doc.update({"subformat": inspected.subformat, "file_size": inspected.file_size,
                     "format_details": inspected.details})
     return doc

@@ -233,8 +233,10 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     stream = api.open_image(image, password, fmt=fmt)  # inspects foreign headers, checks imgk structure
     pinned_fd = None
     try:
-        metadata = getattr(stream, "metadata", None)
-        plan = plan_boot(stream, fmt, firmware, metadata)
+        from .caching_reader import CachingReader
+        metadata = stream.metadata
+        with CachingReader(stream, 8 << 20) as probe:  # many small reads of the same first chunks
+            plan = plan_boot(probe, fmt, firmware, metadata)
         if fmt in foreign.QEMU_FORMATS:
             # QEMU reads the very file that was inspected: the inspection's descriptor, duplicated
             # before the planning stream (which owns it) closes, never the path again.

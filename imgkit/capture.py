@@ -222,14 +222,13 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
                 return PreparedChunk(i, length, L.KIND_PARENT, same)
         return encoder.prepare(i, data, length)
 
-    prefetch = getattr(source, "prefetch", None)
 
     def chunks_to_do():
         # Runs as work is queued, a few chunks ahead of the workers: the disk reads the next chunks
         # while the workers compress the current ones, instead of each worker waiting on its read.
         for i in range(count):
-            if prefetch is not None and has_data[i] == 1:
-                prefetch(i * chunk_size, min(chunk_size, source.size - i * chunk_size))
+            if has_data[i] == 1:
+                source.will_need(i * chunk_size, min(chunk_size, source.size - i * chunk_size))
             yield i
 
     counts = {L.KIND_DATA: 0, L.KIND_ZERO: 0, L.KIND_FREE: 0, L.KIND_PARENT: 0}

@@ -78,7 +78,7 @@ def _other_children(parent: ImageReader, skip: list[str], password) -> list[str]
         if _header_id(path) is None:
             continue
         try:
-            with ImageReader(path, password, cache_chunks=1) as img:
+            with ImageReader(path, password) as img:
                 if img.parent_ref is not None and img.parent_ref.image_id == parent.header.image_id:
                     out.append(path)
         except InputError:
@@ -97,7 +97,7 @@ def consolidate(child: str, output: str | None = None, *, into: str | None = Non
         done = _finish_interrupted(child, into)
         if done is not None:
             return done
-    top = open_chain(child, password, base_dir, cache_chunks=1)  # the whole chain is checked here
+    top = open_chain(child, password, base_dir)  # the whole chain is checked here
     try:
         if top.parent is None:
             raise InputError(f"{child} is not an incremental image: there is nothing to consolidate")

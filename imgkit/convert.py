@@ -18,15 +18,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from .caching_reader import CachingReader
 from .capture import capture_stream
 from .targets import check_replaceable, refuse_device_image_path
 from .disk_info import optical_facts
 from .errors import InputError, Interrupted, OperationFailed
 from .formats import foreign
-from .formats.imgk_reader import ImageReader
 from .formats.imgk_writer import LEVEL_DEFAULT
 from .nbd_export import export_stream
-from .parallel import ordered_map
 from .progress import NullProgress, Progress
 from .remote.rbd_image import is_rbd
 from .remote.s3 import is_s3
@@ -138,6 +137,28 @@ class PaddedStream(Stream):
 
     def __init__(self, base: Stream, size: int):
         self.base, self.size = base, size
+        self.unit_size, self.unit_phase = base.unit_size, base.unit_phase
+        self.thread_safe, self.read_ahead_bytes = base.thread_safe, base.read_ahead_bytes
+        self.format_name, self.metadata = base.format_name, base.metadata
+
+    def read_unit(self, i: int, unit: int | None = None) -> bytes:
+        start, end = self.unit_span(i, unit)
+        data = self.base.read_unit(i, unit) if start < self.base.size else b""
+        return data + bytes(end - start - len(data))
+
+    def unit_is_stored(self, i: int) -> bool:
+        if not self.unit_size:
+            return True
+        return self.unit_span(i)[0] < self.base.size and self.base.unit_is_stored(i)
+
+    def unit_is_cheap(self, i: int) -> bool:
+        return self.base.unit_is_cheap(i)
+
+    def will_need(self, offset: int, length: int) -> None:
+        self.base.will_need(offset, length)
+
+    def describe(self) -> dict:
+        return self.base.describe()
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size:
@@ -225,21 +246,17 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
 
 
 def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
-    """Data runs into a sparse file; holes and all-zero pieces stay holes."""
-    pieces = []
-    for run in stream.runs():
-        if run.kind == DATA:
-            for off in range(run.offset, run.end, COPY_PIECE):
-                pieces.append((off, min(COPY_PIECE, run.end - off)))
+    """Data runs into a sparse file; holes and all-zero pieces stay holes. Read through the one
+    caching reader, in pieces cut where the source's units are (an imgk chunk decodes once)."""
+    reader = CachingReader(stream, cache_bytes=0)
+    pieces = list(reader.cut_pieces(stream.runs(), {DATA}, stream.unit_size or COPY_PIECE))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(fd, stream.size)
-        if hasattr(stream, "read_sequentially"):
-            stream.read_sequentially()
+        stream.read_sequentially()
         zero = bytes(COPY_PIECE)
         written = 0
-        for (off, length), data in zip(pieces, ordered_map(lambda p: stream.read(*p), pieces,
-                                                                  getattr(stream, "read_workers", None))):
+        for (off, length), data in reader.map_pieces(pieces):
             if len(data) != length:
                 raise OperationFailed(f"short read from the source at offset {off}")
             written += length
@@ -308,8 +325,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     else:
         src = open_image(source, password, fmt=source_format)  # detects, inspects, refuses hostile images
         try:
-            src_fmt = "imgk" if isinstance(src, ImageReader) else getattr(src, "format_name", None) or (
-                source_format or "raw")
+            src_fmt = src.format_name or source_format or "raw"
             progress.total = src.size
             if plan.pad_to_mib:
                 plan.size = -(-src.size // MiB) * MiB
@@ -343,8 +359,7 @@ def _to_rbd(source: str, dest: str, source_format, to, options: bool, force: boo
     check_target(dest, force)  # refuse before reading anything
     src = open_image(source, password, fmt=source_format)
     try:
-        src_fmt = "imgk" if isinstance(src, ImageReader) else getattr(src, "format_name", None) or (
-            source_format or "raw")
+        src_fmt = src.format_name or source_format or "raw"
         result = write_image(src, dest, force=force, progress=progress)
         size = src.size
     finally:
@@ -403,8 +418,7 @@ def _sealer_for(src: Stream, source: str, to: str, password, encrypt: bytes | No
 def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progress: Progress,
            level: int | None, sealer_factory=None) -> str:
     if plan.to == "imgk":
-        info = src.describe() if hasattr(src, "describe") else {"path": os.path.abspath(source),
-                                                                 "kind": "image", "size": src.size}
+        info = src.describe()
         if level is None:
             level = LEVEL_DEFAULT
         # Filesystem-aware like capture: only the blocks each filesystem uses are stored.
@@ -417,7 +431,7 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
         return "capture"
     if plan.to in ("raw", "iso"):
         if plan.to == "iso":
-            optical = src.metadata.get("optical") if isinstance(src, ImageReader) else optical_facts(src)
+            optical = src.metadata.get("optical") if src.metadata is not None else optical_facts(src)
             if not optical:
                 raise InputError(f"{source} is not an optical image (no ISO 9660 volume descriptor at "
                                  "sector 16): refusing to make an .iso of a hard disk",

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from . import api
+from .caching_reader import CachingReader
 from .errors import EnvironmentProblem, ImgkitError, InputError, OperationFailed
 from .remote.s3 import is_s3
 from .vfs import ImageTree
@@ -116,10 +117,10 @@ def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageT
     """Open the image (asks the password now, before any daemon exists) and describe it."""
     img = api.open_image(image, password, serving=True)
     try:
-        info = api.image_info(img)
-        if hasattr(img, "clear_cache"):
-            img.clear_cache()  # reading the partition table filled the reader's own cache
-        mtime = getattr(img, "mtime_ns", None) or os.stat(image).st_mtime_ns
+        disk = CachingReader(img, cache_size)
+        info = api.image_info(disk)
+        disk.clear()  # what reading the partition table cached will not be read again
+        mtime = img.mtime_ns or os.stat(image).st_mtime_ns
         disk_path = os.path.join(mountpoint, "disk.raw")
 
         def files_backend(devices):
@@ -128,7 +129,7 @@ def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageT
             # a helper process that owns the guestfs handle.
             return GuestfsHelper(disk_path, devices)
 
-        return ImageTree(img, info, cache_bytes=cache_size, files_backend=files_backend, mtime_ns=mtime)
+        return ImageTree(disk, info, cache_bytes=cache_size, files_backend=files_backend, mtime_ns=mtime)
     except BaseException:
         img.close()
         raise

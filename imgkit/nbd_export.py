@@ -13,9 +13,9 @@ Protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md): f
 handshake; NBD_OPT_EXPORT_NAME, INFO, GO, LIST, ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT with
 "base:allocation". Reads are answered with structured replies: zero and free runs go out as
 NBD_REPLY_TYPE_OFFSET_HOLE (no bytes on the wire), and NBD_CMD_BLOCK_STATUS reports them as
-HOLE|ZERO, so qemu-img never reads a zero range. Reads run on a small thread pool (zstd and SHA-256
-release the GIL), replies are written under one lock; the Stream must allow concurrent read() calls
-(ImageReader does), or pass workers=1.
+HOLE|ZERO, so qemu-img never reads a zero range. Reads go through the one caching reader
+(caching_reader.py: its cache, its read-ahead, one handle per connection) and run on a small thread
+pool (zstd and SHA-256 release the GIL); replies are written under one lock.
 
 Usage:
     with export_stream(stream) as export:
@@ -33,6 +33,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
+from .caching_reader import CachingReader
 from .stream import DATA, Stream, merge_runs
 
 # Handshake
@@ -116,14 +117,18 @@ class NbdExport:
     """A running export. `socket_path`, `qemu_filename` (use with `-f raw`); `bytes_read` counts bytes
     sent as data, `bytes_skipped` bytes answered as holes; `errors` collects read failures (the client only sees EIO)."""
 
+    CACHE_BYTES = 32 << 20
+
     def __init__(self, stream: Stream, *, workers: int = 2, socket_dir: str | None = None,
                  socket_path: str | None = None, tcp: tuple[str, int] | None = None,
                  tls=None, export_name: str | None = None, on_error=None):
         """Listen on a unix socket in a new private directory (default), on `socket_path`, or on
         `tcp` (host, port). `tls`: an ssl.SSLContext (server side); clients must then STARTTLS before
         any other option. `export_name`: the only name served (default: "" and "imgkit").
-        `on_error(message)` is called for each failed read (the client only sees EIO)."""
+        `on_error(message)` is called for each failed read (the client only sees EIO). Reads go
+        through one caching reader (its cache, its read-ahead; one handle per connection)."""
         self.stream = stream
+        self.reader = CachingReader(stream, self.CACHE_BYTES, workers)
         self.size = stream.size
         self.runmap = RunMap(stream)
         self.tls = tls
@@ -149,9 +154,6 @@ class NbdExport:
             self._listener.bind(self.socket_path)
         self._listener.listen(16)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imgkit-nbd")
-        # Read-ahead has a thread of its own: in the read pool, a speculative decode would sit in
-        # front of the reads a client is waiting for.
-        self._ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgkit-nbd-ahead")
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -160,42 +162,8 @@ class NbdExport:
         self.bytes_skipped = 0
         self.errors: list[str] = []
         self.connections = 0
-        self._ahead: set[int] = set()  # chunks queued for read-ahead
-        cs = getattr(stream, "chunk_size", 0)
-        self._ahead_done = bytearray(-(-self.size // cs) if cs else 0)  # one byte a chunk
         self._accepter = threading.Thread(target=self._accept_loop, name="imgkit-nbd-accept", daemon=True)
         self._accepter.start()
-
-    # -- read-ahead -------------------------------------------------------------------------------
-    READ_AHEAD_CHUNKS = 2
-
-    def read_ahead(self, offset: int, length: int) -> None:
-        """For reads smaller than a chunk (qemu-img convert -c asks for 64 KiB at a time, sixteen at
-        once), decode the next chunks before they are asked for: otherwise every new chunk stalls all
-        of qemu-img's requests on one decode while its compression threads idle. Larger reads are
-        left alone: qemu-img keeps several of them in flight already, and they bypass the cache."""
-        stream = self.stream
-        cs = getattr(stream, "chunk_size", 0)
-        if not cs or length >= cs or not hasattr(stream, "prefetch_chunk"):
-            return
-        first = (offset + length - 1) // cs + 1
-        for i in range(first, first + self.READ_AHEAD_CHUNKS):
-            with self._lock:
-                if i >= len(self._ahead_done) or i in self._ahead or self._ahead_done[i]:
-                    continue
-                self._ahead.add(i)
-            try:
-                fut = self._ahead_pool.submit(stream.prefetch_chunk, i)
-            except RuntimeError:  # closing
-                with self._lock:
-                    self._ahead.discard(i)
-                return
-            fut.add_done_callback(lambda _f, i=i: self._ahead_finished(i))
-
-    def _ahead_finished(self, i: int) -> None:
-        with self._lock:
-            self._ahead.discard(i)
-            self._ahead_done[i] = 1  # decoded once: never queue it again (it may have left the cache)
 
     # -- names for qemu ---------------------------------------------------------------------------
     @property
@@ -243,7 +211,7 @@ class NbdExport:
         self._accepter.join(5)
         for t in self._threads:
             t.join(5)
-        self._ahead_pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -312,6 +280,8 @@ class _Session:
         self.pending: set = set()
         self.pending_lock = threading.Lock()
         self.tls_done = False
+        # qemu-img reads a disk front to back: read ahead from its first request.
+        self.reader = export.reader.handle(eager=True)
 
     # -- wire helpers -----------------------------------------------------------------------------
     def recv(self, n: int) -> bytes:
@@ -485,14 +455,14 @@ class _Session:
             self.submit_read(handle, flags, offset, length)
 
     def submit_read(self, handle: int, flags: int, offset: int, length: int) -> None:
+        # Noted first: the read-ahead of what follows starts before this read is even answered.
+        self.reader.note(offset, length)
         if self.structured and self._read_inline(handle, offset, length):
-            self.export.read_ahead(offset, length)
             return
         fut = self.export._pool.submit(self.read, handle, flags, offset, length)
         with self.pending_lock:
             self.pending.add(fut)
         fut.add_done_callback(self._forget)
-        self.export.read_ahead(offset, length)
 
     def _forget(self, fut) -> None:
         with self.pending_lock:
@@ -513,10 +483,7 @@ class _Session:
         """Answer a read within one already-decoded chunk right here, without a worker: with -c,
         qemu-img asks for 64 KiB at a time, sixteen per 1 MiB chunk, and the hand-off cost more than
         the read (measured: ~120 us of CPU per request before). False when it needs decoding."""
-        peek = getattr(self.export.stream, "read_if_cached", None)
-        if peek is None:
-            return False
-        data = peek(offset, length)
+        data = self.reader.read_if_cached(offset, length)
         if data is None:
             return False
         self.export.bytes_read += length
@@ -525,10 +492,11 @@ class _Session:
 
     def read(self, handle: int, flags: int, offset: int, length: int) -> None:
         exp = self.export
+        read = exp.reader.read
         try:
             segments = list(exp.runmap.segments(offset, offset + length))
             if not self.structured or flags & CMD_FLAG_DF:
-                data = b"".join(exp.stream.read(s, e - s) if d else bytes(e - s) for s, e, d in segments)
+                data = b"".join(read(s, e - s) if d else bytes(e - s) for s, e, d in segments)
                 if len(data) != length:
                     raise OSError(f"short read at {offset}")
                 exp.bytes_read += length
@@ -541,7 +509,7 @@ class _Session:
             replies = []
             for s, e, is_data in self._split_at_chunks(segments):
                 if is_data:
-                    data = exp.stream.read(s, e - s)
+                    data = read(s, e - s)
                     if len(data) != e - s:
                         raise OSError(f"short read at {s}")
                     replies.append((REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", s), data))
@@ -566,13 +534,13 @@ class _Session:
         """Data pieces cut at the stream's chunk boundaries: each piece is then one decoded chunk (or
         a slice of it) sent as is, where a piece spanning chunks would be joined into a new buffer
         first (a 2 MiB copy per qemu-img request)."""
-        cs = getattr(self.export.stream, "chunk_size", 0)
+        reader = self.export.reader
         for s, e, is_data in segments:
-            if not is_data or not cs:
+            if not is_data:
                 yield s, e, is_data
                 continue
             while s < e:
-                stop = min(e, (s // cs + 1) * cs)
+                stop = min(e, reader.span(reader.unit_of(s))[1])
                 yield s, stop, True
                 s = stop
 

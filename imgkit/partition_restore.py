@@ -19,7 +19,7 @@ from .blockdev import device_size, is_partition, loop_offset
 from .errors import InputError, Interrupted, OperationFailed, RefusedTarget
 from .partitions import Partition, read_partition_table
 from .progress import NullProgress, Progress
-from .restore import WRITE_PIECE, RestoreResult, restore_stream, write_stream
+from .restore import RestoreResult, restore_stream, write_stream
 from .sources import RawSource
 from .stream import SliceStream, Stream
 from .targets import open_restore_target
@@ -121,9 +121,8 @@ def restore_partition(image: Stream, plan: PartitionPlan, *, image_paths: list[s
                       confirm=None, progress: Progress | None = None) -> RestoreResult:
     """Carry out a plan. `confirm(text)` is asked before anything existing is overwritten."""
     part = SliceStream(image, plan.source.start, plan.source.size)
-    # Pieces are cut where the image's chunks are (restore._pieces): a partition starts mid-chunk.
-    part.chunk_size = getattr(image, "chunk_size", WRITE_PIECE)
-    part.chunk_phase = plan.source.start
+    # The slice declares the image's chunks as its units, with the phase at which it starts inside
+    # one: restore cuts its pieces there.
     if plan.target_kind == "new file" or (plan.target_kind == "file" and plan.to_partition is None):
         # A whole file becomes the partition: the core restore (temp name, sparse, rename).
         return restore_stream(part, plan.target, image_paths=image_paths, confirm=confirm, progress=progress)

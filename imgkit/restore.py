@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .caching_reader import CachingReader
 from .errors import InputError, Interrupted, OperationFailed, RefusedTarget
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
@@ -194,19 +195,17 @@ def _cleanup(fd: int, tmp: str) -> None:
         pass
 
 
-def _pieces(image: Stream, kinds: set[str], piece: int):
-    """(offset, length) pieces of at most `piece` bytes covering the runs of the given kinds, cut
-    where the image's chunks are cut, so no piece makes two chunks decode. A partition's slice starts
-    mid-chunk: its `chunk_phase` says where its byte 0 lies in the image."""
-    phase = getattr(image, "chunk_phase", 0)
-    for run in image.runs():
-        if run.kind not in kinds:
-            continue
-        pos = run.offset
-        while pos < run.end:
-            n = min(run.end - pos, piece - (phase + pos) % piece)
-            yield pos, n
-            pos += n
+def _reader(image: Stream) -> CachingReader:
+    """The one read engine over the image, for a front-to-back pass: no cache to keep (each chunk is
+    read once, whole) and no read-ahead of its own (map_pieces keeps the workers ahead)."""
+    return CachingReader(image, cache_bytes=0)
+
+
+def _pieces(reader: CachingReader, kinds: set[str]):
+    """(offset, length) pieces covering the runs of the given kinds, cut where the image's chunks are
+    cut (a partition starts mid-chunk: its unit_phase says where), so no piece makes two chunks
+    decode; WRITE_PIECE for streams without chunks."""
+    return reader.cut_pieces(reader.runs(), kinds, reader.stream.unit_size or WRITE_PIECE)
 
 
 def write_stream(image: Stream, fd: int, *, base: int = 0, zero_old: bool, sparse: bool,
@@ -216,10 +215,9 @@ def write_stream(image: Stream, fd: int, *, base: int = 0, zero_old: bool, spars
     bytes must not show through zero runs (a device, or a partition inside an existing disk file);
     `sparse`: the target is all holes, and zero 64 KiB pieces of data stay holes. FREE runs (unused
     by the filesystem) are left as they are."""
-    piece = getattr(image, "chunk_size", WRITE_PIECE)
-    workers = workers or getattr(image, "read_workers", None)  # an image in S3: several GETs in flight
-    if hasattr(image, "read_sequentially"):
-        image.read_sequentially()
+    reader = _reader(image)
+    workers = workers or image.read_workers  # an image in S3: several GETs in flight
+    image.read_sequentially()
     written = 0
     progress.total = image.size
     for run in image.runs():
@@ -230,8 +228,7 @@ def write_stream(image: Stream, fd: int, *, base: int = 0, zero_old: bool, spars
         progress.advance(run.length)  # FREE runs and file holes cost nothing
     write = _pwrite_sparse if sparse else _pwrite_all
     since_writeback = 0
-    for (offset, length), data in ordered_map(lambda p: (p, image.read(*p)), _pieces(image, {DATA}, piece),
-                                              workers):
+    for (offset, length), data in reader.map_pieces(_pieces(reader, {DATA}), workers):
         write(fd, data, base + offset)
         written += length
         since_writeback += length
@@ -245,13 +242,13 @@ def write_stream(image: Stream, fd: int, *, base: int = 0, zero_old: bool, spars
 def _verify_target(image: Stream, target: str, progress: Progress) -> None:
     """Read the target back and compare it with the image, chunk by chunk (the image's own read has
     checked each chunk's hash already: a byte comparison is all that is left to do)."""
-    piece = getattr(image, "chunk_size", WRITE_PIECE)
+    reader = _reader(image)
     fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     try:
         def check(p):
             offset, length = p
-            return offset, os.pread(fd, length, offset) == image.read(offset, length)
-        for offset, ok in ordered_map(check, _pieces(image, {DATA, ZERO}, piece)):
+            return offset, os.pread(fd, length, offset) == reader.read(offset, length)
+        for offset, ok in ordered_map(check, _pieces(reader, {DATA, ZERO})):
             if not ok:
                 raise OperationFailed(f"verify after restore: {target} differs from the image at offset {offset}")
     finally:

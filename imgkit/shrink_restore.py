@@ -135,7 +135,7 @@ def target_size_of(target: str, given: int | None) -> int:
 
 def make_plan(img: Stream, target_size: int, mode: str, minimums: dict | None = None,
               pinned: dict | None = None) -> ShrinkPlan:
-    return plan_shrink(img, target_size, mode, getattr(img, "metadata", None), getattr(img, "used_maps", None),
+    return plan_shrink(img, target_size, mode, img.metadata, getattr(img, "used_maps", None),
                        minimums=minimums, pinned=pinned)
 
 
@@ -173,8 +173,7 @@ def restore_shrunk(img: Stream, target: str, plan: ShrinkPlan, *, image_paths, c
                 if pp.extended:
                     continue
                 if not pp.shrinks:
-                    src = SliceStream(img, pp.old_start, pp.old_size)
-                    src.chunk_size, src.chunk_phase = getattr(img, "chunk_size", 4 << 20), pp.old_start
+                    src = SliceStream(img, pp.old_start, pp.old_size)  # declares img's chunks as its units
                 elif pp.number in shrunk.fat_files:
                     fat = RawSource(shrunk.fat_files[pp.number])
                     src = UsedView(fat, _used_map("vfat", fat))

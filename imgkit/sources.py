@@ -21,6 +21,8 @@ def _sys_attr(path: str) -> str | None:
 class RawSource(Stream):
     """A block device or regular file read with pread; holes (SEEK_HOLE) are reported as zero runs."""
 
+    thread_safe = True  # pread only
+
     def __init__(self, path: str):
         self.path = path
         try:
@@ -58,6 +60,9 @@ class RawSource(Stream):
                 info["loop_backing_file"] = backing
         return info
 
+    def paths(self) -> list[str]:
+        return [self.path]
+
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size:
             return b""
@@ -70,7 +75,7 @@ class RawSource(Stream):
             out += more
         return out
 
-    def prefetch(self, offset: int, length: int) -> None:
+    def will_need(self, offset: int, length: int) -> None:
         """Start reading [offset, offset+length) into the page cache without waiting
         (POSIX_FADV_WILLNEED), so a later read() of it does not block on the disk."""
         try:

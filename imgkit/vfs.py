@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from .caching_reader import CachingReader, ReadHandle
 from .chunk_cache import ChunkCache
 from .errors import ImgkitError, InputError
-from .formats.imgk_layout import KIND_DATA as _KIND_DATA, KIND_PARENT as _KIND_PARENT
 from .partitions import is_extended_type
 from .stream import Stream
 
@@ -86,99 +86,6 @@ class FilesBackend(Protocol):
     def close(self) -> None: ...
 
 
-# -- the disk: chunk-aware reads with a bounded LRU of decompressed chunks --------------------------
-class DiskReader:
-    """Reads [offset, offset+size) of the disk. For chunked images (imgk: read_chunk, chunk_size)
-    only the chunks a read touches are decompressed, through the ChunkCache; other streams (raw
-    files, foreign formats) are read directly, serialised unless they say they are thread-safe."""
-
-    def __init__(self, stream: Stream, cache_bytes: int):
-        self.stream = stream
-        self.size = stream.size
-        self.chunked = hasattr(stream, "read_chunk") and hasattr(stream, "chunk_size") and hasattr(stream, "index")
-        self.chunk_size = stream.chunk_size if self.chunked else 0
-        self.cache = ChunkCache(cache_bytes)
-        from .formats.imgk_reader import ImageReader
-        from .sources import RawSource
-        safe = isinstance(stream, (ImageReader, RawSource)) or getattr(stream, "thread_safe", False)
-        self._lock = None if safe else threading.Lock()
-
-    def _is_data(self, i: int) -> bool:
-        return self.stream.index[i].kind in (_KIND_DATA, _KIND_PARENT)
-
-    def read(self, offset: int, size: int) -> bytes:
-        if offset >= self.size or size <= 0:
-            return b""
-        end = min(self.size, offset + size)
-        if not self.chunked:
-            if self._lock:
-                with self._lock:
-                    return self.stream.read(offset, end - offset)
-            return self.stream.read(offset, end - offset)
-        cs = self.chunk_size
-        parts = []
-        pos = offset
-        while pos < end:
-            i = pos // cs
-            base = i * cs
-            stop = min(end, base + cs)
-            if not self._is_data(i):
-                parts.append(bytes(stop - pos))
-            else:
-                data = self.cache.get(i, self.stream.read_chunk)
-                parts.append(data[pos - base:stop - base])
-            pos = stop
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    INLINE_STORED = 96 << 10  # decompressing this much takes tens of microseconds: less than a thread hop
-    INLINE_MAX_CHUNKS = 32  # a 1 MiB read of 64 KiB chunks, found in the cache, is joined in place
-
-    def is_cheap(self, offset: int, size: int) -> bool:
-        """Whether read(offset, size) is only cache hits, zeros and small chunks, so doing it on the
-        caller's thread costs less than handing it to a worker."""
-        if size <= 0 or offset >= self.size:
-            return True
-        if not self.chunked:
-            return False
-        cs = self.chunk_size
-        first, last = offset // cs, (min(self.size, offset + size) - 1) // cs
-        if last - first >= self.INLINE_MAX_CHUNKS:
-            return False
-        index = self.stream.index
-        to_decode = 0  # stored bytes this read would decompress here: at most one small chunk's worth
-        for i in range(first, last + 1):
-            # cached(), not `in`: a chunk another thread is still decoding would make this thread
-            # (the FUSE loop, when the answer is "cheap") wait for it.
-            if self._is_data(i) and not self.cache.cached(i):
-                # A chunk read from a parent: its stored size is the parent's; count it as a whole chunk.
-                e = index[i]
-                to_decode += e.stored_length if e.kind == _KIND_DATA else cs
-                if to_decode > self.INLINE_STORED:
-                    return False
-        return True
-
-    def chunks_to_prefetch(self, offset: int, window: int) -> list[int]:
-        """Stored chunks in [offset, offset+window) that are neither cached nor being loaded."""
-        if not self.chunked or offset >= self.size or window <= 0:
-            return []
-        first = offset // self.chunk_size
-        last = (min(self.size, offset + window) - 1) // self.chunk_size
-        return [i for i in range(first, last + 1) if self._is_data(i) and i not in self.cache]
-
-    def will_need(self, chunks: list[int]) -> None:
-        """Start the disk reads of chunks a read-ahead will decode (a hint; streams without it ignore it)."""
-        hint = getattr(self.stream, "will_need", None)
-        if hint is not None and chunks:
-            hint(chunks)
-
-    def prefetch(self, i: int) -> None:
-        """Load chunk i into the cache; errors are left for the read that needs the chunk."""
-        try:
-            self.cache.get(i, self.stream.read_chunk)
-        except ImgkitError:
-            pass
-
-
 # -- the tree ---------------------------------------------------------------------------------------
 @dataclass
 class _Node:
@@ -214,7 +121,8 @@ class ImageTree:
     def __init__(self, stream: Stream, info: dict, *, cache_bytes: int = 64 << 20,
                  files_backend: Callable[[dict[str, int]], FilesBackend] | None = None,
                  mtime_ns: int | None = None, uid: int | None = None, gid: int | None = None):
-        self.disk = DiskReader(stream, cache_bytes)
+        # The disk's bytes come through the one caching reader; disk.raw and partitions/ share it.
+        self.disk = stream if isinstance(stream, CachingReader) else CachingReader(stream, cache_bytes)
         self.info = info
         self._files_factory = files_backend
         self._files: FilesBackend | None = None
@@ -308,7 +216,12 @@ class ImageTree:
     def files_started(self) -> bool:
         return self._files is not None
 
+    def stop_read_ahead(self) -> None:
+        self.disk.close()
+
     def close(self) -> None:
+        """Stop the disk's read-ahead and the files view (the stream stays open: its owner closes it)."""
+        self.disk.close()
         with self._files_lock:
             files, self._files = self._files, None
             self._files_error = FilesUnavailable("the mount is shutting down")
@@ -360,9 +273,22 @@ class ImageTree:
                     node.content = os.fsencode(self.files().readlink(node.fs, node.path))
         return node.content
 
-    def read(self, ino: int, offset: int, size: int) -> bytes:
+    def parent(self, ino: int) -> int:
+        return self.node(ino).parent
+
+    def open_reader(self, ino: int) -> ReadHandle | None:
+        """A read position on a disk-backed file (disk.raw, a partition): its sequential reads are
+        read ahead by the caching reader. None for other files."""
+        node = self.nodes.get(ino)
+        if node is None or node.kind != "disk":
+            return None
+        return self.disk.handle(node.start, node.attr.size)
+
+    def read(self, ino: int, offset: int, size: int, handle: ReadHandle | None = None) -> bytes:
         node = self.node(ino)
         if node.kind == "disk":
+            if handle is not None:
+                return handle.read(offset, size)
             end = min(offset + size, node.attr.size)
             if offset >= end:
                 return b""
@@ -378,11 +304,6 @@ class ImageTree:
         if node is None or node.kind != "disk":
             return node is not None and node.kind == "bytes"
         return self.disk.is_cheap(node.start + offset, min(size, max(0, node.attr.size - offset)))
-
-    def disk_range(self, ino: int) -> tuple[int, int] | None:
-        """(start on the disk, size) of a disk-backed file, for read-ahead planning."""
-        node = self.nodes.get(ino)
-        return (node.start, node.attr.size) if node is not None and node.kind == "disk" else None
 
     # the files view -------------------------------------------------------------------------
     def _children(self, ino: int) -> dict[bytes, int]:

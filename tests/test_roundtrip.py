@@ -192,16 +192,20 @@ def test_both_chunk_hash_algorithms_read_and_detect_damage(tmp_path, algo):
 def test_restore_pieces_of_a_partition_slice_follow_the_image_chunks(tmp_path):
     # A partition starts mid-chunk: a piece cut from the slice's own byte 0 would span two image
     # chunks and make both decode for one write.
+    from imgkit.caching_reader import CachingReader
     from imgkit.restore import _pieces
     from imgkit.sources import RawSource
     from imgkit.stream import DATA, SliceStream
     src = tmp_path / "d.raw"
     src.write_bytes(pattern_bytes(8 << 20))
     cs, start = 1 << 20, (1 << 20) + 3 * 512
-    with RawSource(str(src)) as disk:
+
+    class Chunked(RawSource):  # a disk stored in 1 MiB units, as an imgk image is
+        unit_size = cs
+    with Chunked(str(src)) as disk:
         part = SliceStream(disk, start, 5 << 20)
-        part.chunk_size, part.chunk_phase = cs, start
-        pieces = list(_pieces(part, {DATA}, cs))
+        assert part.unit_size == cs and part.unit_phase == start % cs  # declared, not set from outside
+        pieces = list(_pieces(CachingReader(part, 0), {DATA}))
     assert sum(n for _, n in pieces) == 5 << 20 and pieces[0] == (0, cs - 3 * 512)
     assert all((start + off) // cs == (start + off + n - 1) // cs for off, n in pieces)
     assert all(a + n == b for (a, n), (b, _) in zip(pieces, pieces[1:]))

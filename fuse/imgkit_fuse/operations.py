@@ -3,8 +3,8 @@
 Everything about names and contents is decided in imgkit.vfs; this module only translates: inode
 tables and handles, errno values (here and only here: CorruptChunk -> EIO, logged with its offset),
 and scheduling. pyfuse3 runs every request on one trio thread, so anything that may block
-(decompression, the appliance) runs in a worker thread, and sequential reads of disk-backed files
-prefetch the next chunks in the background.
+(decompression, the appliance) runs in a worker thread. Caching, sequential detection and read-ahead
+belong to imgkit's one caching reader (a handle per open disk-backed file), not to this adapter.
 """
 from __future__ import annotations
 
@@ -12,28 +12,26 @@ import errno
 import logging
 import os
 import stat
-from concurrent.futures import ThreadPoolExecutor
 
 import pyfuse3
 import trio
 
 from imgkit.errors import CorruptChunk, ImgkitError
+from imgkit.caching_reader import ReadHandle
 from imgkit.vfs import Attr, ImageTree, NoSuchEntry, NotADirectory
 
 log = logging.getLogger("imgkit.mount")
 
 TIMEOUT = 3600.0  # the image never changes while mounted: the kernel may cache names and attributes
-READ_AHEAD_BYTES = 4 << 20
-DIRECT_IO = os.environ.get("IMGKIT_MOUNT_DIRECT_IO") == "1"  # how far past a sequential read the next chunks are decompressed
+DIRECT_IO = os.environ.get("IMGKIT_MOUNT_DIRECT_IO") == "1"  # see open()
 
 
 class _Handle:
-    __slots__ = ("ino", "next_offset", "sequential")
+    __slots__ = ("ino", "reader")
 
-    def __init__(self, ino: int):
+    def __init__(self, ino: int, reader: ReadHandle | None):
         self.ino = ino
-        self.next_offset = 0
-        self.sequential = 0  # consecutive reads that started where the previous one ended
+        self.reader = reader  # the caching reader's position for a disk-backed file, else None
 
 
 class ImageOperations(pyfuse3.Operations):
@@ -43,16 +41,15 @@ class ImageOperations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, list] = {}
         self._next_fh = 1
-        # Decompression uses the cores: bounded, reads and prefetch one thread per core each. Calls
-        # into the appliance get their own pool: they wait on the appliance, which itself reads
-        # disk.raw through this very filesystem, so they must never hold the threads disk reads need.
+        # Decompression uses the cores: bounded, one thread per core (the caching reader has its own
+        # read-ahead threads). Calls into the appliance get their own pool: they wait on the
+        # appliance, which itself reads disk.raw through this very filesystem, so they must never
+        # hold the threads disk reads need.
         self._limiter = trio.CapacityLimiter(workers)
-        self._prefetch_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgkit-prefetch")
         self._files_limiter = trio.CapacityLimiter(8)
         self._nursery: trio.Nursery | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.initialized = trio.Event()
-        self._queued: set[int] = set()  # chunks a prefetch job is waiting to load
 
     def init(self):
         self.initialized.set()
@@ -107,7 +104,7 @@ class ImageOperations(pyfuse3.Operations):
         if name == b".":
             return await self.getattr(parent_inode)
         if name == b"..":
-            return await self.getattr(self.tree.node(parent_inode).parent)
+            return await self.getattr(self.tree.parent(parent_inode))
         return self._entry(await self._run(parent_inode, self.tree.lookup, parent_inode, name))
 
     async def readlink(self, inode, ctx):
@@ -158,13 +155,14 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(inode)
+        reader = self.tree.open_reader(inode)
+        self._handles[fh] = _Handle(inode, reader)
         info = pyfuse3.FileInfo(fh=fh)
         # The image never changes while mounted, so the kernel's page cache may keep what it read:
         # warm reads never reach this process, and mmap works. A corrupt chunk still fails only its
         # own pages: when a read-ahead batch fails, the kernel re-reads each wanted page alone.
         # IMGKIT_MOUNT_DIRECT_IO=1 sends every read here instead (measured in bench/bench_mount.py).
-        if DIRECT_IO and self.tree.disk_range(inode) is not None:
+        if DIRECT_IO and reader is not None:
             info.direct_io = True
         else:
             info.keep_cache = True
@@ -174,48 +172,15 @@ class ImageOperations(pyfuse3.Operations):
         h = self._handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if off == h.next_offset and off:
-            h.sequential += 1
-        else:
-            h.sequential = 0
-        h.next_offset = off + size
         if self._debug:
-            log.debug("read ino %d off %d size %d seq %d", h.ino, off, size, h.sequential)
-        data = await self._run(h.ino, self.tree.read, h.ino, off, size,
-                               inline=self.tree.read_is_cheap(h.ino, off, size))
-        if h.sequential >= 1 and self._nursery is not None:
-            self._start_read_ahead(h.ino, off + len(data))
-        return data
-
-    def _start_read_ahead(self, ino: int, next_offset: int) -> None:
-        rng = self.tree.disk_range(ino)
-        if rng is None:
-            return
-        start, size = rng
-        if next_offset >= size:
-            return
-        window = min(READ_AHEAD_BYTES, size - next_offset)
-        wanted = [i for i in self.tree.disk.chunks_to_prefetch(start + next_offset, window)
-                  if i not in self._queued]
-        self._queued.update(wanted)
-        self.tree.disk.will_need(wanted)
-        # Plain threads, not trio.to_thread: a prefetch needs no answer on the trio thread, and that
-        # thread (which also copies every reply into the kernel) was the busiest one of a sequential
-        # read, largely with to_thread bookkeeping. One job per ~1 MiB of chunks.
-        per_job = max(1, (1 << 20) // max(1, self.tree.disk.chunk_size))
-        for k in range(0, len(wanted), per_job):
-            job = wanted[k:k + per_job]
-            fut = self._prefetch_pool.submit(self._prefetch_sync, job)
-            fut.add_done_callback(lambda _f, job=job: self._queued.difference_update(job))
-
-    def _prefetch_sync(self, chunks: list[int]) -> None:
-        for i in chunks:
-            self.tree.disk.prefetch(i)
+            log.debug("read ino %d off %d size %d", h.ino, off, size)
+        cheap = h.reader.is_cheap(off, size) if h.reader is not None else self.tree.read_is_cheap(h.ino, off, size)
+        return await self._run(h.ino, self.tree.read, h.ino, off, size, h.reader, inline=cheap)
 
     def close(self) -> None:
-        """Stop prefetching before the image is closed: queued jobs are dropped, running ones (a few
-        chunks each) are waited for, so none reads a closed file descriptor."""
-        self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
+        """Stop reading ahead before the image is closed: queued loads are dropped, running ones
+        waited for, so none reads a closed file descriptor."""
+        self.tree.stop_read_ahead()
 
     async def release(self, fh):
         self._handles.pop(fh, None)

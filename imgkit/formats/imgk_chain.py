@@ -178,8 +178,7 @@ def attach(child: ImageReader, parent: ImageReader) -> None:
     child.parent = parent
 
 
-def open_chain(path: str, password: PasswordProvider | None = None, base_dir: str | None = None,
-               cache_chunks: int = 8) -> ImageReader:
+def open_chain(path: str, password: PasswordProvider | None = None, base_dir: str | None = None) -> ImageReader:
     """Open an imgk image and, if it is a child, every parent down to the full image. Returns the
     child's reader, which reads the whole chain. Parents are found next to each child, or in
     `base_dir`. One password (asked once) opens every link."""
@@ -193,7 +192,7 @@ def open_chain(path: str, password: PasswordProvider | None = None, base_dir: st
     provider = once if password is not None else None
     if base_dir is None:
         base_dir = os.environ.get(BASE_DIR_ENV) or None
-    top = ImageReader(path, provider, cache_chunks=cache_chunks)
+    top = ImageReader(path, provider)
     try:
         _attach_parents(top, provider, base_dir, {top.header.image_id})
     except BaseException:
@@ -217,7 +216,7 @@ def _attach_parents(link: ImageReader, provider, base_dir: str | None, seen: set
     first_problem = None
     for parent_path in parent_candidates(link, base_dir):
         try:
-            parent = ImageReader(parent_path, provider, cache_chunks=1)
+            parent = ImageReader(parent_path, provider)
         except WrongPassword:
             raise WrongPassword(f"the password opens {link.path} but not its parent {parent_path}",
                                 hint="every link of a chain opens with the same password; "

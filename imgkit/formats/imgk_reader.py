@@ -9,7 +9,6 @@ from typing import Callable, Iterator
 
 import zstandard
 
-from ..chunk_cache import ChunkCache
 from ..errors import BadImage, CorruptChunk, InputError
 from ..stream import DATA, FREE, ZERO, Run, Stream, merge_runs
 from . import imgk_layout as L
@@ -35,9 +34,14 @@ _pread_exact = pread_exact
 
 class ImageReader(Stream):
     """An imgk image opened for reading. `password` is a callable asked only if the image is
-    encrypted (so plain images never prompt)."""
+    encrypted (so plain images never prompt). Its units are its chunks; it keeps no cache (the
+    caching reader does: imgkit/caching_reader.py) and may be read from several threads."""
 
-    def __init__(self, path: str, password: PasswordProvider | None = None, cache_chunks: int = 8):
+    thread_safe = True  # pread on fixed descriptors, one decompressor per thread
+    format_name = "imgk"
+    INLINE_STORED = 96 << 10  # decompressing this much takes tens of microseconds: less than a thread hop
+
+    def __init__(self, path: str, password: PasswordProvider | None = None):
         self.path = path
         self._fds: list = []  # byte sources (byte_source.py), one a volume
         self.read_workers = read_workers(path)  # reads worth keeping in flight (S3: several)
@@ -47,7 +51,6 @@ class ImageReader(Stream):
             self.close()
             raise
         self._local = threading.local()
-        self._cache = ChunkCache(cache_chunks * self.chunk_size)
 
     # -- opening --------------------------------------------------------------------------------
     def _open_volume(self, number: int) -> tuple[object, L.Header, int]:
@@ -153,7 +156,7 @@ class ImageReader(Stream):
         self.parent_ref = L.ParentRef.decode(parents[0]) if parents else None
         self.parent: "ImageReader | None" = None
         self.size = header.logical_size
-        self.chunk_size = header.chunk_size
+        self.chunk_size = self.unit_size = header.chunk_size
 
     @property
     def used_maps(self) -> list[L.UsedMap]:
@@ -242,16 +245,35 @@ class ImageReader(Stream):
         for src in self._fds:
             src.read_sequentially()
 
-    def will_need(self, chunks: list[int]) -> None:
-        """Ask the kernel to start reading these chunks' stored bytes now (POSIX_FADV_WILLNEED does not
-        block), so that the decoder threads find them in the page cache instead of each waiting on a
-        synchronous read from the disk (a cold sequential mount read was I/O-bound without it)."""
+    def will_need(self, offset: int, length: int) -> None:
+        """Ask the byte sources to start reading the stored bytes of the chunks under
+        [offset, offset+length) now (a file: POSIX_FADV_WILLNEED, which does not block), so that the
+        decoder threads find them cached instead of each waiting on a synchronous read (a cold
+        sequential mount read was I/O-bound without it). Chunks kept by a parent: the parent's."""
+        if length <= 0 or offset >= self.size:
+            return
         if self.parent is not None:
-            self.parent.will_need([i for i in chunks if self._kinds[i] == L.KIND_PARENT])
-        for i in chunks:
+            self.parent.will_need(offset, length)
+        first, last = offset // self.chunk_size, (min(self.size, offset + length) - 1) // self.chunk_size
+        for i in range(max(0, first), last + 1):
             if self._kinds[i] == L.KIND_DATA:
                 e = self.index[i]
                 self._fds[e.volume - 1].will_need(e.offset, e.stored_length)
+
+    # -- what the caching reader asks of a stream with units --------------------------------------
+    def read_unit(self, i: int, unit: int | None = None) -> bytes:
+        return self.read_chunk(i)
+
+    def unit_is_stored(self, i: int) -> bool:
+        return self._is_data(i)
+
+    def unit_is_cheap(self, i: int) -> bool:
+        # A chunk read from a parent: its stored size is the parent's; count it as a whole chunk.
+        kind = self._kinds[i]
+        return kind not in _READABLE or (kind == L.KIND_DATA and self.index[i].stored_length <= self.INLINE_STORED)
+
+    def describe(self) -> dict:
+        return {"path": os.path.abspath(self.path), "kind": "image", "size": self.size}
 
     def read_chunk(self, i: int) -> bytes:
         """The verified bytes of chunk i (zeros for ZERO and FREE chunks). Raises CorruptChunk."""
@@ -291,41 +313,6 @@ class ImageReader(Stream):
             raise CorruptChunk(f"chunk at offset {offset} failed its hash check (damaged)", offset)
         return data
 
-    def cached_chunk(self, i: int) -> bytes:
-        """Chunk i through the reader's small cache (single-flight: see chunk_cache.py)."""
-        return self._cache.get(i, self.read_chunk)
-
-    def is_cached(self, i: int) -> bool:
-        return self._cache.cached(i)
-
-    def read_if_cached(self, offset: int, length: int) -> bytes | None:
-        """The bytes of [offset, offset+length) when they lie in one cached DATA chunk, else None.
-        Lets a server answer small reads on its own thread instead of handing each one to a worker
-        (qemu-img convert -c reads 64 KiB at a time)."""
-        if offset < 0 or length <= 0 or offset + length > self.size:
-            return None
-        i = offset // self.chunk_size
-        base = i * self.chunk_size
-        if offset + length > base + self.chunk_length(i):
-            return None
-        if not self._is_data(i):
-            return None
-        data = self._cache.peek(i)
-        return None if data is None else data[offset - base:offset - base + length]
-
-    def prefetch_chunk(self, i: int) -> None:
-        """Decode chunk i into the cache ahead of the reads that will want it; a damaged chunk is left
-        for those reads to report."""
-        if 0 <= i < len(self.index) and self._is_data(i):
-            try:
-                self.cached_chunk(i)
-            except CorruptChunk:
-                pass
-
-    def clear_cache(self) -> None:
-        """Drop cached chunks (long-lived readers such as the mount keep their own bounded cache)."""
-        self._cache.clear()
-
     # -- Stream ---------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:
@@ -340,9 +327,9 @@ class ImageReader(Stream):
                 n = min(end, base + self.chunk_length(i)) - pos
                 parts.append(bytes(n))
             elif pos == base and end - base >= self.chunk_length(i):
-                parts.append(self.read_chunk(i))  # a whole chunk: no point caching it
-            else:
-                data = self.cached_chunk(i)
+                parts.append(self.read_chunk(i))
+            else:  # part of a chunk costs the whole chunk: repeated small reads go through a CachingReader
+                data = self.read_chunk(i)
                 parts.append(data[pos - base:end - base])
             pos = base + self.chunk_length(i)
         return b"".join(parts)
@@ -371,6 +358,9 @@ class ImageReader(Stream):
     def mtime_ns(self) -> int:
         """When the first volume was last written (the mount shows it as the disk's time)."""
         return self._fds[0].mtime_ns
+
+    def paths(self) -> list[str]:
+        return self.volume_paths
 
     def stored_size(self) -> int:
         return sum(self.volume_sizes)

@@ -137,6 +137,11 @@ def _stop_daemon(proc, timer, directory: str) -> None:
 
 
 class QemuImage(Stream):
+    """A foreign image as a Stream. Safe to read from several threads: each thread has its own NBD
+    connection to qemu-storage-daemon, and the fast path is pread on the image file."""
+
+    thread_safe = True
+
     def __init__(self, path: str, fmt: str, inspected: ForeignImage, limits: Limits | None = None):
         self.path, self.format_name, self.inspected = path, fmt, inspected
         self._nbd = _import_nbd()
@@ -231,6 +236,9 @@ class QemuImage(Stream):
         return {"path": os.path.abspath(self.path), "kind": "image", "size": self.size,
                 "format": self.format_name, "subformat": self.inspected.subformat,
                 "file_size": self.inspected.file_size}
+
+    def paths(self) -> list[str]:
+        return [self.path]
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:

@@ -222,7 +222,7 @@ def check_target(location: str, force: bool) -> RbdSpec:
 def write_image(image: Stream, location: str, *, force: bool = False, progress: Progress | None = None,
                 workers: int | None = None, verify: bool = False) -> RbdWriteResult:
     """Write `image` as the RBD image at `location` (rules in the module docstring)."""
-    from ..parallel import ordered_map
+    from ..caching_reader import CachingReader
     _, rbd = _modules()
     progress = progress or NullProgress()
     started = time.monotonic()
@@ -244,7 +244,7 @@ def write_image(image: Stream, location: str, *, force: bool = False, progress: 
             for run in image.runs():
                 if run.kind != DATA:
                     progress.advance(run.length)
-            piece = getattr(image, "chunk_size", WRITE_PIECE)
+            piece = image.unit_size or WRITE_PIECE
             sem = threading.BoundedSemaphore(AIO_INFLIGHT)
             errors: list[int] = []
 
@@ -259,11 +259,9 @@ def write_image(image: Stream, location: str, *, force: bool = False, progress: 
                     raise InputError(f"{spec}: write failed (error {errors[0]})")
                 out.aio_write(bytes(data), offset, done)
 
-            read_workers = workers or getattr(image, "read_workers", None)
-            if hasattr(image, "read_sequentially"):
-                image.read_sequentially()
-            for (offset, length), data in ordered_map(lambda p: (p, image.read(*p)), _data_pieces(image, piece),
-                                                      read_workers):
+            image.read_sequentially()
+            reader = CachingReader(image, cache_bytes=0)  # the one read engine: a front-to-back pass
+            for (offset, length), data in reader.map_pieces(_data_pieces(image, piece), workers):
                 view = memoryview(data)
                 start = None
                 for pos in range(0, length, SPARSE_GRAIN):  # zero pieces stay unallocated
