@@ -259,9 +259,10 @@ def write_image(image: Stream, location: str, *, force: bool = False, progress: 
                     raise InputError(f"{spec}: write failed (error {errors[0]})")
                 out.aio_write(bytes(data), offset, done)
 
+            read_workers = workers or image.read_workers  # an image in S3: several GETs in flight
             image.read_sequentially()
             reader = CachingReader(image, cache_bytes=0)  # the one read engine: a front-to-back pass
-            for (offset, length), data in reader.map_pieces(_data_pieces(image, piece), workers):
+            for (offset, length), data in reader.map_pieces(_data_pieces(image, piece), read_workers):
                 view = memoryview(data)
                 start = None
                 for pos in range(0, length, SPARSE_GRAIN):  # zero pieces stay unallocated
