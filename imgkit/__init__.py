@@ -9,6 +9,5 @@ The Python API (the CLI is a thin layer over it):
     imgkit.restore("disk.imgk", "disk.raw", yes=True)
     report = imgkit.verify("disk.imgk")
 """
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: F401
 from .api import capture, image_info, open_image, restore, verify  # noqa: E402,F401

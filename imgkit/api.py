@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .caching_reader import CachingReader
 from .capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
-from .errors import BadImage, InputError, RefusedTarget
+from .errors import InputError, RefusedTarget
 from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader
+from .formats.registry import Password, open_image, password_provider  # noqa: F401 (the API)
+from .info import image_info  # noqa: F401 (the API)
 from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
 from .progress import Progress
 from .restore import RestoreResult, restore_stream
@@ -16,19 +17,9 @@ from .sources import RawSource
 from .stream import Stream
 from .verify import VerifyReport, verify_image
 
-Password = bytes | str | Callable[[], bytes | str] | None
-
-
-def _password_provider(password: Password) -> Callable[[], bytes] | None:
-    if password is None:
-        return None
-    if callable(password):
-        return lambda: _as_bytes(password())
-    return lambda: _as_bytes(password)
-
-
-def _as_bytes(p: bytes | str) -> bytes:
-    return p.encode() if isinstance(p, str) else p
+# Opening images lives below the operations (formats/registry.py); `info` has its own module. Both
+# are re-exported here for users of the API; nothing inside imgkit imports this module.
+_password_provider = password_provider
 
 
 def is_imgk(path: str) -> bool:
@@ -37,53 +28,6 @@ def is_imgk(path: str) -> bool:
             return f.read(len(L.MAGIC)) == L.MAGIC
     except (IsADirectoryError, PermissionError, FileNotFoundError):
         return False
-
-
-def open_image(path: str, password: Password = None, *, fmt: str | None = None,
-               allow_raw: bool = True, serving: bool = False, base_dir: str | None = None) -> Stream:
-    """Open any image imgkit reads as a Stream: imgk, raw (a file or block device), ISO, or a foreign
-    qcow2/vhd/vhdx/vmdk image read through qemu. The format is `fmt` if given ("raw" always takes the
-    bytes as they are), else imgkit's own reading of the header, never qemu's guess. A foreign image
-    is inspected and refused (RefusedImage) before qemu opens it if it is hostile or malformed. With
-    allow_raw=False, a file in no recognised format is refused instead of being taken as raw bytes.
-    `serving`: the stream backs a mount, so the qemu process behind a foreign image gets no CPU or
-    time limit (batch work keeps limits proportional to the disk size). An incremental imgk image
-    opens with its parents, found next to it or in `base_dir` (imgk_chain.py)."""
-    from .formats import foreign
-    from .remote.s3 import is_s3
-    from .remote.rbd_image import RbdSource, is_rbd
-    if is_rbd(path):  # a Ceph block image, read through librbd from a snapshot
-        if fmt not in (None, "raw"):
-            raise InputError(f"{path}: an RBD image is read as raw bytes, not {fmt}")
-        return RbdSource(path)
-    if is_s3(path):  # an object store holds imgk images only (qemu does not read from S3)
-        if fmt not in (None, "imgk"):
-            raise InputError(f"{path}: only imgk images are read from S3, not {fmt}")
-        from .formats.imgk_chain import open_chain  # a child's parents: objects beside it (or base_dir)
-        return open_chain(path, _password_provider(password), base_dir)
-    foreign.refuse_json_name(path)
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file or device")
-    explicit = fmt is not None
-    if fmt is None:
-        fmt = foreign.detect_format(path) if os.path.isfile(path) else "raw"
-    if fmt == "imgk":
-        from .formats.imgk_chain import open_chain  # a child is read with its parents, as one Stream
-        return open_chain(path, _password_provider(password), base_dir)
-    if fmt in ("raw", "iso") and not allow_raw and not explicit:
-        raise BadImage(f"{path}: not an imgk image (no imgk magic at offset 0)")
-    if fmt in ("raw", "iso"):
-        return RawSource(path)
-    if fmt in foreign.QEMU_FORMATS:
-        from .formats.qemu_image import QemuImage
-        from .qemu_tools import SERVING_LIMITS
-        inspected = foreign.inspect(path, fmt)  # holds the descriptor qemu will read: QemuImage owns it
-        try:
-            return QemuImage(path, fmt, inspected, SERVING_LIMITS if serving else None)
-        except BaseException:
-            inspected.close()
-            raise
-    raise InputError(f"unknown image format {fmt!r}", hint="formats: " + ", ".join(foreign.FORMATS))
 
 
 def _local_paths(img: Stream, image: str) -> list[str]:
@@ -346,60 +290,3 @@ def verify(image: str, *, password: Password = None, progress: Progress | None =
         return verify_image(img, progress)
 
 
-def image_info(stream: Stream) -> dict:
-    """What `imgkit info --json` prints. Probing reads (partition tables, filesystem headers) go
-    through a caching reader: many small reads of the same few chunks."""
-    img = stream.stream if isinstance(stream, CachingReader) else stream
-    if isinstance(img, ImageReader):
-        meta = img.metadata
-        kinds = img.index.kinds()
-        counts = {"data": kinds.count(L.KIND_DATA), "zero": kinds.count(L.KIND_ZERO),
-                  "free": kinds.count(L.KIND_FREE), "parent": kinds.count(L.KIND_PARENT)}
-        stored = img.stored_size()
-        from .formats.imgk_chain import links
-        chain = links(img)
-        return {
-            # Child first: each link's own stored size and what it holds itself (FORMAT.md, *Incremental*).
-            "chain": [{"path": link.path, "image_id": link.header.image_id.hex(),
-                       "stored_size": link.stored_size(), "created": link.metadata.get("created"),
-                       "data_chunks": link.index.kinds().count(L.KIND_DATA),
-                       "parent_chunks": link.index.kinds().count(L.KIND_PARENT)} for link in chain],
-            "chain_stored_size": sum(link.stored_size() for link in chain),
-            "format": "imgk",
-            "format_version": f"{img.header.version_major}.{img.header.version_minor}",
-            "path": img.path,
-            "volumes": [{"path": p, "size": s} for p, s in zip(img.volume_paths, img.volume_sizes)],
-            "image_id": img.header.image_id.hex(),
-            "virtual_size": img.size,
-            "stored_size": stored,
-            "ratio": round(img.size / stored, 3) if stored else None,
-            "chunk_size": img.chunk_size,
-            "chunks": counts,
-            "encrypted": img.header.encrypted,
-            "stray_volume": img.stray_volume,  # a file named like volume count+1: a mix-up to report
-            "created": meta.get("created"),
-            "imgkit_version": meta.get("imgkit_version"),
-            "source": meta.get("source"),
-            "compression": meta.get("compression"),
-            "capture": meta.get("capture"),
-            "partition_table": meta.get("partition_table"),
-            "optical": meta.get("optical"),
-            "os": meta.get("os"),
-        }
-    from .capture import build_metadata  # a raw or foreign disk: describe it on the fly
-    from .formats.qemu_image import QemuImage
-    described = img.describe()
-    probe = stream if isinstance(stream, CachingReader) else CachingReader(img, 8 << 20)
-    try:
-        meta = build_metadata(probe, {"path": described.get("path"), "size": img.size}, 0, CapturePlan())
-    finally:
-        if probe is not stream:
-            probe.close()
-    doc = {"format": described.get("format", "raw"), "path": described.get("path"),
-           "virtual_size": img.size, "partition_table": meta["partition_table"],
-           "optical": meta.get("optical"), "os": meta.get("os")}
-    if isinstance(img, QemuImage):  # a foreign image: what its own header says
-        inspected = img.inspected
-        doc.update({"subformat": inspected.subformat, "file_size": inspected.file_size,
-                    "format_details": inspected.details})
-    return doc

@@ -203,7 +203,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
                password=None, fmt: str | None = None, console_log: str | None = None) -> BootResult:
     """Boot `image` (any format imgkit reads) and report. Raises InputError for unusable arguments
     or images, EnvironmentProblem when QEMU or OVMF is missing; a failed boot is a BootResult."""
-    from . import api
+    from .formats.registry import open_image
     from .formats import foreign
     from .formats.qemu_image import format_node
 
@@ -230,7 +230,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
         fmt = fmt or (foreign.detect_format(image) if os.path.isfile(image) else "raw")
     accel_name, accel_why = choose_accel(accel)
 
-    stream = api.open_image(image, password, fmt=fmt)  # inspects foreign headers, checks imgk structure
+    stream = open_image(image, password, fmt=fmt)  # inspects foreign headers, checks imgk structure
     pinned_fd = None
     try:
         from .caching_reader import CachingReader

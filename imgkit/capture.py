@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import __version__
+from .version import __version__
 from .blockdev import whole_disk
 from .disk_info import describe_partitions, optical_facts
 from .os_detect import detect_os

@@ -283,7 +283,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     (under the same password, or under `encrypt`, a new one); any output in clear from it (imgk
     with `decrypt`, or raw/qcow2/...) needs `decrypt`: nobody gets a clear copy of an encrypted
     backup without saying so. `encrypt` also encrypts an imgk destination of a clear source."""
-    from .api import open_image  # the api opens images; convert only routes them
+    from .formats.registry import open_image  # convert only routes what the registry opens
     progress = progress or NullProgress()
     started = time.monotonic()
     foreign.refuse_json_name(source)
@@ -350,7 +350,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
 
 def _to_rbd(source: str, dest: str, source_format, to, options: bool, force: bool, password,
             progress: Progress, started: float) -> ConvertResult:
-    from .api import open_image
+    from .formats.registry import open_image
     from .remote.rbd_image import check_target, write_image
     if to not in (None, "rbd", "raw"):
         raise InputError(f"an rbd: destination is a raw block image, not {to}")
@@ -452,7 +452,7 @@ def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, co
     """The image with an `imgkit run --overlay` file's writes on top, as one standalone disk (what
     `run --mirror-to` does live, done offline): qemu-img reads the overlay, whose backing node is
     the image served by imgkit over NBD. The overlay must have been made over this very image."""
-    from .api import open_image
+    from .formats.registry import open_image
     from .vmrun import IDENTITY_PREFIX, image_identity, read_overlay_backing
     to = destination_format(dest, to)
     if to not in foreign.QEMU_FORMATS and to != "raw":

@@ -54,6 +54,19 @@ class EnvironmentProblem(ImgkitError):
     exit_code = 4
 
 
+class InternalError(ImgkitError):
+    """imgkit broke one of its own rules: a bug, not the user's input or the machine. The CLI turns
+    any exception that is not an ImgkitError into one of these (one line, exit 70 = EX_SOFTWARE);
+    --debug shows the traceback."""
+
+    exit_code = 70
+
+    @classmethod
+    def from_exception(cls, e: BaseException) -> "InternalError":
+        return cls(f"internal error: {type(e).__name__}: {e}",
+                   hint="this is a bug in imgkit: please report it with the output of --debug")
+
+
 class Interrupted(ImgkitError):
     """The user pressed Ctrl-C; nothing half-written was left behind."""
 

@@ -18,8 +18,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import api
 from .caching_reader import CachingReader
+from .formats.registry import open_image
+from .info import image_info
 from .errors import EnvironmentProblem, ImgkitError, InputError, OperationFailed
 from .remote.s3 import is_s3
 from .vfs import ImageTree
@@ -115,10 +116,10 @@ def check_fuse() -> None:
 # -- mount --------------------------------------------------------------------------------------
 def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageTree:
     """Open the image (asks the password now, before any daemon exists) and describe it."""
-    img = api.open_image(image, password, serving=True)
+    img = open_image(image, password, serving=True)
     try:
         disk = CachingReader(img, cache_size)
-        info = api.image_info(disk)
+        info = image_info(disk)
         disk.clear()  # what reading the partition table cached will not be read again
         mtime = img.mtime_ns or os.stat(image).st_mtime_ns
         disk_path = os.path.join(mountpoint, "disk.raw")
@@ -185,7 +186,7 @@ def mount(image: str, mountpoint: str, *, password=None, foreground: bool = Fals
         # A foreign image is read through a qemu-storage-daemon child with worker threads: it must
         # be started by the process that serves it, after the fork. Check that it opens first, so
         # a refused or damaged image is an error here, not in the daemon's log.
-        api.open_image(image, password).close()
+        open_image(image, password).close()
         tree = functools.partial(build_tree, image, path, password, cache_size)
     if foreground:
         tree = tree() if callable(tree) else tree

@@ -244,7 +244,7 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
            accel: str = "auto", memory: int = DEFAULT_MEMORY, cpus: int = 1, display: str = "none",
            vnc: str = "127.0.0.1:0", net: str = "none", mirror_to: str | None = None, password=None,
            fmt: str | None = None, log=None) -> RunResult:
-    from . import api
+    from .formats.registry import open_image
     from .accel import choose_accel
     from .bootcheck import MAX_MEMORY, MIN_MEMORY, plan_boot
     from .nbd_export import export_stream
@@ -272,9 +272,9 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
             raise InputError(f"{other}: is the image itself")
     accel_name, _why = choose_accel(accel)
     started = time.monotonic()
-    stream = api.open_image(image, password, fmt=fmt, serving=True)
+    stream = open_image(image, password, fmt=fmt, serving=True)
     try:
-        plan = plan_boot(stream, fmt, firmware, getattr(stream, "metadata", None))
+        plan = plan_boot(stream, fmt, firmware, stream.metadata)
         cdrom = plan.media == "cdrom"
         if cdrom and (overlay or mirror_to):
             raise InputError("an ISO boots as a read-only CD-ROM: --overlay and --mirror-to do not apply")

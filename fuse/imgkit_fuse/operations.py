@@ -16,7 +16,7 @@ import stat
 import pyfuse3
 import trio
 
-from imgkit.errors import CorruptChunk, ImgkitError
+from imgkit.errors import CorruptChunk, ImgkitError, InternalError
 from imgkit.caching_reader import ReadHandle
 from imgkit.vfs import Attr, ImageTree, NoSuchEntry, NotADirectory
 
@@ -74,6 +74,11 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         except ImgkitError as e:
             log.error("EIO: %s", e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:  # a bug: this request fails, the mount stays up, the log has the trace
+            log.exception("EIO: %s", InternalError.from_exception(e))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     @staticmethod

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..errors import ImgkitError
+from ..errors import ImgkitError, InternalError
 
 
 class App:
@@ -91,3 +91,10 @@ def main(argv=None) -> None:
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"imgkit: error: {where}{e.strerror or e}", err=True)
         sys.exit(3)
+    except Exception as e:  # a bug: still one line and an exit code, the traceback with --debug
+        if debug:
+            raise
+        err = InternalError.from_exception(e)
+        click.echo(f"imgkit: error: {err}", err=True)
+        click.echo(f"hint: {err.hint}", err=True)
+        sys.exit(err.exit_code)
