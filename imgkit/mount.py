@@ -331,6 +331,12 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> str:
             os.kill(pid, signal.SIGTERM)
             if _wait_unmounted(path, timeout, pid):
                 how = "daemon"
+                # The mount is gone before the daemon has finished (read-ahead stopped, the image
+                # closed, its runtime file removed): a mount on the same directory right after this
+                # returns must not have its runtime file removed by the old daemon.
+                deadline = time.monotonic() + 10.0
+                while not _pid_gone(pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
         except ProcessLookupError:
             pass
     if how is None:

@@ -31,7 +31,7 @@ def test_json_result_and_progress(small, tmp_path):
     out = tmp_path / "vm.qcow2"
     proc = run_imgkit("convert", small["imgk"], out, "--json", "--progress", "json", check=True)
     doc = json.loads(proc.stdout)
-    assert doc["format"] == "qcow2" and doc["source_format"] == "imgk" and doc["method"] == "nbd-export"
+    assert doc["format"] == "qcow2" and doc["source_format"] == "imgk" and doc["method"] == "native"
     assert doc["virtual_size"] == 20 * MiB + 4096 and doc["destination"] == str(out)
     assert doc["allocated_size"] < 4 * MiB
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]

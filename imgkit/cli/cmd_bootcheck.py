@@ -14,6 +14,7 @@ from ..units import format_size
 from ..writeback import replace_small_file
 from .main import cli
 from .options import SIZE, json_option, password_options, reading_password
+from .junit import junit_xml
 from .output import emit_json
 
 
@@ -91,7 +92,7 @@ def boot_check(image, expect, firmware, timeout, memory, accel, image_format, sc
                                   accel=accel, screenshot=screenshot, password=reading_password(password_file),
                                   fmt=image_format, console_log=console_log)
     if junit:
-        replace_small_file(junit, bootcheck.junit_xml(result))
+        replace_small_file(junit, junit_xml(result))
     if as_json:
         emit_json(result.to_json())
     else:
