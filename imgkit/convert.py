@@ -245,12 +245,14 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
         progress.advance(size - progress.done)
 
 
-def _write_native_qcow2(stream: Stream, tmp: str, progress: Progress) -> None:
+def _write_native(fmt: str, stream: Stream, tmp: str, progress: Progress) -> None:
     from .formats.qcow2_writer import write_qcow2
+    from .formats.vhd_writer import write_vhd
+    write = {"qcow2": write_qcow2, "vhd": write_vhd}[fmt]
     reader = CachingReader(stream, cache_bytes=0)
     stream.read_sequentially()
     progress.total = stream.size
-    write_qcow2(stream, tmp, reader.map_pieces, advance=progress.advance, writeback=start_writeback)
+    write(stream, tmp, reader.map_pieces, advance=progress.advance, writeback=start_writeback)
     if progress.done < stream.size:
         progress.advance(stream.size - progress.done)
 
@@ -449,10 +451,10 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
         _into_temp(dest, lambda tmp: _copy_to_raw(src, tmp, progress), force)
         return "copy"
     stream = PaddedStream(src, plan.size) if plan.size and plan.size != src.size else src
-    if plan.to == "qcow2" and not plan.compress:
+    if (plan.to == "qcow2" and not plan.compress) or (plan.to == "vhd" and plan.subformat == "dynamic"):
         # Written natively: the chunks decode in parallel, in order, and go straight into the file
         # (qemu-img reading the NBD export waited on each request; see formats/qcow2_writer.py).
-        _into_temp(dest, lambda tmp: _write_native_qcow2(stream, tmp, progress))
+        _into_temp(dest, lambda tmp: _write_native(plan.to, stream, tmp, progress))
         return "native"
 
     def write(tmp: str) -> None:
