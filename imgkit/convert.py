@@ -22,7 +22,7 @@ from .caching_reader import CachingReader
 from .capture import capture_stream
 from .targets import check_replaceable, refuse_device_image_path
 from .disk_info import optical_facts
-from .errors import InputError, Interrupted, OperationFailed
+from .errors import CorruptChunk, InputError, Interrupted, OperationFailed
 from .formats import foreign
 from .formats.imgk_writer import LEVEL_DEFAULT
 from .nbd_export import export_stream
@@ -252,7 +252,10 @@ def _write_native(fmt: str, stream: Stream, tmp: str, progress: Progress) -> Non
     reader = CachingReader(stream, cache_bytes=0)
     stream.read_sequentially()
     progress.total = stream.size
-    write(stream, tmp, reader.map_pieces, advance=progress.advance, writeback=start_writeback)
+    try:
+        write(stream, tmp, reader.map_pieces, advance=progress.advance, writeback=start_writeback)
+    except CorruptChunk as e:  # as through qemu-img: the conversion failed on a damaged source
+        raise OperationFailed(f"reading the source failed: {e}") from None
     if progress.done < stream.size:
         progress.advance(stream.size - progress.done)
 
