@@ -417,6 +417,7 @@ def _into_temp(dest: str, write, force: bool = False) -> None:
 
 def _sealer_for(src: Stream, source: str, to: str, password, encrypt: bytes | None, decrypt: bool):
     """The sealer factory of an imgk destination (None: clear), after the clear-output rule."""
+    from .formats.imgk_reader import ImageReader
     encrypted = isinstance(src, ImageReader) and src.header.encrypted
     if encrypted and not decrypt and to != "imgk":
         raise InputError(f"{source} is encrypted: converting it to {to} writes the disk in clear",
@@ -425,8 +426,8 @@ def _sealer_for(src: Stream, source: str, to: str, password, encrypt: bytes | No
     if encrypt is not None:
         return sealer_factory_for(encrypt)
     if encrypted and not decrypt and to == "imgk":
-        from .api import _password_provider
-        return sealer_factory_for(_password_provider(password)())  # the same password, a new data key
+        from .formats.registry import password_provider
+        return sealer_factory_for(password_provider(password)())  # the same password, a new data key
     return None
 
 
@@ -441,7 +442,7 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
         from .sources import RawSource
         fs_plan = build_plan(src, path=source if isinstance(src, RawSource) else None)
         capture_stream(src, dest, source_info=info, level=level, force=force, progress=progress,
-                       sources=[source, *getattr(src, "volume_paths", [])], plan=fs_plan.plan,
+                       sources=[source, *src.paths()], plan=fs_plan.plan,
                        sealer_factory=sealer_factory)
         return "capture"
     if plan.to in ("raw", "iso"):
@@ -486,8 +487,7 @@ def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, co
     backing, vsize = read_overlay_backing(overlay)
     src = open_image(source, password, fmt=source_format)
     try:
-        src_fmt = "imgk" if isinstance(src, ImageReader) else getattr(src, "format_name", None) or (
-            source_format or "raw")
+        src_fmt = src.format_name or source_format or "raw"
         _sealer_for(src, source, to, password, None, decrypt)  # a clear output of an encrypted image needs --decrypt
         if backing != IDENTITY_PREFIX + image_identity(src, src_fmt):
             raise InputError(f"{overlay}: this overlay was made over a different image ({backing or 'none'})")
