@@ -115,7 +115,7 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
         result = capture_stream(src, output, source_info=info, level=level, chunk_size=chunk_size,
                                 split_size=split_size, sealer_factory=sealer_factory, plan=plan,
                                 force=force, progress=progress, base=parent,
-                                sources=[source, *getattr(src, "volume_paths", [])])
+                                sources=[source, *src.paths()])
         result.warnings = warnings
         return result
     finally:

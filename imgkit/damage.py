@@ -24,12 +24,26 @@ class ZeroOnDamage(Stream):
     def __init__(self, image: Stream):
         self.image = image
         self.size = image.size
-        self.chunk_size = getattr(image, "chunk_size", 1 << 20)
+        self.chunk_size = image.unit_size or 1 << 20
+        # What the image declares (stream.py), so that the caching reader cuts and reads this view
+        # as it would the image: its chunks, in parallel, with as many reads in flight.
+        self.unit_size, self.unit_phase = image.unit_size, image.unit_phase
+        self.thread_safe, self.read_workers = image.thread_safe, image.read_workers
+        self.metadata, self.format_name, self.mtime_ns = image.metadata, image.format_name, image.mtime_ns
         self._lock = threading.Lock()
         self._damaged: dict[int, int] = {}  # chunk start -> length
 
-    def __getattr__(self, name):  # chunk_phase, read_workers, read_sequentially, metadata, ...
+    def __getattr__(self, name):  # anything else the image has (header, volume_paths, ...)
         return getattr(self.image, name)
+
+    def read_sequentially(self) -> None:
+        self.image.read_sequentially()
+
+    def will_need(self, offset: int, length: int) -> None:
+        self.image.will_need(offset, length)
+
+    def paths(self) -> list[str]:
+        return self.image.paths()
 
     def runs(self):
         return self.image.runs()
@@ -94,7 +108,7 @@ class DamagedRange:
 def _partitions(image: Stream) -> list[dict]:
     """Partitions from the image's metadata (authenticated, and intact even when the chunk holding
     the partition table is the damaged one)."""
-    table = (getattr(image, "metadata", None) or {}).get("partition_table") or {}
+    table = (image.metadata or {}).get("partition_table") or {}
     return [p for p in table.get("partitions") or [] if isinstance(p.get("start"), int)]
 
 
@@ -113,7 +127,7 @@ def report(image: Stream, ranges: list[tuple[int, int]], target: str) -> list[Da
                 pieces.append(DamagedRange(lo, hi - lo, p["number"], p.get("filesystem")))
                 pos = hi
         if pos < end:
-            table = (getattr(image, "metadata", None) or {}).get("partition_table") or {}
+            table = (image.metadata or {}).get("partition_table") or {}
             fs = table.get("filesystem") if not parts else None
             pieces.append(DamagedRange(pos, end - pos, None, fs))
         out.extend(pieces)
