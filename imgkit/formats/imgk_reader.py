@@ -273,7 +273,8 @@ class ImageReader(Stream):
         return kind not in _READABLE or (kind == L.KIND_DATA and self.index[i].stored_length <= self.INLINE_STORED)
 
     def describe(self) -> dict:
-        return {"path": os.path.abspath(self.path), "kind": "image", "size": self.size}
+        path = self.path if "://" in self.path else os.path.abspath(self.path)  # s3://... stays a URL
+        return {"path": path, "kind": "image", "size": self.size}
 
     def read_chunk(self, i: int) -> bytes:
         """The verified bytes of chunk i (zeros for ZERO and FREE chunks). Raises CorruptChunk."""
