@@ -171,3 +171,32 @@ def test_restore_job_writes_the_disk_byte_identical(iso, linux_bios_image, tmp_p
     assert "PC2.IMGK.RESTORE.LOG" in fat_list(stick).upper() or "pc2.imgk.restore.log" in fat_list(stick)
     log = fat_read_text(stick, "pc2.imgk.restore.log")
     assert "$ imgkit restore" in log and "/dev/vda" in log and "--verify" in log and "exit 0 after" in log, log
+
+
+@needs_root
+def test_failed_system_build_leaves_nothing_mounted(tmp_path, monkeypatch):
+    """mmdebstrap failing inside its chroot (a package the package cache doesn't have, installed
+    offline from a copy of the cache): one error line naming the log, no work directory, no mount
+    below the cache, no loop device attached to anything in it, and the log kept."""
+    from imgkit.rescue import system
+    rescue_iso()  # makes sure the package cache is complete
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    run("cp", "-al", os.path.join(system_cache_dir(), "debs"), cache / "debs")
+    run("cp", "-al", os.path.join(system_cache_dir(), "wheels"), cache / "wheels")
+    monkeypatch.setattr(system, "PACKAGES", system.PACKAGES + ["imgkit-no-such-package"])
+    from imgkit.errors import OperationFailed
+    from imgkit.rescue.build import build_rescue_iso
+    with pytest.raises(OperationFailed, match="mmdebstrap"):
+        build_rescue_iso(str(tmp_path / "r.iso"), str(cache))
+    assert sorted(os.listdir(cache)) == [".system.lock", "debs", "system-build.log", "wheels"]
+    assert "imgkit-no-such-package" in (cache / "system-build.log").read_text()
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path) not in f.read()
+    assert str(tmp_path) not in run("losetup", "-a")
+    assert not os.path.exists(tmp_path / "r.iso")
+
+
+def system_cache_dir() -> str:
+    from imgkit.rescue.build import default_cache
+    return default_cache()

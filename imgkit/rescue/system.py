@@ -58,7 +58,9 @@ DPKG_OPTIONS = (
      "path-exclude=/etc/kernel/postinst.d/initramfs-tools"]
     + [f"path-exclude=/lib/modules/*/kernel/{d}/*" for d in PRUNED_MODULE_DIRS])
 # Timestamps: mksquashfs takes SOURCE_DATE_EPOCH from the environment (and refuses -all-time with it).
-SQUASHFS_OPTIONS = ["-comp", "zstd", "-Xcompression-level", "15", "-b", "1M", "-noappend", "-no-progress",
+# zstd level 9, not mksquashfs's default 15: measured on the system layer (506 MB), level 15 took
+# ~120 s on the loaded 2 cores for 121.7 MiB, level 9 19 s for 122.5 MiB, level 3 5.7 s for 133.4 MiB.
+SQUASHFS_OPTIONS = ["-comp", "zstd", "-Xcompression-level", "9", "-b", "1M", "-noappend", "-no-progress",
                     "-no-xattrs"]
 _TOOLS = ("mmdebstrap", "squashfs-tools", "apt", "apt-utils")
 
