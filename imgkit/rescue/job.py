@@ -138,6 +138,17 @@ def image_path(value: str) -> str:
     return os.path.join(MOUNT, rel)
 
 
+def _check_inside(image: str) -> None:
+    """The image's directory, symlinks resolved, must still be on the IMGKIT filesystem (an ext4
+    stick could carry images -> /dev)."""
+    parent = os.path.dirname(image)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    real = os.path.realpath(parent)
+    if real != MOUNT and not real.startswith(MOUNT + "/"):
+        raise JobError(f"the image's directory leads out of the {LABEL} filesystem (to {real}): refused")
+
+
 def plan(job: dict[str, str], imgkit_dev: str) -> tuple[list[list[str]], str, str]:
     """The imgkit commands of a job, the log path and the image path."""
     action = job.get("action", "")
@@ -204,12 +215,14 @@ def run() -> int:
             say(f"{dev} is labelled {LABEL} but has no {JOB_FILE}: no job")
             return 0
         _state(f"running {job.get('action')} ({dev})")
-        cmds, log_path, _ = plan(job, dev)
+        cmds, log_path, image = plan(job, dev)
         for value, allowed in ((job.get("after", "poweroff"), AFTER), (job.get("on_error", "shell"), AFTER)):
             if value not in allowed:
                 raise JobError(f"after/on_error {value!r}: expected poweroff, reboot or shell")
         if subprocess.run(["mount", "-o", "remount,rw", dev, MOUNT]).returncode != 0:
             raise JobError(f"cannot mount {dev} read-write")
+        _check_inside(image)
+        os.makedirs(os.path.dirname(image), exist_ok=True)
         rc = _run_logged(cmds, log_path, dev)
     finally:
         subprocess.run(["sync"])

@@ -34,7 +34,9 @@ MIRRORS = [
 # initramfs and as init, and Python. No libguestfs or qemu-system: the rescue system images the
 # machine it runs on, it boots no VMs.
 PACKAGES = [
-    "linux-image-amd64", "busybox-static", "kmod", "python3",
+    # apt named explicitly: mmdebstrap adds it (and gpgv, the keyring...) when bootstrapping from the
+    # mirror but not from the flat file:// cache, and both must give the same root.
+    "apt", "linux-image-amd64", "busybox-static", "kmod", "python3",
     "qemu-utils", "partclone", "e2fsprogs", "dosfstools", "ntfs-3g", "xfsprogs", "btrfs-progs",
     "exfatprogs", "fatresize", "fdisk", "gdisk", "mtools", "zstd", "fuse3", "less",
 ]
@@ -184,6 +186,9 @@ def _make_reproducible(root: str) -> None:
             shutil.rmtree(os.path.join(dirpath, "__pycache__"))
             dirnames.remove("__pycache__")
     open(os.path.join(root, "etc", "machine-id"), "w").close()
+    # mmdebstrap writes the sources it used (the mirror, or the file:// cache): always the mirror.
+    with open(os.path.join(root, "etc", "apt", "sources.list"), "w") as f:
+        f.write("\n".join(MIRRORS) + "\n")
 
 
 def build_system(out_dir: str, cache: str, epoch: int, say, refresh: bool = False) -> dict:
