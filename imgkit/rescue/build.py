@@ -103,11 +103,21 @@ def _system(cache: str, epoch: int, say, refresh: bool) -> tuple[str, bool]:
             say("build failed: cleaning up")
             remove_work_dir(work)
             raise
-        for entry in os.listdir(cache):  # older system layers
-            full = os.path.join(cache, entry)
-            if entry.startswith("system-") and full != final and os.path.isdir(full):
-                shutil.rmtree(full, ignore_errors=True)
+        prune(cache, "system-", keep=final)
     return final, False
+
+
+KEEP_BUILDS = 3
+
+
+def prune(cache: str, prefix: str, keep: str) -> None:
+    """Removes all but the KEEP_BUILDS newest `prefix`* directories (and never `keep`). Not just the
+    current one: several checkouts (worktrees, branches) share the cache, and removing each other's
+    layers would have them rebuild in turn."""
+    dirs = [os.path.join(cache, e) for e in os.listdir(cache) if e.startswith(prefix)]
+    dirs = sorted((d for d in dirs if os.path.isdir(d) and d != keep), key=os.path.getmtime, reverse=True)
+    for d in dirs[KEEP_BUILDS - 1:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _make_iso(system: str, work: str, out_tmp: str, epoch: int, say) -> None:
@@ -262,8 +272,5 @@ def cached_rescue_iso(cache_dir: str | None = None, emit=None) -> str:
             return final
         os.makedirs(os.path.dirname(final), exist_ok=True)
         build_rescue_iso(final, cache, force=True, emit=emit)
-        for entry in os.listdir(cache):
-            full = os.path.join(cache, entry)
-            if entry.startswith("iso-") and full != os.path.dirname(final):
-                shutil.rmtree(full, ignore_errors=True)
+        prune(cache, "iso-", keep=os.path.dirname(final))
     return final

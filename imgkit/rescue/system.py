@@ -204,7 +204,7 @@ def build_system(out_dir: str, cache: str, epoch: int, say, refresh: bool = Fals
     root = os.path.join(out_dir, "root")
     key = system_key(epoch)
     # The log lives in the cache, not in out_dir: a failed build's work directory goes, its log stays.
-    with open(os.path.join(cache, "system-build.log"), "w") as log:
+    with open(os.path.join(cache, f"build-{key[:16]}.log"), "w") as log:
         say("bootstrapping Debian 12 (mmdebstrap, minbase + kernel + imgkit's tools)")
         origin = _mmdebstrap(root, debs, env, refresh, log)
         say(f"packages came from the {'package cache (offline)' if origin == 'cache' else 'Debian mirror'}")
