@@ -52,38 +52,44 @@ def _tool_limits(size: int) -> Limits:
                   wall_seconds=base.wall_seconds * 4)
 
 
-class PartitionFile:
-    """One partition of the overlay as a plain, writable file in `workdir` (a context manager). One
-    qemu-storage-daemon per partition, one at a time: a writable FUSE export takes the `resize`
-    permission of its node, which two raw windows on the same qcow2 node cannot both hold. On exit
-    the daemon stops (SIGTERM: it flushes the qcow2 and removes its FUSE mount) and the overlay is
-    complete."""
+class PartitionFiles:
+    """Partitions of the overlay as plain files in `workdir`, `paths[number]` (a context manager).
+    Writable: one partition per qemu-storage-daemon (a writable FUSE export takes the `resize`
+    permission of its node, which two raw windows on one qcow2 node cannot both hold); read-only
+    (measuring): every partition in one daemon. On exit the daemon stops (SIGTERM: it flushes the
+    qcow2 and removes its FUSE mounts) and the overlay is complete."""
 
-    def __init__(self, overlay: str, export_socket: str, number: int, start: int, size: int, workdir: str):
-        self.overlay, self.socket, self.workdir = overlay, export_socket, workdir
-        self.number, self.start, self.size = number, start, size
-        self.path = os.path.join(workdir, f"part{number}.raw")
+    def __init__(self, overlay: str, export_socket: str, parts: list[tuple[int, int, int]], workdir: str,
+                 writable: bool):
+        if writable and len(parts) != 1:
+            raise ValueError("one writable partition per qemu-storage-daemon")
+        self.overlay, self.socket, self.workdir, self.writable = overlay, export_socket, workdir, writable
+        self.parts = parts
+        self.paths = {n: os.path.join(workdir, f"part{n}.raw") for n, _, _ in parts}
         self.proc = None
 
-    def _mounted(self) -> bool:
-        return os.stat(self.path).st_dev != os.stat(self.workdir).st_dev
+    def _mounted(self, path: str) -> bool:
+        return os.stat(path).st_dev != os.stat(self.workdir).st_dev
 
-    def __enter__(self) -> "PartitionFile":
-        node = {"driver": "qcow2", "node-name": "ov",
-                "file": {"driver": "file", "filename": self.overlay},
+    def __enter__(self) -> "PartitionFiles":
+        node = {"driver": "qcow2", "node-name": "ov", "read-only": not self.writable,
+                "file": {"driver": "file", "filename": self.overlay, "read-only": not self.writable},
                 "backing": {"driver": "raw", "read-only": True,
                             "file": {"driver": "nbd", "read-only": True,
                                      "server": {"type": "unix", "path": self.socket}}}}
-        window = {"driver": "raw", "node-name": "part", "file": "ov", "offset": self.start, "size": self.size}
-        with open(self.path, "wb"):
-            pass
-        argv = ["qemu-storage-daemon", "--blockdev", json.dumps(node), "--blockdev", json.dumps(window),
-                "--export", f"type=fuse,id=part,node-name=part,mountpoint={self.path},writable=on"]
+        argv = ["qemu-storage-daemon", "--blockdev", json.dumps(node)]
+        for n, start, size in self.parts:
+            with open(self.paths[n], "wb"):
+                pass
+            argv += ["--blockdev", json.dumps({"driver": "raw", "node-name": f"p{n}", "file": "ov",
+                                               "read-only": not self.writable, "offset": start, "size": size}),
+                     "--export", f"type=fuse,id=e{n},node-name=p{n},mountpoint={self.paths[n]},"
+                                 f"writable={'on' if self.writable else 'off'}"]
         find_program("qemu-storage-daemon")
-        self.log = open(os.path.join(self.workdir, f"qsd{self.number}.log"), "w+")
+        self.log = open(os.path.join(self.workdir, "qsd.log"), "a+")
         self.proc = popen(argv, SERVING_LIMITS, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
-        while not self._mounted():
+        while not all(self._mounted(p) for p in self.paths.values()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.log.flush()
                 self.log.seek(0)
@@ -92,9 +98,8 @@ class PartitionFile:
                     self.close()
                 except OperationFailed:
                     pass
-                raise OperationFailed(f"qemu-storage-daemon could not expose partition {self.number}: "
-                                      f"{said[-1][:300]}")
-            time.sleep(0.01)
+                raise OperationFailed(f"qemu-storage-daemon could not expose the partitions: {said[-1][:300]}")
+            time.sleep(0.005)
         return self
 
     def close(self) -> None:
@@ -103,13 +108,25 @@ class PartitionFile:
         kill_group(self.proc)  # SIGTERM first: qsd closes its block nodes (qcow2 flushed) and exits
         code, self.proc = self.proc.returncode, None
         self.log.close()
-        if self._mounted():  # a daemon that died leaves its FUSE mount behind: ours, so we remove it
-            subprocess.run(["umount", "-l", self.path], capture_output=True, timeout=30)
+        for path in self.paths.values():
+            if self._mounted(path):  # a daemon that died leaves its FUSE mount behind: ours, we remove it
+                subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
         if code not in (0, -15):
             raise OperationFailed(f"qemu-storage-daemon ended with status {code}: the overlay may be incomplete")
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ext_block_size(path: str) -> int:
+    """s_log_block_size from the superblock (bytes 1024+24), bounded: ext blocks are 1 KiB..64 KiB."""
+    with open(path, "rb") as f:
+        f.seek(1024 + 24)
+        raw = f.read(4)
+    log = int.from_bytes(raw, "little") if len(raw) == 4 else 99
+    if log > 6:
+        raise OperationFailed("the ext superblock gives no valid block size")
+    return 1024 << log
 
 
 def measure(fs: str, path: str, size: int) -> int:
@@ -118,11 +135,9 @@ def measure(fs: str, path: str, size: int) -> int:
     if fs.startswith("ext"):
         out = run_confined(["resize2fs", "-P", "/fs/part"], files, limits, "resize2fs -P").stdout
         m = re.search(r"minimum size of the filesystem:\s*(\d+)", out)
-        head = run_confined(["dumpe2fs", "-h", "/fs/part"], files, limits, "dumpe2fs -h").stdout
-        b = re.search(r"^Block size:\s*(\d+)", head, re.M)
-        if not m or not b:
+        if not m:
             raise OperationFailed("resize2fs -P gave no minimum")
-        return int(m.group(1)) * int(b.group(1))
+        return int(m.group(1)) * _ext_block_size(path)
     out = run_confined(["ntfsresize", "--info", "--force", "--no-progress-bar", "/fs/part"], files, limits,
                        "ntfsresize --info").stdout
     m = re.search(r"You might resize at (\d+) bytes", out)
@@ -161,14 +176,16 @@ def shrink_on_host(plan, overlay: str, export_socket: str, workdir: str, replan)
     measured = [pp for pp in plan.parts if pp.minimum is not None and pp.filesystem in HOST_FILESYSTEMS]
     minimums, notes = {}, []
 
-    def exposed(pp) -> PartitionFile:
-        return PartitionFile(overlay, export_socket, pp.number, pp.old_start, pp.old_size, workdir)
-    for pp in measured:
-        try:
-            with exposed(pp) as part:
-                minimums[pp.number] = measure(pp.filesystem, part.path, pp.old_size)
-        except OperationFailed as e:  # the estimate stands; the resizer refuses a size below its minimum
-            sys.stderr.write(f"imgkit: minimum of partition {pp.number} unknown: {e}\n")
+    def exposed(pp) -> PartitionFiles:
+        return PartitionFiles(overlay, export_socket, [(pp.number, pp.old_start, pp.old_size)], workdir, True)
+    if measured:  # read-only windows, all in one daemon: measuring writes nothing
+        with PartitionFiles(overlay, export_socket, [(pp.number, pp.old_start, pp.old_size) for pp in measured],
+                            workdir, False) as files:
+            for pp in measured:
+                try:
+                    minimums[pp.number] = measure(pp.filesystem, files.paths[pp.number], pp.old_size)
+                except OperationFailed as e:  # the estimate stands; the resizer refuses below its minimum
+                    sys.stderr.write(f"imgkit: minimum of partition {pp.number} unknown: {e}\n")
     if replan is not None:
         # a FAT the first plan leaves whole stays whole (as on the appliance path)
         pinned = {pp.number: pp.old_size for pp in plan.parts
@@ -181,6 +198,6 @@ def shrink_on_host(plan, overlay: str, export_socket: str, workdir: str, replan)
         if pp.filesystem not in HOST_FILESYSTEMS:
             raise EnvironmentProblem(f"partition {pp.number} ({pp.filesystem}) cannot be shrunk on the host")
         with exposed(pp) as part:
-            notes.append(resize(pp.filesystem, part.path, pp.old_size, pp.new_size,
+            notes.append(resize(pp.filesystem, part.paths[pp.number], pp.old_size, pp.new_size,
                                 f"partition {pp.number} ({pp.filesystem})"))
     return minimums, notes, plan
