@@ -28,17 +28,18 @@ def available() -> bool:
     return shutil.which("bwrap") is not None
 
 
-def confined_argv(argv: list[str], files: dict[str, str]) -> list[str]:
+def confined_argv(argv: list[str], files: dict[str, str], read_only: dict[str, str] | None = None,
+                  env: dict[str, str] | None = None) -> list[str]:
     """The bwrap command line that runs `argv` with only `files` ({name: host path}) writable, at
-    /fs/<name>."""
+    /fs/<name>; `read_only` files likewise but read-only; `env` the only environment besides PATH."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise EnvironmentProblem("bubblewrap is needed to run filesystem tools confined", hint=BWRAP_HINT)
     program = shutil.which(argv[0], path="/usr/sbin:/usr/bin:/sbin:/bin")
     if program is None:
         raise EnvironmentProblem(f"{argv[0]} is not installed")
-    program = os.path.realpath(program)
-    if not program.startswith("/usr/"):
+    # multi-call programs (mtools) read their name from argv[0]: run the link, check its target
+    if not program.startswith("/usr/") or not os.path.realpath(program).startswith("/usr/"):
         raise EnvironmentProblem(f"{program} is outside /usr: it would not be visible in the sandbox")
     cmd = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
            "--clearenv", "--setenv", "PATH", "/usr/sbin:/usr/bin", "--setenv", "LC_ALL", "C",
@@ -49,15 +50,20 @@ def confined_argv(argv: list[str], files: dict[str, str]) -> list[str]:
     cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/fs"]
     for name, host_path in files.items():
         cmd += ["--bind", host_path, f"/fs/{name}"]
+    for name, host_path in (read_only or {}).items():
+        cmd += ["--ro-bind", host_path, f"/fs/{name}"]
+    for key, value in (env or {}).items():
+        cmd += ["--setenv", key, value]
     cmd += ["--chdir", "/", program, *argv[1:]]
     return cmd
 
 
 def run_confined(argv: list[str], files: dict[str, str], limits: Limits, what: str,
-                 ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+                 ok_codes: tuple[int, ...] = (0,), read_only: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `argv` confined (see the module doc); an exit status outside `ok_codes`, a limit reached
     or the timeout raises OperationFailed naming `what` and the tool's last line."""
-    proc = subprocess.Popen(confined_argv(argv, files), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(confined_argv(argv, files, read_only, env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace",
                             preexec_fn=_preexec(limits, die_with_parent=True), start_new_session=True)
     try:

@@ -14,8 +14,9 @@ appliance (its own kernel, in a VM) opens the overlay read-write and runs, per p
 Each filesystem's real minimum (vfs-minimum-size: resize2fs -P, ntfsresize --info, btrfs' own) is
 checked against the plan first: a plan below it is refused before the target is touched.
 
-When every filesystem involved is ext2/3/4 or NTFS, no appliance is launched: shrink_host.py runs the
-same tools on the host, confined by bubblewrap, on the overlay's partitions exposed as plain files.
+When no btrfs is involved, no appliance is launched: shrink_host.py runs the same tools (and, for a
+FAT, mcopy drive to drive) on the host, confined by bubblewrap, on the overlay's partitions exposed
+as plain files.
 
 The appliance runs in a child process (python -m imgkit.shrink_fs): libguestfs calls can hold the
 GIL while qemu reads the overlay's backing file, which the NBD export in this process serves.
@@ -111,17 +112,6 @@ def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_soc
                            overlay, str(image.size)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise OperationFailed(f"qemu-img could not create the overlay: {proc.stderr.strip()[:300]}")
-    from .shrink_host import HOST_FILESYSTEMS, host_path_usable, shrink_on_host
-    involved = {pp.filesystem for pp in plan.shrunk}
-    # a btrfs the first plan leaves whole may still shrink once measured (appliance); a FAT it
-    # leaves whole stays whole on both paths (pinned), so it does not need the appliance
-    involved |= {pp.filesystem for pp in plan.parts
-                 if pp.minimum is not None and pp.filesystem in (*HOST_FILESYSTEMS, "btrfs")}
-    if host_path_usable(involved):  # no appliance: the resizers run confined on the host
-        minimums, notes, plan = shrink_on_host(plan, overlay, export_socket, workdir, replan)
-        used = os.stat(overlay).st_blocks * 512
-        return Shrunk(OverlayImage(overlay, export_socket, image.size), {}, minimums, notes, used,
-                      engine="host"), plan
     fat_files, pinned = {}, {}
     for pp in plan.shrunk:
         if pp.filesystem == "vfat":
@@ -131,6 +121,17 @@ def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_soc
     for pp in plan.parts:  # a FAT the plan leaves whole has no new file: it stays whole
         if pp.filesystem == "vfat" and pp.minimum is not None and not pp.shrinks:
             pinned[pp.number] = pp.old_size
+    from .shrink_host import HOST_FILESYSTEMS, host_path_usable, shrink_on_host
+    involved = {pp.filesystem for pp in plan.shrunk}
+    # a btrfs the first plan leaves whole may still shrink once measured (appliance); a FAT it
+    # leaves whole stays whole on both paths (pinned), so it does not need the appliance
+    involved |= {pp.filesystem for pp in plan.parts
+                 if pp.minimum is not None and pp.filesystem in (*HOST_FILESYSTEMS, "btrfs")}
+    if host_path_usable(involved):  # no appliance: the tools run confined on the host
+        minimums, notes, plan = shrink_on_host(plan, overlay, export_socket, workdir, replan, fat_files, pinned)
+        used = sum(os.stat(p).st_blocks * 512 for p in [overlay, *fat_files.values()])
+        return Shrunk(OverlayImage(overlay, export_socket, image.size), fat_files, minimums, notes, used,
+                      engine="host"), plan
     measure = [{"number": pp.number, "fs": pp.filesystem} for pp in plan.parts
                if pp.minimum is not None and pp.filesystem in ("ext2", "ext3", "ext4", "ntfs", "btrfs")]
     log = open(os.path.join(workdir, "appliance.log"), "w+")

@@ -25,20 +25,23 @@ import subprocess
 import sys
 import time
 
-from .errors import EnvironmentProblem, OperationFailed
+from .errors import EnvironmentProblem, OperationFailed, RefusedTarget
 from .qemu_tools import SERVING_LIMITS, Limits, find_program, kill_group, limits_for_size, popen
 from .sandbox import available as sandbox_available
 from .sandbox import run_confined
 from .units import format_size
 
 HOST_FILESYSTEMS = ("ext2", "ext3", "ext4", "ntfs")
+# a FAT is rebuilt, not resized: a new one made by mkfs.fat (shrink_fs), the files copied into it by
+# mcopy from a read-only window of the old one, drive to drive (mtools, no mount, no host directory)
+HOST_REBUILT = ("vfat",)
 TOOL_ADDRESS_SPACE = 4 << 30  # resize2fs keeps bitmaps of the whole filesystem in memory
 
 
 def host_path_usable(filesystems: set[str]) -> bool:
     """True when every filesystem to measure or shrink has host tools, and the host has bubblewrap,
     qemu-storage-daemon and /dev/fuse."""
-    if not filesystems <= set(HOST_FILESYSTEMS):
+    if not filesystems <= set(HOST_FILESYSTEMS + HOST_REBUILT):
         return False
     if os.environ.get("IMGKIT_SHRINK_APPLIANCE") == "1":  # a test/debug switch: the appliance path
         return False
@@ -169,32 +172,63 @@ def resize(fs: str, path: str, old_size: int, new_size: int, what: str) -> str:
     return f"{what}: shrunk to {format_size(new_size)}"
 
 
-def shrink_on_host(plan, overlay: str, export_socket: str, workdir: str, replan):
+def copy_fat(old_path: str, new_path: str, workdir: str, size: int, what: str) -> str:
+    """Every file and directory of the old FAT (a read-only window) into the new, empty one, with
+    attributes and times (mcopy -s -p -m), then fsck.fat -n on the new one."""
+    rc = os.path.join(workdir, "mtoolsrc")
+    with open(rc, "w") as f:
+        f.write('mtools_skip_check=1\ndrive o: file="/fs/old"\ndrive n: file="/fs/new"\n')
+    limits = _tool_limits(size)
+    try:
+        run_confined(["mcopy", "-s", "-p", "-m", "-Q", "-D", "o", "o:/", "n:/"], {"new": new_path}, limits,
+                     f"copying the files of {what} (mcopy)", read_only={"old": old_path, "rc": rc},
+                     env={"MTOOLSRC": "/fs/rc"})
+    except OperationFailed as e:
+        if "full" in str(e).lower():
+            raise RefusedTarget(f"the files of {what} do not fit in {format_size(size)}") from None
+        raise
+    try:
+        run_confined(["fsck.fat", "-n", "/fs/new"], {"new": new_path}, limits, f"fsck.fat of the rebuilt {what}")
+    except OperationFailed as e:
+        raise OperationFailed(f"fsck.fat reports problems on the rebuilt {what}: {e}") from None
+    return f"{what}: rebuilt as a {format_size(size)} FAT, files copied"
+
+
+def shrink_on_host(plan, overlay: str, export_socket: str, workdir: str, replan,
+                   fat_files: dict[int, str] | None = None, pinned: dict[int, int] | None = None):
     """The host path of shrink_fs.shrink_filesystems for plans whose filesystems are all in
-    HOST_FILESYSTEMS: (minimums, notes, plan carried out)."""
-    from .errors import RefusedTarget
+    HOST_FILESYSTEMS or HOST_REBUILT (`fat_files`: the new, empty FATs shrink_fs made, `pinned`
+    their sizes): (minimums, notes, plan carried out)."""
+    fat_files, pinned = fat_files or {}, dict(pinned or {})
     measured = [pp for pp in plan.parts if pp.minimum is not None and pp.filesystem in HOST_FILESYSTEMS]
     minimums, notes = {}, []
 
     def exposed(pp) -> PartitionFiles:
         return PartitionFiles(overlay, export_socket, [(pp.number, pp.old_start, pp.old_size)], workdir, True)
-    if measured:  # read-only windows, all in one daemon: measuring writes nothing
-        with PartitionFiles(overlay, export_socket, [(pp.number, pp.old_start, pp.old_size) for pp in measured],
-                            workdir, False) as files:
+    rebuilt = [pp for pp in plan.shrunk if pp.number in fat_files]
+    if measured or rebuilt:  # read-only windows, all in one daemon: measuring and copying from them writes nothing
+        windows = [(pp.number, pp.old_start, pp.old_size) for pp in [*measured, *rebuilt]]
+        with PartitionFiles(overlay, export_socket, windows, workdir, False) as files:
+            for pp in rebuilt:
+                notes.append(copy_fat(files.paths[pp.number], fat_files[pp.number], workdir, pp.new_size,
+                                      f"partition {pp.number} (vfat)"))
             for pp in measured:
                 try:
                     minimums[pp.number] = measure(pp.filesystem, files.paths[pp.number], pp.old_size)
                 except OperationFailed as e:  # the estimate stands; the resizer refuses below its minimum
                     sys.stderr.write(f"imgkit: minimum of partition {pp.number} unknown: {e}\n")
     if replan is not None:
-        # a FAT the first plan leaves whole stays whole (as on the appliance path)
-        pinned = {pp.number: pp.old_size for pp in plan.parts
-                  if pp.minimum is not None and pp.filesystem not in HOST_FILESYSTEMS and not pp.shrinks}
+        # a FAT the first plan leaves whole stays whole (as on the appliance path); a rebuilt one
+        # keeps the size it was made at
+        pinned.update({pp.number: pp.old_size for pp in plan.parts
+                       if pp.minimum is not None and pp.filesystem not in HOST_FILESYSTEMS and not pp.shrinks})
         plan = replan(minimums, pinned)
         if not plan.fits:
             raise RefusedTarget(f"the filesystems' own minimums do not fit the target: {plan.reason}",
                                 hint="; ".join(pp.describe() for pp in plan.parts if pp.minimum_exact))
     for pp in plan.shrunk:
+        if pp.number in fat_files:
+            continue  # rebuilt above
         if pp.filesystem not in HOST_FILESYSTEMS:
             raise EnvironmentProblem(f"partition {pp.number} ({pp.filesystem}) cannot be shrunk on the host")
         with exposed(pp) as part:

@@ -1,5 +1,6 @@
 """restore --shrink: an image restored onto a disk half its size. The multifs fixture (ext4, FAT32,
-NTFS) captured, restored onto half the size with one libguestfs appliance launch: each filesystem
+NTFS) captured, restored onto half the size without the appliance (the tools confined on the host,
+shrink_host.py; the FAT rebuilt by mcopy drive to drive): each filesystem
 passes its own fsck, every file's sha256 matches the fixture's sidecar, `sgdisk -v` finds the GPT
 valid, GUIDs and names are kept. Plans without the appliance: --dry-run, the refusal without
 --shrink saying --shrink would fit, a target too small even for the data (both sizes named), an XFS
@@ -88,6 +89,7 @@ def test_shrink_multifs_to_half(multifs_image, tmp_path):
     doc = json.loads(proc.stdout)
     assert os.path.getsize(target) == half
     assert all(p["shrinks"] for p in doc["shrink"]["plan"]["partitions"])
+    assert doc["shrink"]["engine"] == "host"
     # peak extra disk: the overlay and the rebuilt FAT hold far less than the disk
     assert doc["shrink"]["overlay_bytes"] < truth["disk_size"] // 2
     verify = sh("sgdisk", "-v", target)
@@ -272,6 +274,7 @@ def test_mbr_logical_btrfs_fat_shrunk_to_half(tmp_path):
     proc = run_imgkit("restore", img, half, "--yes", "--shrink", "--json", "--progress", "none", check=True)
     plan = {p["number"]: p for p in json.loads(proc.stdout)["shrink"]["plan"]["partitions"]}
     assert plan[5]["shrinks"] and plan[5]["minimum_exact"]
+    assert json.loads(proc.stdout)["shrink"]["engine"] == "appliance"  # btrfs resizes only mounted
     dump = json.loads(sh("sfdisk", "-J", half, check=True).stdout)["partitiontable"]
     assert dump["id"] == "0x12345678"
     got = {int(p["node"][len(str(half)):]): p for p in dump["partitions"]}
