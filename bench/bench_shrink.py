@@ -7,7 +7,7 @@ Input: a GPT disk (1 GiB, --quick 512 MiB): ext4 on 60% holding ~15% of the disk
 files, NTFS on the rest holding ~8%. Captured once (fs-aware); then alternately restored onto a
 file of the same size and with --shrink onto a file of half the size, cold page cache each run.
 ext4 and NTFS are shrunk on the host by their own tools confined by bubblewrap (no appliance launch;
-a plan with btrfs or a FAT to rebuild would launch the libguestfs appliance, 20-30 s under TCG).
+a plan with a btrfs would launch the libguestfs appliance, 20-30 s under TCG).
 
     python bench/bench_shrink.py [--quick] [--runs N]
 """

@@ -1,4 +1,4 @@
-"""Shrink ext2/3/4 and NTFS on the host, without the libguestfs appliance.
+"""Shrink ext2/3/4 and NTFS, and rebuild FAT, on the host, without the libguestfs appliance.
 
 The appliance costs a VM boot per shrink (20-30 s under TCG, 2-3 s with KVM) for tools that need no
 kernel at all: e2fsck, resize2fs and ntfsresize work on a plain file. So each partition to measure or
@@ -13,8 +13,7 @@ by the confined tools.
 Minimums are measured the way libguestfs' vfs-minimum-size does: resize2fs -P times the block size,
 ntfsresize --info's "You might resize at N bytes".
 
-Filesystems that need a mount to resize (btrfs) or a copy of their files (FAT, rebuilt) keep the
-appliance path in shrink_fs.py.
+A filesystem that needs a mount to resize (btrfs) keeps the appliance path in shrink_fs.py.
 """
 from __future__ import annotations
 
