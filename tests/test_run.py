@@ -100,16 +100,62 @@ def test_mirror_to_yields_a_standalone_disk(tiny, tmp_path):
     assert_one_line_error(imgkit_run(tiny, "--mirror-to", mirror), 3, "exists")
 
 
+def run_on_console(image, *args, steps, timeout=400):
+    """`imgkit run` with the guest's serial console driven through stdin/stdout: for each (text, line),
+    wait for text on the console, then type line. Returns (exit code, console text, stderr)."""
+    import select
+    import time
+    env = dict(os.environ, **TCG)
+    proc = subprocess.Popen([sys.executable, "-m", "imgkit", "run", str(image), *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, start = b"", time.monotonic()
+    try:
+        for wait_for, line in steps:
+            while wait_for.encode() not in out:
+                assert time.monotonic() - start < timeout, out[-2000:]
+                ready, _, _ = select.select([proc.stdout], [], [], 1)
+                if ready:
+                    data = os.read(proc.stdout.fileno(), 65536)
+                    assert data, (out[-3000:], proc.stderr.read())
+                    out += data
+            proc.stdin.write(line.encode())
+            proc.stdin.flush()
+        rest, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, (out + rest).decode(errors="replace"), err.decode(errors="replace")
+
+
+SHELL = ("IMGKIT-BOOT-OK linux-bios", "imgkit-shell\n")  # the fixture's init offers a shell (recipes/_common.py)
+
+
 @pytest.mark.slow
-def test_linux_runs_from_imgk_with_overlay_and_mirrors_to_a_disk_that_boots_alone(linux_bios_image, tmp_path):
+def test_linux_file_written_in_the_guest_persists_and_mirror_boots_alone(linux_bios_image, tmp_path):
+    """linux-bios from imgk: run 1 writes a file on the guest's ext4 through the serial console into
+    --overlay; run 2 (same overlay, and --mirror-to) reads it back while the disk is mirrored; the
+    mirror passes qemu-img check, holds the file, and boots with the backup deleted."""
     image = tmp_path / "lb.imgk"
     run_imgkit("capture", linux_bios_image, image, check=True)
+    before = file_state(image)
     overlay, mirror = tmp_path / "changes.qcow2", tmp_path / "vm.qcow2"
-    proc = imgkit_run(image, "--overlay", overlay, "--mirror-to", mirror, "--memory", "256M", timeout=400)
-    assert proc.returncode == 0, proc.stderr
-    assert "IMGKIT-BOOT-OK linux-bios" in proc.stdout
-    assert "the VM now runs from" in proc.stderr
+    code, console, err = run_on_console(image, "--overlay", overlay, "--memory", "256M", steps=[
+        SHELL, ("IMGKIT-SHELL-READY", "mkdir -p /mnt && mount -t ext4 /dev/sda1 /mnt && "
+                                      "echo kept-by-imgkit-overlay > /mnt/note.txt && umount /mnt && sync && poweroff -f\n")])
+    assert code == 0, (console[-2000:], err)
+    assert "new overlay" in err
+    code, console, err = run_on_console(image, "--overlay", overlay, "--mirror-to", mirror, "--memory", "256M", steps=[
+        SHELL, ("IMGKIT-SHELL-READY", "mkdir -p /mnt && mount -t ext4 -o ro /dev/sda1 /mnt && "
+                                      "tr a-z A-Z < /mnt/note.txt; umount /mnt; poweroff -f\n")])
+    assert code == 0, (console[-2000:], err)
+    assert "reusing overlay" in err and "the VM now runs from" in err, err
+    assert "KEPT-BY-IMGKIT-OVERLAY" in console, console[-2000:]  # upper case: the file, not the typed echo
+    assert file_state(image) == before  # the backup was never written
     subprocess.run(["qemu-img", "check", "-f", "qcow2", mirror], check=True, capture_output=True)
+    raw = tmp_path / "vm.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", mirror, raw], check=True)
+    assert b"kept-by-imgkit-overlay\n" in raw.read_bytes()
     os.unlink(image)  # the backup is gone: the mirror must boot on its own
     code, doc, err = boot_check_json(mirror, "--timeout", "240")
     assert code == 0, (doc, err)
