@@ -71,8 +71,8 @@ for w in $(/bin/busybox cat /proc/cmdline); do
 done
 echo "MARKER $name $(/bin/busybox uname -r)"
 # A host that answers "imgkit-shell" within 2 s (imgkit run's tests, over the serial console) gets a
-# shell with the disk drivers and ext4 loaded, to write files on the disk; otherwise (boot-check:
-# stdin is /dev/null, so read sees EOF at once) the guest powers off as before.
+# shell with the disk drivers and ext4 loaded, to write files on the disk; otherwise it powers off as
+# before, 2 s later (boot-check stops at the marker and does not wait for that).
 if [ -f /lib/imgkit-modules/order ] && read -t 2 cmd && [ "$cmd" = "imgkit-shell" ]; then
   /bin/busybox --install -s /bin
   for m in $(cat /lib/imgkit-modules/order); do insmod "/lib/imgkit-modules/$m"; done
