@@ -71,7 +71,10 @@ class PartitionFiles:
         self.proc = None
 
     def _mounted(self, path: str) -> bool:
-        return os.stat(path).st_dev != os.stat(self.workdir).st_dev
+        try:
+            return os.stat(path).st_dev != os.stat(self.workdir).st_dev
+        except OSError:  # ENOTCONN: a FUSE mount whose daemon died
+            return True
 
     def __enter__(self) -> "PartitionFiles":
         node = {"driver": "qcow2", "node-name": "ov", "read-only": not self.writable,
@@ -91,7 +94,9 @@ class PartitionFiles:
         self.log = open(os.path.join(self.workdir, "qsd.log"), "a+")
         self.proc = popen(argv, SERVING_LIMITS, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
-        while not all(self._mounted(p) for p in self.paths.values()):
+        while True:
+            if self.proc.poll() is None and all(self._mounted(p) for p in self.paths.values()):
+                break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.log.flush()
                 self.log.seek(0)

@@ -139,3 +139,31 @@ def test_ext4_ntfs_shrunk_on_host_without_appliance(tmp_path):
     same = tmp_path / "same.raw"
     run_imgkit("restore", img, same, "--yes", "--progress", "none", check=True)
     assert sh("cmp", disk, same).returncode == 0
+
+
+def test_partition_files_failure_leaves_no_mount(tmp_path):
+    """qemu-storage-daemon refusing a window (beyond the disk's end) after it exposed another: one
+    clear error, and the FUSE mount it left behind is removed (no stale mount over imgkit's files)."""
+    from imgkit.nbd_export import export_stream
+    from imgkit.shrink_host import PartitionFiles
+    from imgkit.sources import RawSource
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(4 * MIB))
+    overlay = tmp_path / "overlay.qcow2"
+    src = RawSource(str(disk))
+    try:
+        with export_stream(src) as export:
+            sh("qemu-img", "create", "-q", "-f", "qcow2", overlay, 4 * MIB, check=True)
+            good = [(1, MIB, MIB)]
+            with PartitionFiles(str(overlay), export.socket_path, good, str(tmp_path), False) as files:
+                assert (tmp_path / "part1.raw").read_bytes() == disk.read_bytes()[MIB:2 * MIB]
+                assert files.paths[1] == str(tmp_path / "part1.raw")
+            with pytest.raises(OperationFailed, match="could not expose the partitions"):
+                with PartitionFiles(str(overlay), export.socket_path, [*good, (2, 3 * MIB, 2 * MIB)],
+                                    str(tmp_path), False):
+                    pass
+    finally:
+        src.close()
+    with open("/proc/self/mountinfo") as f:
+        mounts = f.read()
+    assert str(tmp_path) not in mounts
