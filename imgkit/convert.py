@@ -308,7 +308,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
                              progress=progress, started=started, decrypt=decrypt)
     if is_rbd(dest):  # a VM disk in Ceph: librbd writes it sparse (remote/rbd_image.py)
         return _to_rbd(source, dest, source_format, to, compress or subformat or preset or level is not None,
-                       force, password, progress, started)
+                       force, password, progress, started, decrypt)
     to = destination_format(dest, to)
     if to not in foreign.FORMATS:
         raise InputError(f"unknown destination format {to!r}", hint="formats: " + ", ".join(foreign.FORMATS))
@@ -364,7 +364,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
 
 
 def _to_rbd(source: str, dest: str, source_format, to, options: bool, force: bool, password,
-            progress: Progress, started: float) -> ConvertResult:
+            progress: Progress, started: float, decrypt: bool = False) -> ConvertResult:
     from .formats.registry import open_image
     from .remote.rbd_image import check_target, write_image
     if to not in (None, "rbd", "raw"):
@@ -375,6 +375,7 @@ def _to_rbd(source: str, dest: str, source_format, to, options: bool, force: boo
     src = open_image(source, password, fmt=source_format)
     try:
         src_fmt = src.format_name or source_format or "raw"
+        _sealer_for(src, source, "rbd", password, None, decrypt)  # an RBD image is clear: --decrypt
         result = write_image(src, dest, force=force, progress=progress)
         size = src.size
     finally:

@@ -14,6 +14,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 
+from .units import format_size
 from .blockdev import device_size
 from .errors import InputError, RefusedTarget
 from .filesystems.allocation import OWN_PARSERS, read_used_blocks
@@ -124,7 +125,8 @@ def target_size_of(target: str, given: int | None) -> int:
         st = None
     if st is not None and stat.S_ISBLK(st.st_mode):
         if given is not None and given != device_size(target):
-            raise InputError(f"--target-size does not apply to a block device ({target} is {device_size(target)} bytes)")
+            raise InputError(f"--target-size does not apply to a block device ({target} is "
+                             f"{format_size(device_size(target))}, {device_size(target)} bytes)")
         return device_size(target)
     if given is not None:
         return given

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 
+from ..units import format_size
 from ..stream import Stream
 from .usedmap import NotUsable, UsedBlocks, set_range
 
@@ -66,7 +67,8 @@ def used_blocks(part: Stream) -> UsedBlocks:
     if first_data_block != (1 if bs == 1024 and not bigalloc else 0):
         raise NotUsable(f"ext: first data block {first_data_block} is invalid for {bs}-byte blocks")
     if blocks <= first_data_block or blocks * bs > part.size:
-        raise NotUsable(f"ext: {blocks} blocks of {bs} bytes do not fit the {part.size}-byte partition")
+        raise NotUsable(f"ext: {blocks} blocks of {format_size(bs)} do not fit the {format_size(part.size)} partition "
+                        f"({part.size} bytes)")
     groups = -(-(blocks - first_data_block) // blocks_per_group)
     if groups > MAX_GROUPS:
         raise NotUsable(f"ext: {groups} block groups (refused)")

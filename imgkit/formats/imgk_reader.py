@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 
 import zstandard
 
+from ..units import format_size
 from ..errors import BadImage, CorruptChunk, InputError
 from ..stream import DATA, FREE, ZERO, Run, Stream, merge_runs
 from . import imgk_layout as L
@@ -143,7 +144,8 @@ class ImageReader(Stream):
         for n, (want, have) in enumerate(zip(expected, self.volume_sizes), start=1):
             if want != have:
                 state = "truncated" if have < want else "longer than written"
-                raise BadImage(f"volume {n} ({volume_path(path, n)}) is {state}: {have} bytes, expected {want}")
+                raise BadImage(f"volume {n} ({volume_path(path, n)}) is {state}: {format_size(have)} ({have} bytes), "
+                               f"expected {format_size(want)} ({want} bytes)")
         self.index = L.decode_index(by_type[L.SECTION_INDEX][0], header, self.volume_sizes)
         self._kinds = self.index.kinds()  # one byte a chunk: kind tests on the read path decode no entry
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import zstandard
 
 from ..errors import InputError
+from ..units import format_size
 from ..remote.s3 import is_s3
 from ..writeback import WRITEBACK_STEP, fsync_parent_dir, publish, start_writeback
 from . import imgk_layout as L
@@ -123,7 +124,8 @@ class ImageWriter:
         it a name that appeared meanwhile is never replaced (writeback.publish)."""
         check_geometry(logical_size, chunk_size)
         if split_size is not None and split_size < chunk_size + L.MAX_STORED_OVERHEAD + 2 * L.HEADER_SIZE:
-            raise InputError(f"split size {split_size} is too small for {chunk_size}-byte chunks",
+            raise InputError(f"split size {format_size(split_size)} ({split_size} bytes) is too small for "
+                             f"{format_size(chunk_size)} chunks",
                              hint="use a split size of at least a few MiB")
         self.path = path
         self.replace = replace
@@ -270,7 +272,8 @@ class ImageWriter:
         tail = (sum(len(e[3]) + tag for e in encoded) + 8 * (len(self._volumes) + 1) + tag
                 + L.DIRECTORY_HEAD_SIZE + n_sections * L.DIRECTORY_ENTRY_SIZE + L.TRAILER_SIZE)
         if self.split_size and tail + L.HEADER_SIZE > self.split_size:
-            raise InputError(f"split size {self.split_size} cannot hold the image's index ({tail} bytes)",
+            raise InputError(f"split size {format_size(self.split_size)} cannot hold the image's index "
+                             f"({format_size(tail)}, {tail} bytes)",
                              hint="choose a larger split size or chunk size")
         self._room_for(tail)
         count = len(self._volumes)
