@@ -84,11 +84,19 @@ def _free_port() -> int:
     return port
 
 
-@pytest.mark.parametrize("kind", ["imgk", "encrypted", "split", "qcow2", "raw"])
+@pytest.mark.parametrize("kind", ["imgk", "encrypted", "split", "chain", "qcow2", "raw"])
 def test_each_image_kind_serves_exactly_its_source(disk, kind):
     d, raw = disk
     env = {}
-    if kind == "raw":
+    if kind == "chain":  # an incremental image over a base: the export is the newer disk
+        base = d / "base.imgk"
+        zeros = d / "zeros.raw"
+        with open(zeros, "wb") as f:
+            f.truncate(SIZE)
+        run_imgkit("capture", "--sector-by-sector", zeros, base, check=True)
+        image = d / "chain.imgk"
+        run_imgkit("capture", "--sector-by-sector", raw, image, "--base", base, check=True)
+    elif kind == "raw":
         image = raw
     elif kind == "qcow2":
         image = d / "disk.qcow2"
