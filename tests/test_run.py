@@ -160,3 +160,13 @@ def test_linux_file_written_in_the_guest_persists_and_mirror_boots_alone(linux_b
     code, doc, err = boot_check_json(mirror, "--timeout", "240")
     assert code == 0, (doc, err)
     assert doc["matched"].startswith("IMGKIT-BOOT-OK linux-bios")
+
+
+@pytest.mark.slow
+def test_linux_uefi_runs_from_imgk_with_uefi_picked(vm_fixture, tmp_path):
+    image = tmp_path / "lu.imgk"
+    run_imgkit("capture", vm_fixture("linux-uefi"), image, check=True)
+    proc = imgkit_run(image, "--memory", "512M", "--json", timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    assert "IMGKIT-BOOT-OK linux-uefi" in proc.stdout
+    assert '"firmware": "uefi"' in proc.stdout
