@@ -97,22 +97,8 @@ def volume_label(part: Stream) -> str | None:
 
 
 def used_blocks(part: Stream) -> UsedBlocks:
-    bs = part.read(0, 512)
-    if len(bs) < 512 or bs[3:11] != b"NTFS    ":
-        raise NotUsable("ntfs: no NTFS boot sector")
-    bps, cs = _cluster_size(bs)
-    total_sectors, mft_lcn = struct.unpack_from("<QQ", bs, 0x28)
-    cpr = struct.unpack_from("<b", bs, 0x40)[0]
-    rec_size = cs * cpr if cpr > 0 else 1 << -cpr
-    if not 256 <= rec_size <= 65536 or total_sectors * bps > part.size:
-        raise NotUsable("ntfs: MFT record size or volume size is invalid")
-    clusters = total_sectors * bps // cs
-    if mft_lcn >= clusters:
-        raise NotUsable("ntfs: the MFT lies past the end of the volume")
-    rec = bytearray(part.read(mft_lcn * cs + 6 * rec_size, rec_size))
-    if len(rec) != rec_size or rec[:4] != b"FILE":
-        raise NotUsable("ntfs: MFT record 6 ($Bitmap) is not a FILE record")
-    _apply_fixups(rec, bps)
+    rec, bps, cs, clusters = _mft_record(part, 6)  # $Bitmap
+    rec_size = len(rec)
     pos = struct.unpack_from("<H", rec, 0x14)[0]
     runs = None
     while pos + 16 <= rec_size:
