@@ -101,7 +101,7 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
         to_format("vhd", "vpc", "subformat=dynamic,force_size=on"),
         to_format("raw", "raw", ""),
         ("qcow2 -> imgk", {
-            "imgkit convert qcow2->imgk": (f"{IMGKIT} convert --progress none --force {src_qcow2} {o('e.imgk')}",
+            "imgkit convert qcow2->imgk": (f"{IMGKIT} convert --sector-by-sector --progress none --force {src_qcow2} {o('e.imgk')}",
                                            o("e.imgk"), remover(o("e.imgk"))),
             "qemu-img convert -c zstd qcow2->qcow2": (f"qemu-img convert -f qcow2 -O qcow2 -c -o "
                                                       f"compression_type=zstd {src_qcow2} {o('f.qcow2')}",

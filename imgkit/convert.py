@@ -293,11 +293,13 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
             compress: bool = False, subformat: str | None = None, preset: str | None = None,
             force: bool = False, password=None, progress: Progress | None = None,
             level: int | None = None, overlay: str | None = None, encrypt: bytes | None = None,
-            decrypt: bool = False) -> ConvertResult:
+            decrypt: bool = False, sector_by_sector: bool = False) -> ConvertResult:
     """Convert `source` into `dest`. An encrypted imgk source stays encrypted in an imgk destination
     (under the same password, or under `encrypt`, a new one); any output in clear from it (imgk
     with `decrypt`, or raw/qcow2/...) needs `decrypt`: nobody gets a clear copy of an encrypted
-    backup without saying so. `encrypt` also encrypts an imgk destination of a clear source."""
+    backup without saying so. `encrypt` also encrypts an imgk destination of a clear source.
+    An imgk destination stores only the blocks filesystems use, like capture, unless
+    `sector_by_sector`."""
     from .formats.registry import open_image  # convert only routes what the registry opens
     progress = progress or NullProgress()
     started = time.monotonic()
@@ -345,7 +347,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
             if plan.pad_to_mib:
                 plan.size = -(-src.size // MiB) * MiB
             sealer = _sealer_for(src, source, plan.to, password, encrypt, decrypt)
-            method = _route(src, source, dest, plan, force, progress, level, sealer)
+            method = _route(src, source, dest, plan, force, progress, level, sealer, sector_by_sector)
             virtual = plan.size or src.size
         finally:
             src.close()
@@ -433,17 +435,19 @@ def _sealer_for(src: Stream, source: str, to: str, password, encrypt: bytes | No
 
 
 def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progress: Progress,
-           level: int | None, sealer_factory=None) -> str:
+           level: int | None, sealer_factory=None, sector_by_sector: bool = False) -> str:
     if plan.to == "imgk":
         info = src.describe()
         if level is None:
             level = LEVEL_DEFAULT
         # Filesystem-aware like capture: only the blocks each filesystem uses are stored.
-        from .fsaware import build_plan
-        from .sources import RawSource
-        fs_plan = build_plan(src, path=source if isinstance(src, RawSource) else None)
+        fs_plan = None
+        if not sector_by_sector:
+            from .fsaware import build_plan
+            from .sources import RawSource
+            fs_plan = build_plan(src, path=source if isinstance(src, RawSource) else None).plan
         capture_stream(src, dest, source_info=info, level=level, force=force, progress=progress,
-                       sources=[source, *src.paths()], plan=fs_plan.plan,
+                       sources=[source, *src.paths()], plan=fs_plan,
                        sealer_factory=sealer_factory)
         return "capture"
     if plan.to in ("raw", "iso"):

@@ -194,3 +194,20 @@ def test_convert_to_imgk_is_filesystem_aware(tmp_path):
                                 check=True).stdout)
     assert doc["file_size"] < 8 * MiB  # 32 MiB of random bytes would not compress
     assert abs(doc["file_size"] - cap["stored_size"]) < MiB
+
+
+def test_convert_to_imgk_sector_by_sector_keeps_every_byte(tmp_path):
+    """--sector-by-sector keeps the junk in free space too, so the image restores byte for byte;
+    it is refused for a destination that is not imgk (every other format keeps every byte)."""
+    disk = tmp_path / "fs.raw"
+    disk.write_bytes(os.urandom(16 * MiB))
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(disk)], check=True)
+    out = tmp_path / "fs.imgk"
+    doc = json.loads(run_imgkit("convert", disk, out, "--sector-by-sector", "--json", "--progress", "none",
+                                check=True).stdout)
+    assert doc["file_size"] > 12 * MiB  # the random free space is stored
+    back = tmp_path / "back.raw"
+    run_imgkit("convert", out, back, "--progress", "none", check=True)
+    assert back.read_bytes() == disk.read_bytes()
+    refused = run_imgkit("convert", disk, tmp_path / "x.qcow2", "--sector-by-sector")
+    assert refused.returncode == 2 and "imgk DEST only" in refused.stderr

@@ -1,6 +1,8 @@
 """The convert command: imgk, raw, ISO, qcow2, VHD, VHDX and VMDK in any direction."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from .. import convert as conversion
@@ -34,11 +36,13 @@ from .output import emit_json
                    "prompt). An encrypted imgk SOURCE otherwise stays encrypted under its own password.")
 @click.option("--new-password-file", type=click.Path(dir_okay=False), help="With --encrypt: the new password.")
 @click.option("--decrypt", is_flag=True, help="Write an encrypted SOURCE in clear (needed for any clear DEST).")
+@click.option("--sector-by-sector", is_flag=True,
+              help="imgk DEST: keep every byte, free space too. Default: only the blocks filesystems use.")
 @password_options
 @progress_option
 @json_option
 def convert(source, dest, source_format, dest_format, compress, level, subformat, preset, force, overlay, encrypt,
-            new_password_file, decrypt, password_file, progress_mode, as_json):
+            new_password_file, decrypt, sector_by_sector, password_file, progress_mode, as_json):
     """Convert a disk image between imgk, raw, iso, qcow2, vhd, vhdx and vmdk.
 
     Foreign images are inspected and refused (backing files, external data files, VMDK extents)
@@ -50,10 +54,12 @@ def convert(source, dest, source_format, dest_format, compress, level, subformat
     """
     if encrypt and decrypt:
         raise click.UsageError("--encrypt and --decrypt exclude each other")
+    if sector_by_sector and (dest_format or os.path.splitext(dest)[1].lstrip(".").lower()) != "imgk":
+        raise click.UsageError("--sector-by-sector applies to an imgk DEST only (other formats keep every byte)")
     fresh = new_password(new_password_file, "IMGKIT_NEW_PASSWORD", "--new-password-file") if encrypt else None
     result = conversion.convert(source, dest, source_format=source_format, to=dest_format, compress=compress,
                                 subformat=subformat, preset=preset, force=force, level=level,
-                                encrypt=fresh, decrypt=decrypt,
+                                encrypt=fresh, decrypt=decrypt, sector_by_sector=sector_by_sector,
                                 password=reading_password(password_file), overlay=overlay,
                                 progress=make_progress("convert", progress_mode))
     if as_json:
