@@ -8,6 +8,7 @@ import random
 import pytest
 
 from conftest import assert_one_line_error, pattern_bytes, run_imgkit
+from imgk_forge import reseal
 
 import imgkit
 from imgkit.errors import BadImage, ImgkitError
@@ -151,27 +152,7 @@ def test_newer_required_feature_refused(small_image, tmp_path):
 def _rewrite_with(img_path, tmp_path, name, mutate):
     """Re-seal a small plain image's sections after mutate(sections) changed them (a forger's
     image: every checksum is right, only the content is hostile)."""
-    raw = bytearray(img_path.read_bytes())
-    with ImageReader(str(img_path)) as r:
-        header, sections = r.header, list(r.sections)
-        trailer_at = len(raw) - L.TRAILER_SIZE
-        d_off = L.Trailer.decode(bytes(raw[trailer_at:]), len(raw)).directory_offset
-    body = bytes(raw[:d_off])
-    new_sections, extra = mutate(sections, len(body))
-    body += extra
-    # A fresh volume table stating the final size, so only the mutation is hostile.
-    new_sections = [s for s in new_sections if s.type != L.SECTION_VOLUMES]
-    d_len = L.DIRECTORY_HEAD_SIZE + (len(new_sections) + 1) * L.DIRECTORY_ENTRY_SIZE
-    table = L.encode_volume_table([len(body) + 8 + d_len + L.TRAILER_SIZE])
-    new_sections.append(L.SectionEntry(L.SECTION_VOLUMES, 1, len(body), 8, 8, L.digest(table)))
-    body += table
-    d = L.encode_directory(new_sections)
-    d_off = len(body)
-    trailer = L.Trailer(header.image_id, d_off, len(d), header.volume_count, header.core_digest(), L.digest(d))
-    out = body + d + trailer.encode()
-    path = tmp_path / name
-    path.write_bytes(out)
-    return path
+    return reseal(img_path, tmp_path / name, mutate)
 
 
 def test_forged_frame_size_and_section_floods_refused_without_allocation(small_image, tmp_path):
