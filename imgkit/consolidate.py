@@ -30,7 +30,7 @@ from .errors import CorruptChunk, InputError
 from .formats import imgk_layout as L
 from .formats.imgk_chain import _header_id, _same_file, links, open_chain
 from .formats.imgk_reader import ImageReader, PasswordProvider
-from .formats.imgk_writer import ImageWriter, volume_path
+from .formats.imgk_writer import ImageWriter, existing_volumes
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
 from .writeback import fsync_parent_dir
@@ -56,14 +56,6 @@ class ConsolidateResult:
     still_a_child: bool
     seconds: float
     completed_earlier_run: bool = False
-
-
-def _volumes_of(path: str) -> list[str]:
-    out, n = [], 1
-    while os.path.exists(volume_path(path, n)):
-        out.append(volume_path(path, n))
-        n += 1
-    return out
 
 
 def _other_children(parent: ImageReader, skip: list[str], password) -> list[str]:
@@ -125,7 +117,7 @@ def consolidate(child: str, output: str | None = None, *, into: str | None = Non
                 raise InputError(f"{os.path.dirname(os.path.abspath(output))}: no such directory")
         # --into replaces the parent's file on purpose (checked above); an OUT replaces only with --force.
         result = _write(top, target, stop, progress, workers, replace=into is not None or force)
-        stale = _volumes_of(target)[len(result[0]):] if into is not None else []
+        stale = existing_volumes(target)[len(result[0]):] if into is not None else []
     finally:
         top.close()
     paths, copied, pulled, stored = result
@@ -146,7 +138,7 @@ def consolidate(child: str, output: str | None = None, *, into: str | None = Non
 
 def _remove_image(path: str) -> list[str]:
     removed = []
-    for p in reversed(_volumes_of(path)):  # volume 1 last: until then the image still "exists"
+    for p in reversed(existing_volumes(path)):  # volume 1 last: until then the image still "exists"
         os.unlink(p)
         removed.append(p)
     fsync_parent_dir(path)
@@ -161,7 +153,7 @@ def _finish_interrupted(child: str, into: str) -> ConsolidateResult | None:
         return None
     with open(into, "rb") as f:
         count = L.Header.decode(f.read(L.HEADER_SIZE), where=into).volume_count
-    removed = [p for p in _volumes_of(into)[count:]]  # PARENT's old volumes, if not removed yet
+    removed = existing_volumes(into)[count:]  # PARENT's old volumes, if not removed yet
     for p in removed:
         os.unlink(p)
     removed += _remove_image(child)

@@ -17,7 +17,7 @@ from .targets import check_replaceable, refuse_device_image_path
 from .errors import InputError
 from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader, PasswordProvider
-from .formats.imgk_writer import ImageWriter, volume_path
+from .formats.imgk_writer import ImageWriter, existing_volumes
 from .writeback import fsync_parent_dir
 from .parallel import ordered_map
 from .progress import NullProgress, Progress
@@ -67,15 +67,6 @@ def change_password(image: str, old_password: PasswordProvider,
     return paths
 
 
-def _existing_volumes(path: str) -> list[str]:
-    """Files named like the volumes of an image at `path`, in order, up to the first gap."""
-    out, n = [], 1
-    while os.path.exists(volume_path(path, n)):
-        out.append(volume_path(path, n))
-        n += 1
-    return out
-
-
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -118,7 +109,7 @@ def relayout(image: str, output: str | None = None, *, split_size: int | None = 
     try:
         in_place = output is None or _same_file(output, image)
         target = image if in_place else output
-        old_volumes = src.volume_paths if in_place else _existing_volumes(target)
+        old_volumes = src.volume_paths if in_place else existing_volumes(target)
         if not in_place:
             for p in src.volume_paths:
                 for q in old_volumes:

@@ -52,6 +52,15 @@ def volume_path(path: str, number: int) -> str:
     return path if number == 1 else f"{path}.{number:03d}"
 
 
+def existing_volumes(path: str) -> list[str]:
+    """Files named like the volumes of an image at `path`, in order, up to the first gap."""
+    out, n = [], 1
+    while os.path.exists(volume_path(path, n)):
+        out.append(volume_path(path, n))
+        n += 1
+    return out
+
+
 @dataclass
 class PreparedChunk:
     """A chunk made ready for storage in a worker thread: hashed, compressed, sealed."""
