@@ -108,19 +108,25 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def communicate_bounded(proc: subprocess.Popen, limits: Limits, what: str) -> tuple[str, str]:
+    """proc's output once it exits; past the wall-clock limit (or on any exception, Ctrl-C too) its
+    whole process group is killed, so no tool outlives the command that started it."""
+    try:
+        return proc.communicate(timeout=limits.wall_seconds)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise OperationFailed(f"{what} took longer than {limits.wall_seconds:.0f} s: stopped") from None
+    except BaseException:
+        kill_group(proc)
+        raise
+
+
 def run(argv: list[str], limits: Limits = INFO_LIMITS, what: str | None = None,
         pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
     """Run to completion; a timeout or failure raises with qemu's own message. `pass_fds`: the
     descriptors of inspected images the command opens as /proc/self/fd/N."""
     proc = popen(argv, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
-    try:
-        out, err = proc.communicate(timeout=limits.wall_seconds)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        raise OperationFailed(f"{what or argv[0]} took longer than {limits.wall_seconds:.0f} s: stopped")
-    except BaseException:
-        kill_group(proc)
-        raise
+    out, err = communicate_bounded(proc, limits, what or argv[0])
     if proc.returncode != 0:
         raise OperationFailed(f"{what or argv[0]} failed: {describe_failure(proc.returncode, err)}")
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)

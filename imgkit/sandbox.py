@@ -16,7 +16,7 @@ import shutil
 import subprocess
 
 from .errors import EnvironmentProblem, OperationFailed
-from .qemu_tools import Limits, _preexec, describe_failure, kill_group
+from .qemu_tools import Limits, _preexec, communicate_bounded, describe_failure
 
 BWRAP_HINT = "apt-get install bubblewrap"
 
@@ -66,14 +66,7 @@ def run_confined(argv: list[str], files: dict[str, str], limits: Limits, what: s
     proc = subprocess.Popen(confined_argv(argv, files, read_only, env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace",
                             preexec_fn=_preexec(limits, die_with_parent=True), start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=limits.wall_seconds)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        raise OperationFailed(f"{what} took longer than {limits.wall_seconds:.0f} s: stopped")
-    except BaseException:
-        kill_group(proc)
-        raise
+    out, err = communicate_bounded(proc, limits, what)
     if proc.returncode not in ok_codes:
         # bwrap reports a child killed by signal N as exit status 128+N
         code = 128 - proc.returncode if 128 < proc.returncode < 128 + 65 else proc.returncode
