@@ -42,7 +42,7 @@ def per_run_ratio(a: Row, b: Row, attr: str = "wall") -> float:
 
 
 def kdf_seconds() -> float:
-    from imgkit.crypto import DEFAULT_ITERATIONS, DEFAULT_LANES, DEFAULT_MEMORY_KIB, derive_kek
+    from imgkit.formats.crypto import DEFAULT_ITERATIONS, DEFAULT_LANES, DEFAULT_MEMORY_KIB, derive_kek
     from imgkit.formats import imgk_layout as L
     slot = L.KeySlot(L.KDF_ARGON2ID, DEFAULT_ITERATIONS, DEFAULT_MEMORY_KIB, DEFAULT_LANES, bytes(16), bytes(12), b"")
     times = []

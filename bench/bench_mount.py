@@ -67,7 +67,7 @@ class ImgkitMount:
 
     def start(self):
         sh(IMGKIT + ["mount", self.image, self.mp, "--cache-size", CACHE])
-        from imgkit.mount import _runtime_file
+        from imgkit.operations.mount import _runtime_file
         with open(_runtime_file(self.mp)) as f:
             self.pid = json.load(f)["pid"]
 

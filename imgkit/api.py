@@ -4,18 +4,18 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
+from .operations.capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
 from .errors import InputError, RefusedTarget
 from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader
 from .formats.registry import Password, open_image, password_provider  # noqa: F401 (the API)
-from .info import image_info  # noqa: F401 (the API)
+from .operations.info import image_info  # noqa: F401 (the API)
 from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
 from .progress import Progress
-from .restore import RestoreResult, restore_stream
-from .sources import RawSource
+from .operations.restore import RestoreResult, restore_stream
+from .formats.sources import RawSource
 from .stream import Stream
-from .verify import VerifyReport, verify_image
+from .operations.verify import VerifyReport, verify_image
 
 # Opening images lives below the operations (formats/registry.py); `info` has its own module. Both
 # are re-exported here for users of the API; nothing inside imgkit imports this module.
@@ -63,7 +63,7 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
     if sector_by_sector and partitions:
         raise InputError("--sector-by-sector and --partitions exclude each other",
                          hint="a partition selection is filesystem-aware; drop one of them")
-    from .capture import check_output_names
+    from .operations.capture import check_output_names
     check_output_names(output, force, [source])
     if os.path.exists(source):
         refuse_output_on_source(source, output)
@@ -97,18 +97,18 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
         check_geometry(src.size, chunk_size)  # before the source is read or planned
         warnings: list[str] = []
         if plan is None and not sector_by_sector:
-            from .fsaware import build_plan
+            from .filesystems.fsaware import build_plan
             fs_plan = build_plan(src, partitions=partitions, chunk_size=chunk_size,
                                  path=source if isinstance(src, RawSource) else None)
             plan, warnings = fs_plan.plan, fs_plan.warnings
         info = src.describe()
         sealer_factory = None
         if password is not None:
-            from .crypto import sealer_factory_for
+            from .formats.crypto import sealer_factory_for
             sealer_factory = sealer_factory_for(_password_provider(password)())
         if parent is not None:
             warnings += _base_warnings(parent, src, output, base_dir)
-        from .targets import consistency_warning
+        from .platform.targets import consistency_warning
         live = consistency_warning(source) if os.path.exists(source) else None
         if live:
             warnings.insert(0, live)
@@ -183,8 +183,8 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
         with open_restore_source(image, password) as img:
             r = write_image(img, target, force=force, progress=progress, verify=verify)
         return RestoreResult(r.target, r.bytes_written, r.seconds, verify)
-    from .shrink_restore import make_plan, restore_shrunk, target_size_of
-    from .shrink_plan import too_small_message
+    from .operations.shrink_restore import make_plan, restore_shrunk, target_size_of
+    from .operations.shrink_plan import too_small_message
     with open_restore_source(image, password) as img:
         paths = _local_paths(img, image)
         size = img.size
@@ -203,17 +203,17 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
             return result
         source = img
         if keep_going:
-            from .damage import ZeroOnDamage
+            from .operations.damage import ZeroOnDamage
             source = ZeroOnDamage(img)
         result = restore_stream(source, target, image_paths=paths, confirm=confirm, verify=verify,
                                 discard=discard, progress=progress, dry_run=dry_run,
                                 too_small=lambda ts: too_small_message(target, ts, size, make_plan(img, ts, "proportional")))
         if keep_going and not dry_run:
-            from .damage import report
+            from .operations.damage import report
             result.damaged = report(img, source.damaged_ranges(), target)
     if dry_run:
         return result
-    from .grow import fit_to_disk
+    from .operations.grow import fit_to_disk
     with RawSource(target) as written:
         larger = written.size > size
     if larger or grow:
@@ -224,14 +224,14 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
 def _early_target_checks(target: str, image_paths: list[str]) -> None:
     """restore_stream's target checks (targets.open_restore_target), run before slow preparation
     (restore_stream runs them again)."""
-    from .targets import open_restore_target
+    from .platform.targets import open_restore_target
     open_restore_target(target, list(image_paths), write=False).close()
 
 
 def plan_restore(image: str, target: str, *, password: Password = None, shrink: str | None = None,
                  target_size: int | None = None) -> dict:
     """What restore would do (--dry-run): sizes, and with a smaller target the shrink plan."""
-    from .shrink_restore import make_plan, target_size_of
+    from .operations.shrink_restore import make_plan, target_size_of
     with open_restore_source(image, password) as img:
         doc = {"image_size": img.size, "target": target, "shrink": shrink}
         try:
@@ -245,7 +245,7 @@ def plan_restore(image: str, target: str, *, password: Password = None, shrink: 
             doc["plan_text"] = plan.describe()
             doc["fits"] = bool(shrink) and plan.fits
             if not shrink:
-                from .shrink_plan import too_small_message
+                from .operations.shrink_plan import too_small_message
                 doc["refused"] = too_small_message(target, wanted, img.size, plan)
         else:
             doc["fits"] = True
@@ -256,8 +256,8 @@ def plan_partition_restore(image: str, target: str, number: int, *, to_partition
                            password: Password = None, check: bool = False):
     """Where partition `number` of the image would go on `target` (partition_restore.py has the rules).
     `check` (a dry run) also runs every target check the real run runs (targets.py)."""
-    from .partition_restore import plan_partition_restore as make_plan
-    from .targets import open_restore_target
+    from .operations.partition_restore import plan_partition_restore as make_plan
+    from .platform.targets import open_restore_target
     with open_restore_source(image, password) as img:
         plan = make_plan(img, target, number, to_partition, img.metadata)
         if check:
@@ -269,7 +269,7 @@ def plan_partition_restore(image: str, target: str, number: int, *, to_partition
 def restore_partition(image: str, target: str, number: int, *, to_partition: int | None = None,
                       password: Password = None, confirm=None, progress: Progress | None = None):
     """Restore one partition of an image; returns (plan, RestoreResult)."""
-    from .partition_restore import plan_partition_restore as make_plan, restore_partition as run
+    from .operations.partition_restore import plan_partition_restore as make_plan, restore_partition as run
     with open_restore_source(image, password) as img:
         plan = make_plan(img, target, number, to_partition, img.metadata)
         return plan, run(img, plan, image_paths=_local_paths(img, image), confirm=confirm,

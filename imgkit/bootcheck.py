@@ -5,7 +5,7 @@ The image is never written and never copied whole:
   from the header itself (foreign ones inspected and refused first, `backing: null` where the format
   can have a backing file), under a throwaway qcow2 overlay in a private temp directory;
 - imgk images (plain, encrypted, split) are served by imgkit's own reader over NBD on a unix socket
-  (imgkit/nbd_export.py) and the same overlay sits on top, so blocks stream from the image on demand.
+  (imgkit/views/nbd_export.py) and the same overlay sits on top, so blocks stream from the image on demand.
 QEMU runs with -nodefaults, no network, no host shares, a seccomp sandbox when available, -no-reboot,
 a wall-clock timeout and resource limits. COM1 is read from a pipe; SeaBIOS's own log (port 0x402)
 from a file; QMP tells when the guest powered off and takes the screenshot.
@@ -26,11 +26,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from .accel import choose_accel
+from .platform.accel import choose_accel
 from .errors import EnvironmentProblem, InputError
-from .qemu_tools import Limits, find_program, kill_group, popen
-from .qemu_tools import run as run_qemu
-from .qmp import QmpClient
+from .platform.qemu_tools import Limits, find_program, kill_group, popen
+from .platform.qemu_tools import run as run_qemu
+from .platform.qmp import QmpClient
 from .formats.imgk_writer import DEFAULT_CHUNK_SIZE
 from .stream import Stream
 
@@ -138,8 +138,8 @@ def plan_boot(stream: Stream, fmt: str, firmware: str = "auto", metadata: dict |
     """Media and firmware for a disk. `auto`: an ISO 9660 image boots as a CD-ROM with BIOS; a GPT disk
     with an EFI system partition and no BIOS boot code (MBR code all zero, no BIOS boot partition)
     boots with UEFI; everything else with BIOS."""
-    from .disk_info import optical_facts
-    from .partitions import read_partition_table
+    from .filesystems.disk_info import optical_facts
+    from .formats.partitions import read_partition_table
 
     optical = (metadata or {}).get("optical") or optical_facts(stream)
     media = "cdrom" if (fmt == "iso" or optical) else "disk"
@@ -233,7 +233,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     stream = open_image(image, password, fmt=fmt)  # inspects foreign headers, checks imgk structure
     pinned_fd = None
     try:
-        from .caching_reader import CachingReader
+        from .views.caching_reader import CachingReader
         metadata = stream.metadata
         with CachingReader(stream, 8 << 20) as probe:  # many small reads of the same first chunks
             plan = plan_boot(probe, fmt, firmware, metadata)
@@ -247,7 +247,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
         with tempfile.TemporaryDirectory(prefix="imgkit-boot-") as work:
             os.chmod(work, 0o700)
             if stream is not None:
-                from .nbd_export import export_stream
+                from .views.nbd_export import export_stream
                 with export_stream(stream, socket_dir=work) as export:
                     src = {"driver": "raw", "node-name": "src", "read-only": True,
                            "file": {"driver": "nbd", "server": {"type": "unix", "path": export.socket_path}}}

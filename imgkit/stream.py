@@ -26,7 +26,7 @@ class Run:
 
 class Stream:
     """A read-only disk. Besides read() and runs(), a stream declares what it offers, so that the one
-    caching reader (imgkit/caching_reader.py) never has to probe for attributes. The defaults here
+    caching reader (imgkit/views/caching_reader.py) never has to probe for attributes. The defaults here
     describe the plainest stream: byte-addressable, no stored units, not safe to read from several
     threads, nothing cheap, no hint to give the kernel."""
 

@@ -14,7 +14,7 @@ apt_pkgs=(
   fdisk gdisk util-linux e2fsprogs dosfstools mtools ntfs-3g xfsprogs btrfs-progs
   partclone zstd nbdkit xorriso python3-libnbd libnbd-bin fatresize exfatprogs guestmount
   busybox-static extlinux syslinux-common isolinux grub-pc-bin grub-efi-amd64-bin cpio
-  # restore --shrink runs e2fsck/resize2fs/ntfsresize on the host confined by bubblewrap (imgkit/sandbox.py)
+  # restore --shrink runs e2fsck/resize2fs/ntfsresize on the host confined by bubblewrap (imgkit/platform/sandbox.py)
   bubblewrap
   # Images in Ceph (#19): rbd: targets through librbd, and a real single-node cluster for the tests
   # and benchmarks (imgkit/testing/ceph_cluster.py, scripts/ceph-up.sh).

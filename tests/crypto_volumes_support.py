@@ -10,13 +10,13 @@ import os
 import random
 import shutil
 
-from imgkit.capture import capture_stream
-from imgkit.crypto import ImageKeys, Sealer, new_key_slot
+from imgkit.operations.capture import capture_stream
+from imgkit.formats.crypto import ImageKeys, Sealer, new_key_slot
 from imgkit.errors import ImgkitError
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
 from imgkit.formats.imgk_writer import volume_path
-from imgkit.sources import RawSource
+from imgkit.formats.sources import RawSource
 
 CHUNK = 64 << 10
 PASSWORD = b"correct horse battery staple"

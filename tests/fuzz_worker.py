@@ -24,7 +24,7 @@ import zstandard
 from imgkit.errors import ImgkitError
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
-from imgkit.verify import verify_image
+from imgkit.operations.verify import verify_image
 
 EDGES = [0, 1, 2, 0x7F, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 32, (1 << 63) - 1, (1 << 64) - 1,
          L.HEADER_SIZE - 1, L.HEADER_SIZE, 65536, 1 << 26]

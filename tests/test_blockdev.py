@@ -1,4 +1,4 @@
-"""imgkit/blockdev.py on real loop devices: sizes, offsets, whole disk vs partition, and what
+"""imgkit/platform/blockdev.py on real loop devices: sizes, offsets, whole disk vs partition, and what
 mountinfo says is mounted read-write (a test-made ext4 plays the user's mounted disk; no image's
 filesystem is ever mounted by the host kernel). partitions() is not tested here: these machines'
 kernel makes no partitions of a loop device, even with --partscan."""
@@ -9,8 +9,8 @@ import subprocess
 
 from conftest import loop_device, needs_root
 
-from imgkit import blockdev
-from imgkit.fsaware import mounted_rw
+from imgkit.platform import blockdev
+from imgkit.filesystems.fsaware import mounted_rw
 
 pytestmark = needs_root
 

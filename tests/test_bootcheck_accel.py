@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from imgkit import accel
+from imgkit.platform import accel
 from tests.bootcheck_helpers import boot_check_json
 
 pytestmark = [pytest.mark.qemu]

@@ -1,4 +1,4 @@
-"""imgkit.caching_reader: the one read engine. Exact bytes through the unit cache (imgk chunks, a
+"""imgkit.views.caching_reader: the one read engine. Exact bytes through the unit cache (imgk chunks, a
 partition starting mid-chunk, streams without units), the rule for answering a read on the caller's
 thread, single-flight loads, sequential detection and read-ahead on worker threads, serialised reads
 of a stream that is not thread-safe, and errors never cached."""
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from imgkit import api
-from imgkit.caching_reader import DEFAULT_UNIT, CachingReader
+from imgkit.views.caching_reader import DEFAULT_UNIT, CachingReader
 from imgkit.errors import CorruptChunk
 from imgkit.stream import SliceStream, Stream
 from tests.conftest import pattern_bytes

@@ -1,4 +1,4 @@
-"""imgkit/chunk_cache.py: the byte bound, single-flight loading, and errors that are never cached."""
+"""imgkit/views/chunk_cache.py: the byte bound, single-flight loading, and errors that are never cached."""
 from __future__ import annotations
 
 import threading
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from imgkit.chunk_cache import ChunkCache
+from imgkit.views.chunk_cache import ChunkCache
 
 
 def test_bounded_by_bytes_least_recently_used_goes_first():

@@ -118,7 +118,7 @@ def test_iso_round_trips_byte_identical(iso, tmp_path):
 
 def test_progress_follows_qemu_img(small, tmp_path):
     """convert reads qemu-img's own -p output: the regex matches what this qemu-img prints."""
-    from imgkit.convert import _PROGRESS_RE
+    from imgkit.operations.convert import _PROGRESS_RE
     out = sh("qemu-img", "convert", "-p", "-f", "raw", "-O", "qcow2", small["raw"], tmp_path / "p.qcow2").stdout
     found = [float(x) for x in _PROGRESS_RE.findall(out)]
     assert found and found[-1] == 100.0 and found == sorted(found)

@@ -1,4 +1,4 @@
-"""The NBD export (imgkit/nbd_export.py) as qemu and libnbd see it: holes reported and never read,
+"""The NBD export (imgkit/views/nbd_export.py) as qemu and libnbd see it: holes reported and never read,
 data exact, read-only, several clients, damaged chunks surface as errors, and the overlay form the
 boot checker uses (a qcow2 overlay whose backing is the export, with -F raw)."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import json
 import pytest
 
 from imgkit import api
-from imgkit.convert import convert
+from imgkit.operations.convert import convert
 from imgkit.errors import OperationFailed
-from imgkit.nbd_export import export_stream
+from imgkit.views.nbd_export import export_stream
 from imgkit.stream import DATA
 from tests.conftest import pattern_bytes
 from tests.convert_helpers import MiB, sh
@@ -128,7 +128,7 @@ def test_concurrent_small_reads_decode_each_chunk_once(image):
     """qemu-img -c reads 64 KiB pieces 16 at a time: the caching reader under the export is single-flight."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
-    from imgkit.caching_reader import CachingReader
+    from imgkit.views.caching_reader import CachingReader
     with api.open_image(image["imgk"]) as img, CachingReader(img) as reader:
         calls, lock, orig = [], threading.Lock(), img.read_chunk
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from imgkit import api
-from imgkit.convert import convert
+from imgkit.operations.convert import convert
 from tests.conftest import run_imgkit
 from tests.convert_helpers import (MiB, allocated, build_gpt_disk, build_sparse_disk, qemu_check,
                                    qemu_compare, sha256_file, sh, sparse_files_equal)

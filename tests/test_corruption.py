@@ -14,7 +14,7 @@ import imgkit
 from imgkit.errors import BadImage, ImgkitError
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
-from imgkit.verify import verify_image
+from imgkit.operations.verify import verify_image
 
 
 @pytest.fixture(scope="module")

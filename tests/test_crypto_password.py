@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import imgkit.crypto
+import imgkit.formats.crypto
 from imgkit.cli.main import main as cli_main
 from imgkit.errors import BadImage
 from imgkit.formats import imgk_layout as L
@@ -38,12 +38,12 @@ def images(tmp_path_factory):
 def kdf_calls(monkeypatch):
     """Count Argon2id derivations (the expensive step a wrong password must pay only once)."""
     calls = []
-    real = imgkit.crypto.derive_kek
+    real = imgkit.formats.crypto.derive_kek
 
     def counting(password, slot):
         calls.append(time.monotonic())
         return real(password, slot)
-    monkeypatch.setattr(imgkit.crypto, "derive_kek", counting)
+    monkeypatch.setattr(imgkit.formats.crypto, "derive_kek", counting)
     return calls
 
 

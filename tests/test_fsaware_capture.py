@@ -9,7 +9,7 @@ import pytest
 import fsaware_disks as D
 from conftest import assert_one_line_error, run_imgkit
 from imgkit.filesystems import ext, fat, ntfs
-from imgkit.sources import RawSource
+from imgkit.formats.sources import RawSource
 from imgkit.stream import SliceStream
 
 MiB = D.MiB

@@ -10,7 +10,7 @@ import fsaware_disks as D
 from conftest import needs_root, run_imgkit
 from imgkit.filesystems import exfat, ext, fat
 from imgkit.filesystems.usedmap import NotUsable
-from imgkit.sources import RawSource
+from imgkit.formats.sources import RawSource
 
 MiB = D.MiB
 

@@ -9,7 +9,7 @@ import pytest
 import fsaware_disks as D
 from imgkit.filesystems import exfat, ext, fat, ntfs, swap
 from imgkit.filesystems.usedmap import NotUsable
-from imgkit.fsaware import build_plan
+from imgkit.filesystems.fsaware import build_plan
 from imgkit.stream import Stream
 
 MiB = D.MiB

@@ -4,8 +4,8 @@ The appliance itself is exercised for real in test_fsaware_restore.py; here its 
 which this machine cannot produce otherwise."""
 from __future__ import annotations
 
-import imgkit.guestfs_session as gs
-from imgkit import grow
+import imgkit.filesystems.guestfs_session as gs
+from imgkit.operations import grow
 from imgkit.errors import EnvironmentProblem
 
 

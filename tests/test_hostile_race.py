@@ -73,7 +73,7 @@ def _read_raw(path, fmt):
 def test_direct_qemu_img_convert_reads_the_inspected_file(race, evil_kind):
     race["arm"](evil_kind)
     out = str(race["dir"] / "out.vmdk")
-    from imgkit.convert import convert
+    from imgkit.operations.convert import convert
     result = convert(race["target"], out)
     assert result.method == "qemu-img" and race["state"]["swaps"] == 1
     data = _read_raw(out, "vmdk")
@@ -83,7 +83,7 @@ def test_direct_qemu_img_convert_reads_the_inspected_file(race, evil_kind):
 def test_stream_convert_reads_the_inspected_file(race):
     race["arm"]()
     out = str(race["dir"] / "out.raw")
-    from imgkit.convert import convert
+    from imgkit.operations.convert import convert
     result = convert(race["target"], out)
     assert result.method == "copy" and race["state"]["swaps"] == 1
     with open(out, "rb") as f:

@@ -135,7 +135,7 @@ def test_clear_errors(tmp_path):
 
 def test_missing_dev_fuse_is_an_environment_problem(monkeypatch):
     # A mock, because /dev/fuse cannot be removed from under the other tests: only the check is faked.
-    from imgkit import mount as m
+    from imgkit.operations import mount as m
     from imgkit.errors import EnvironmentProblem
     real_exists = os.path.exists
     monkeypatch.setattr(m.os.path, "exists", lambda p: False if p == "/dev/fuse" else real_exists(p))

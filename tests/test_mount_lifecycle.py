@@ -21,7 +21,7 @@ pytestmark = [needs_root, pytest.mark.root, pytest.mark.fuse]
 
 
 def _daemon_pid(mp: str) -> int:
-    from imgkit.mount import _runtime_file
+    from imgkit.operations.mount import _runtime_file
     with open(_runtime_file(mp)) as f:
         return json.load(f)["pid"]
 

@@ -6,8 +6,8 @@ import zlib
 
 import pytest
 
-from imgkit.partitions import read_partition_table
-from imgkit.sources import RawSource
+from imgkit.formats.partitions import read_partition_table
+from imgkit.formats.sources import RawSource
 
 
 def make_disk(path, size_mib=64):

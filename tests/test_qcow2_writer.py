@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from imgkit import api
-from imgkit.caching_reader import CachingReader
+from imgkit.views.caching_reader import CachingReader
 from imgkit.formats import qcow2_writer as Q
 from imgkit.stream import SliceStream
 from tests.conftest import pattern_bytes

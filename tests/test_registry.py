@@ -11,7 +11,7 @@ from imgkit import api
 from imgkit.errors import BadImage, InputError
 from imgkit.formats import foreign, registry
 from imgkit.formats.imgk_reader import ImageReader
-from imgkit.sources import RawSource
+from imgkit.formats.sources import RawSource
 from imgkit.stream import Stream
 from tests.conftest import pattern_bytes
 

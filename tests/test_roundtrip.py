@@ -19,7 +19,7 @@ def sha256_file(path):
 
 
 def data_ranges(path):
-    from imgkit.sources import RawSource
+    from imgkit.formats.sources import RawSource
     with RawSource(str(path)) as s:
         return [(r.offset, r.length) for r in s.runs() if r.kind == "data"]
 
@@ -167,7 +167,7 @@ def test_both_chunk_hash_algorithms_read_and_detect_damage(tmp_path, algo):
     from imgkit.formats import imgk_layout as L
     from imgkit.formats.imgk_reader import ImageReader
     from imgkit.formats.imgk_writer import ChunkEncoder, ImageWriter
-    from imgkit.verify import verify_image
+    from imgkit.operations.verify import verify_image
     code = {"sha256": L.HASH_SHA256, "blake3": L.HASH_BLAKE3}[algo]
     data = pattern_bytes(4 * (64 << 10) + 77, seed=12)
     path = tmp_path / "h.imgk"
@@ -192,9 +192,9 @@ def test_both_chunk_hash_algorithms_read_and_detect_damage(tmp_path, algo):
 def test_restore_pieces_of_a_partition_slice_follow_the_image_chunks(tmp_path):
     # A partition starts mid-chunk: a piece cut from the slice's own byte 0 would span two image
     # chunks and make both decode for one write.
-    from imgkit.caching_reader import CachingReader
-    from imgkit.restore import _pieces
-    from imgkit.sources import RawSource
+    from imgkit.views.caching_reader import CachingReader
+    from imgkit.operations.restore import _pieces
+    from imgkit.formats.sources import RawSource
     from imgkit.stream import DATA, SliceStream
     src = tmp_path / "d.raw"
     src.write_bytes(pattern_bytes(8 << 20))

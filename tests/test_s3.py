@@ -17,7 +17,7 @@ from imgkit.errors import Interrupted
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
 from imgkit.remote import s3
-from imgkit.sources import RawSource
+from imgkit.formats.sources import RawSource
 
 MiB = 1 << 20
 
@@ -98,7 +98,7 @@ class FailingSource(RawSource):
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(5, "Input/output error")])
 def test_interrupted_upload_leaves_no_object(disk, bucket, error):
-    from imgkit.capture import capture_stream
+    from imgkit.operations.capture import capture_stream
     url = f"s3://{bucket}/cut.imgk"
     src = FailingSource(str(disk), 30 * MiB, error)  # after several 8 MiB parts went up
     with pytest.raises(Interrupted if isinstance(error, KeyboardInterrupt) else OSError):

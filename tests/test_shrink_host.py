@@ -15,8 +15,8 @@ import pytest
 from conftest import run_imgkit
 
 from imgkit.errors import OperationFailed
-from imgkit.qemu_tools import Limits
-from imgkit.sandbox import run_confined
+from imgkit.platform.qemu_tools import Limits
+from imgkit.platform.sandbox import run_confined
 
 MIB = 1 << 20
 PROBE = r"""
@@ -147,9 +147,9 @@ def test_ext4_ntfs_shrunk_on_host_without_appliance(tmp_path):
 def test_partition_files_failure_leaves_no_mount(tmp_path):
     """qemu-storage-daemon refusing a window (beyond the disk's end) after it exposed another: one
     clear error, and the FUSE mount it left behind is removed (no stale mount over imgkit's files)."""
-    from imgkit.nbd_export import export_stream
-    from imgkit.shrink_host import PartitionFiles
-    from imgkit.sources import RawSource
+    from imgkit.views.nbd_export import export_stream
+    from imgkit.operations.shrink_host import PartitionFiles
+    from imgkit.formats.sources import RawSource
     disk = tmp_path / "disk.raw"
     disk.write_bytes(os.urandom(4 * MIB))
     overlay = tmp_path / "overlay.qcow2"

@@ -196,7 +196,7 @@ def test_linux_fixture_grown_then_shrunk_to_half_boots(name, tmp_path):
     sh("cp", "--sparse=always", src, grown, check=True)
     with open(grown, "r+b") as f:
         f.truncate(2 * size)
-    from imgkit.grow import fit_to_disk
+    from imgkit.operations.grow import fit_to_disk
     assert fit_to_disk(str(grown), size, grow=True).filesystem_grown
     img = tmp_path / "grown.imgk"
     run_imgkit("capture", grown, img, "--progress", "none", check=True)

@@ -21,7 +21,7 @@ def test_every_command_is_in_the_lazy_map_and_help_lists_it():
 def test_a_command_runs_without_the_other_families_imported():
     code = ("import sys; from imgkit.cli.main import main\n"
             "try:\n    main(['info', '/nonexistent.imgk'])\nexcept SystemExit as e:\n    code = e.code\n"
-            "print(code, 'imgkit.mount' in sys.modules, 'imgkit.nbd_export' in sys.modules)")
+            "print(code, 'imgkit.operations.mount' in sys.modules, 'imgkit.views.nbd_export' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.stdout.split() == ["3", "False", "False"], p.stdout + p.stderr
     assert p.stderr.startswith("imgkit: error:") and len(p.stderr.strip().splitlines()) == 1

@@ -214,7 +214,7 @@ def test_split_volume_names_are_checked_against_force_and_the_source(small_image
 
 def test_a_destination_that_appears_meanwhile_is_not_replaced(tmp_path):
     """publish() (renameat2 RENAME_NOREPLACE): the second writer fails, the first one's file stays."""
-    from imgkit.writeback import publish
+    from imgkit.platform.writeback import publish
     a, b, final = tmp_path / "a", tmp_path / "b", tmp_path / "final"
     a.write_bytes(b"first")
     b.write_bytes(b"second")

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from imgkit import api
-from imgkit.caching_reader import CachingReader
+from imgkit.views.caching_reader import CachingReader
 from imgkit.formats import vhd_writer as V
 from tests.conftest import pattern_bytes
 

@@ -17,7 +17,7 @@ import pytest
 
 import imgkit
 from imgkit.formats.imgk_reader import ImageReader
-from imgkit.verify import verify_image
+from imgkit.operations.verify import verify_image
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is in scripts/setup.sh")
 OLD_PW, NEW_PW = b"old password", b"new password"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from imgkit.crypto import ImageKeys, Sealer
+from imgkit.formats.crypto import ImageKeys, Sealer
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
 from imgkit.formats.imgk_writer import volume_path

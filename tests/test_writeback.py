@@ -1,9 +1,9 @@
-"""imgkit/writeback.py: a hint that must never fail the operation that gives it."""
+"""imgkit/platform/writeback.py: a hint that must never fail the operation that gives it."""
 from __future__ import annotations
 
 import os
 
-from imgkit.writeback import WritebackNudger, start_writeback
+from imgkit.platform.writeback import WritebackNudger, start_writeback
 
 
 def test_start_writeback_ignores_what_it_cannot_do(tmp_path):
@@ -32,7 +32,7 @@ def test_nudger_waits_for_the_file_and_keeps_data_intact(tmp_path):
 
 
 def test_replace_small_file_is_whole_or_old_and_leaves_no_temp(tmp_path):
-    from imgkit.writeback import replace_small_file
+    from imgkit.platform.writeback import replace_small_file
     path = tmp_path / "report.xml"
     path.write_text("old")
     replace_small_file(str(path), "new text", mode=0o600)
@@ -56,7 +56,7 @@ def test_keep_freed_buffers_stops_refaulting_chunk_buffers():
     import subprocess
     import sys
     code = ("import resource, sys\n"
-            "from imgkit.parallel import keep_freed_buffers\n"
+            "from imgkit.platform.parallel import keep_freed_buffers\n"
             "kept = keep_freed_buffers() if sys.argv[1] == 'keep' else None\n"
             "def faults():\n"
             "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"

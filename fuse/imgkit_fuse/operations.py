@@ -1,6 +1,6 @@
-"""The pyfuse3 Operations over imgkit.vfs.ImageTree: a thin protocol adapter.
+"""The pyfuse3 Operations over imgkit.views.vfs.ImageTree: a thin protocol adapter.
 
-Everything about names and contents is decided in imgkit.vfs; this module only translates: inode
+Everything about names and contents is decided in imgkit.views.vfs; this module only translates: inode
 tables and handles, errno values (here and only here: CorruptChunk -> EIO, logged with its offset),
 and scheduling. pyfuse3 runs every request on one trio thread, so anything that may block
 (decompression, the appliance) runs in a worker thread. Caching, sequential detection and read-ahead
@@ -17,10 +17,10 @@ import pyfuse3
 import trio
 
 from imgkit.errors import CorruptChunk, ImgkitError, InternalError
-from imgkit.caching_reader import ReadHandle
-from imgkit.vfs import Attr, ImageTree, NoSuchEntry, NotADirectory
+from imgkit.views.caching_reader import ReadHandle
+from imgkit.views.vfs import Attr, ImageTree, NoSuchEntry, NotADirectory
 
-log = logging.getLogger("imgkit.mount")
+log = logging.getLogger("imgkit.operations.mount")
 
 TIMEOUT = 3600.0  # the image never changes while mounted: the kernel may cache names and attributes
 DIRECT_IO = os.environ.get("IMGKIT_MOUNT_DIRECT_IO") == "1"  # see open()

@@ -11,11 +11,11 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from imgkit.vfs import ImageTree
+from imgkit.views.vfs import ImageTree
 
 from .operations import ImageOperations
 
-log = logging.getLogger("imgkit.mount")
+log = logging.getLogger("imgkit.operations.mount")
 MAX_READ = 1 << 20
 BDI_READ_AHEAD_KB = 4096
 

@@ -11,7 +11,7 @@ from .. import bootcheck
 from ..errors import OperationFailed
 from ..formats.foreign import FORMATS
 from ..units import format_size
-from ..writeback import replace_small_file
+from ..platform.writeback import replace_small_file
 from .main import cli
 from .options import SIZE, json_option, password_options, reading_password
 from .junit import junit_xml

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .. import convert as conversion
+from ..operations import convert as conversion
 from ..formats.foreign import FORMATS
 from ..formats.imgk_writer import LEVEL_DEFAULT, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size

@@ -108,7 +108,7 @@ def capture(source, image, level, fast, high, no_compress, chunk_size, split_siz
 def _offer_partials_cleanup(image: str, yes: bool) -> None:
     """An earlier capture to IMAGE killed before it finished left dot-named partial files: say so,
     and remove them with consent (--yes, or yes at the terminal's question)."""
-    from ..capture import stale_partials
+    from ..operations.capture import stale_partials
     found = stale_partials(image)
     if not found:
         return

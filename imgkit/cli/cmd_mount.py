@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .. import mount as mount_op
+from ..operations import mount as mount_op
 from ..units import format_size
 from .main import cli
 from .options import SIZE, password_options, reading_password

@@ -51,7 +51,7 @@ def run(image, overlay, force, firmware, accel, memory, cpus, display, vnc_addre
     Examples: imgkit run backup.imgk; imgkit run backup.imgk --overlay changes.qcow2;
     imgkit run backup.imgk --mirror-to vm.qcow2 --display vnc
     """
-    from ..vmrun import run_vm
+    from ..operations.vmrun import run_vm
 
     signal.signal(signal.SIGTERM, _terminate)
     result = run_vm(image, overlay=overlay, force=force, firmware=firmware, accel=accel, memory=memory, cpus=cpus,

@@ -50,8 +50,8 @@ def serve(image, socket_path, listen, export_name, tls_cert, tls_key, tls_ca, im
     """
     from .. import api
     from ..errors import InputError
-    from ..nbd_export import export_stream
-    from ..serve import TlsFiles, listen_options
+    from ..views.nbd_export import export_stream
+    from ..operations.serve import TlsFiles, listen_options
 
     if bool(tls_cert) != bool(tls_key):
         raise InputError("--tls-cert and --tls-key go together")

@@ -1,9 +1,9 @@
-"""Commands on an image's key slot, volume layout and chain: passwd, split, join, consolidate (logic: imgkit/volumes.py, imgkit/consolidate.py)."""
+"""Commands on an image's key slot, volume layout and chain: passwd, split, join, consolidate (logic: imgkit/operations/volumes.py, imgkit/operations/consolidate.py)."""
 from __future__ import annotations
 
 import click
 
-from .. import volumes
+from ..operations import volumes
 from ..units import format_size
 from .main import cli
 from .options import (SPLIT_SIZE, json_option, make_progress, new_password, password_options,
@@ -106,7 +106,7 @@ def consolidate(child, output, into, force, password_file, progress_mode, as_jso
 
     Examples: imgkit consolidate wed.imgk wed-full.imgk; imgkit consolidate --into tue.imgk wed.imgk
     """
-    from ..consolidate import consolidate as run
+    from ..operations.consolidate import consolidate as run
     if (output is None) == (into is None):
         raise click.UsageError("give either OUTPUT or --into PARENT")
     result = run(child, output, into=into, password=reading_password(password_file), force=force,

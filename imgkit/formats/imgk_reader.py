@@ -36,7 +36,7 @@ _pread_exact = pread_exact
 class ImageReader(Stream):
     """An imgk image opened for reading. `password` is a callable asked only if the image is
     encrypted (so plain images never prompt). Its units are its chunks; it keeps no cache (the
-    caching reader does: imgkit/caching_reader.py) and may be read from several threads."""
+    caching reader does: imgkit/views/caching_reader.py) and may be read from several threads."""
 
     thread_safe = True  # pread on fixed descriptors, one decompressor per thread
     format_name = "imgk"
@@ -101,7 +101,7 @@ class ImageReader(Stream):
         if header.encrypted:
             if password is None:
                 raise InputError(f"{path} is encrypted: a password is needed")
-            from ..crypto import ImageKeys, Sealer, unwrap_data_key
+            from .crypto import ImageKeys, Sealer, unwrap_data_key
             data_key = unwrap_data_key(password(), header.key_slot, header.core_digest())
             self.data_key = data_key  # kept for `passwd`, which wraps it again under a new password
             self.sealer = Sealer(ImageKeys.from_data_key(data_key, header.image_id), header.core_digest())

@@ -15,7 +15,7 @@ import zstandard
 from ..errors import InputError
 from ..units import format_size
 from ..remote.s3 import is_s3
-from ..writeback import WRITEBACK_STEP, fsync_parent_dir, publish, start_writeback
+from ..platform.writeback import WRITEBACK_STEP, fsync_parent_dir, publish, start_writeback
 from . import imgk_layout as L
 
 

@@ -27,7 +27,15 @@ from typing import Iterator
 
 from ..errors import BadImage, EnvironmentProblem, OperationFailed
 from ..errors import ImgkitError
-from ..qemu_tools import INFO_LIMITS, Limits, kill_group, limits_for_size, popen, run, wait_for_socket
+from ..platform.qemu_tools import (
+    INFO_LIMITS,
+    Limits,
+    kill_group,
+    limits_for_size,
+    popen,
+    run,
+    wait_for_socket,
+)
 from ..stream import DATA, ZERO, Run, Stream, merge_runs
 from .foreign import QEMU_DRIVER, QEMU_FORMATS, ForeignImage
 

@@ -59,13 +59,13 @@ def _open_imgk(path: str, req: OpenRequest) -> Stream:
 
 
 def _open_raw(path: str, req: OpenRequest) -> Stream:
-    from ..sources import RawSource
+    from .sources import RawSource
     return RawSource(path)
 
 
 def _open_qemu(fmt: str) -> Callable[[str, OpenRequest], Stream]:
     def open_(path: str, req: OpenRequest) -> Stream:
-        from ..qemu_tools import SERVING_LIMITS
+        from ..platform.qemu_tools import SERVING_LIMITS
         from .qemu_image import QemuImage
         inspected = foreign.inspect(path, fmt)  # holds the descriptor qemu will read: QemuImage owns it
         try:

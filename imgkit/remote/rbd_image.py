@@ -222,7 +222,7 @@ def check_target(location: str, force: bool) -> RbdSpec:
 def write_image(image: Stream, location: str, *, force: bool = False, progress: Progress | None = None,
                 workers: int | None = None, verify: bool = False) -> RbdWriteResult:
     """Write `image` as the RBD image at `location` (rules in the module docstring)."""
-    from ..caching_reader import CachingReader
+    from ..views.caching_reader import CachingReader
     _, rbd = _modules()
     progress = progress or NullProgress()
     started = time.monotonic()
@@ -311,7 +311,7 @@ def write_image(image: Stream, location: str, *, force: bool = False, progress: 
 
 def _verify(image: Stream, out, spec: RbdSpec, piece: int, workers) -> None:
     from ..errors import OperationFailed
-    from ..parallel import ordered_map
+    from ..platform.parallel import ordered_map
     pieces = [(o, min(piece, image.size - o)) for o in range(0, image.size, piece)]
     for (o, n), same in ordered_map(lambda p: (p, out.read(*p) == image.read(*p)), pieces, workers):
         if not same:

@@ -9,7 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..accel import choose_accel
+from ..platform.accel import choose_accel
 from ..bootcheck import find_ovmf
 from ..errors import EnvironmentProblem
 

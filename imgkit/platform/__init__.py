@@ -1,0 +1,1 @@
+"""Platform facts and mechanisms: block devices, restore-target safety, qemu processes, accelerators, sandboxes, durable writes."""

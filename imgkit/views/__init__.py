@@ -1,0 +1,1 @@
+"""Views: how an image is read and shown: the one caching read engine, the file tree of a mount, the NBD export."""
