@@ -15,6 +15,7 @@ import time
 
 from ..platform.accel import choose_accel
 from ..errors import EnvironmentProblem
+from ..platform.qemu_tools import end_child
 from ..views.vfs import LISTING_BATCH, FilesUnavailable
 
 log = logging.getLogger("imgkit.guestfs")
@@ -248,19 +249,9 @@ class GuestfsHelper:
             try:
                 with self._lock:
                     _send(proc.stdin, {"op": "close"})
-                    proc.stdin.close()
             except (BrokenPipeError, ValueError, OSError):
                 pass
-            try:
-                proc.wait(timeout)
-            except _subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for f in (proc.stdin, proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        end_child(proc, timeout)
 
 
 def _serve_helper(drive: str, devices: dict[str, int]) -> int:

@@ -8,17 +8,13 @@ import os
 
 from ..errors import BadImage, InputError
 from ..remote import s3
+from .sources import open_for_reading
 
 
 class LocalFile:
     def __init__(self, path: str):
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except IsADirectoryError:
-            raise InputError(f"{path}: is a directory") from None
-        except PermissionError:
-            raise InputError(f"{path}: permission denied") from None
+        self.fd = open_for_reading(path, missing_is_error=False)
         st = os.fstat(self.fd)
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
 

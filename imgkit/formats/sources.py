@@ -18,6 +18,22 @@ def _sys_attr(path: str) -> str | None:
         return None
 
 
+def open_for_reading(path: str, missing_is_error: bool = True) -> int:
+    """A read-only descriptor of a disk, image file or image volume, or one line saying why not.
+    missing_is_error=False lets FileNotFoundError through, for callers that look for a file (an
+    image's next volume, a parent image) and name what is missing themselves."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not missing_is_error:
+            raise
+        raise InputError(f"{path}: no such file or device") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a disk or image file") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied", hint="run as root to read block devices") from None
+
+
 class RawSource(Stream):
     """A block device or regular file read with pread; holes (SEEK_HOLE) are reported as zero runs."""
 
@@ -25,14 +41,7 @@ class RawSource(Stream):
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file or device") from None
-        except IsADirectoryError:
-            raise InputError(f"{path}: is a directory, not a disk or image file") from None
-        except PermissionError:
-            raise InputError(f"{path}: permission denied", hint="run as root to read block devices") from None
+        self.fd = open_for_reading(path)
         st = os.fstat(self.fd)
         self.st = st
         self.is_block = stat.S_ISBLK(st.st_mode)

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 
 from ..platform.blockdev import device_size, is_partition, loop_offset
-from ..errors import InputError, Interrupted, OperationFailed, RefusedTarget
+from ..errors import InputError, RefusedTarget
 from ..formats.partitions import Partition, read_partition_table
 from ..progress import NullProgress, Progress
-from .restore import RestoreResult, restore_stream, write_stream
+from .restore import RestoreResult, partially_written, restore_stream, write_stream
 from ..formats.sources import RawSource
 from ..stream import SliceStream, Stream
 from ..platform.targets import open_restore_target
@@ -142,16 +142,11 @@ def restore_partition(image: Stream, plan: PartitionPlan, *, image_paths: list[s
             except OSError as e:
                 raise RefusedTarget(f"{plan.target}: cannot open for writing ({e.strerror})") from None
         fd = dest.fd
-        try:
+        with partially_written(plan.target, f"partition on {plan.target}", "the partition"):
             # ZERO runs are zeroed (the target's old bytes must not show through); FREE runs are unused
             # by the filesystem and left as they are.
             written = write_stream(part, fd, base=plan.offset, zero_old=True, sparse=False, progress=progress)
             os.fsync(fd)
-        except KeyboardInterrupt:
-            raise Interrupted(f"restore interrupted: partition on {plan.target} is partially written") from None
-        except OSError as e:
-            raise OperationFailed(f"{plan.target}: write failed ({e.strerror}): the partition is partially "
-                                  "written") from None
     progress.finish()
     return RestoreResult(plan.target, written, time.monotonic() - started, False)
 

@@ -6,6 +6,7 @@ free chunks are left alone. Every chunk is verified as it is read (ImageReader d
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
@@ -38,6 +39,19 @@ class RestoreResult:
     damaged: list | None = None  # restore --keep-going: damage.DamagedRange of each range written as zeros
     plan: str = ""  # what the restore does (and, for a dry run, would do)
     final_size: int | None = None  # the target's size afterwards
+
+
+@contextlib.contextmanager
+def partially_written(path: str, name: str, what: str):
+    """Ctrl-C or a failed write while writing a device in place: one line saying so. The device cannot
+    be published under a temporary name as a file can, so the user must know it is partly written.
+    `name` is what the interrupt line calls it, `what` what the write-error line calls it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"restore interrupted: {name} is partially written") from None
+    except OSError as e:
+        raise OperationFailed(f"{path}: write failed ({e.strerror}): {what} is partially written") from None
 
 
 def _zero_range(fd: int, offset: int, length: int, discard: bool) -> None:
@@ -136,14 +150,9 @@ def restore_stream(image: Stream, target: str, *, image_paths: list[str] = (),
         if dest.is_block:
             if confirm is not None and not confirm(plan):
                 raise InputError("restore cancelled: nothing was written")
-            try:
+            with partially_written(target, target, "the device"):
                 written = write(dest.fd, zero_old=True, sparse=False, discard=discard)
                 os.fsync(dest.fd)
-            except KeyboardInterrupt:
-                raise Interrupted(f"restore interrupted: {target} is partially written") from None
-            except OSError as e:
-                raise OperationFailed(f"{target}: write failed ({e.strerror}): the device is partially "
-                                      "written") from None
             dest.close()
             if verify and layout is None:
                 _verify_target(image, target, progress)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from ..errors import EnvironmentProblem, OperationFailed, RefusedTarget
 from ..formats.qemu_image import QemuImage
+from ..platform.qemu_tools import end_child
 from .shrink_plan import ShrinkPlan
 from ..stream import Stream
 from ..units import format_size
@@ -171,16 +172,7 @@ def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_soc
             jobs.append(job)
         reply = ask({"jobs": jobs})
     finally:
-        try:
-            child.stdin.close()
-        except OSError:
-            pass
-        try:
-            child.wait(APPLIANCE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        child.stdout.close()
+        end_child(child, APPLIANCE_TIMEOUT)
         log.close()
     used = sum(os.stat(p).st_blocks * 512 for p in [overlay, *fat_files.values()])
     ov = OverlayImage(overlay, export_socket, image.size)

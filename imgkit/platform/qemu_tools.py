@@ -108,6 +108,24 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def end_child(proc: subprocess.Popen, timeout: float) -> None:
+    """End a helper child that takes requests on its stdin (the appliance helpers of the files view and
+    of shrink): end of input is its signal to finish; past `timeout` it is killed. Its pipes are closed."""
+    try:
+        proc.stdin.close()
+    except (OSError, ValueError):
+        pass  # already gone: the wait below reaps it
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    try:
+        proc.stdout.close()
+    except OSError:
+        pass
+
+
 def communicate_bounded(proc: subprocess.Popen, limits: Limits, what: str) -> tuple[str, str]:
     """proc's output once it exits; past the wall-clock limit (or on any exception, Ctrl-C too) its
     whole process group is killed, so no tool outlives the command that started it."""
