@@ -2,7 +2,7 @@
 (escape sequences stripped, lines split across reads, the failure a console shows, a bounded log)."""
 from __future__ import annotations
 
-from imgkit import bootcheck as B
+from imgkit.operations import bootcheck as B
 
 
 def test_console_strips_escapes_and_joins_lines_split_across_reads(tmp_path):

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from imgkit import api
-from imgkit.bootcheck import plan_boot
+from imgkit.operations.bootcheck import plan_boot
 from imgkit.testing import fixtures
 
 

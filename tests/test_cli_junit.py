@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from imgkit.bootcheck import BootResult
+from imgkit.operations.bootcheck import BootResult
 from imgkit.cli.junit import junit_xml
 
 

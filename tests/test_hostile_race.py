@@ -149,7 +149,7 @@ def test_boot_check_boots_the_inspected_file(tiny_bios_image, tmp_path, monkeypa
         return result
 
     monkeypatch.setattr(foreign, "inspect", inspect_then_swap)
-    from imgkit.bootcheck import boot_check
+    from imgkit.operations.bootcheck import boot_check
     result = boot_check(str(target), accel="tcg", timeout=60)
     assert swaps, "the swap did not happen"
     text = str(result.to_json())

@@ -46,7 +46,7 @@ def test_fast_and_high_together_is_a_usage_error(tmp_path):
 
 
 def test_junit_of_a_pass_has_no_reason_none():
-    from imgkit.bootcheck import BootResult
+    from imgkit.operations.bootcheck import BootResult
     from imgkit.cli.junit import junit_xml
     r = BootResult(image="x.imgk", passed=True, reason=None, detail=None, seconds_to_result=1.0,
                    total_seconds=2.0, expect="ok", matched="ok", matched_on="serial", format="imgk",

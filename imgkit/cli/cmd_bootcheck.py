@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .. import bootcheck
+from ..operations import bootcheck
 from ..errors import OperationFailed
 from ..formats.foreign import FORMATS
 from ..units import format_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
-from ..bootcheck import BootResult
+from ..operations.bootcheck import BootResult
 
 
 def junit_xml(result: BootResult, suite: str = "imgkit.boot-check") -> str:

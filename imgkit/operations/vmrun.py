@@ -123,7 +123,7 @@ def _node(name: str, **kw) -> str:
 
 
 def _qemu_argv(qemu, plan, work, export, overlay, memory, cpus, accel, display, vnc, net, cdrom) -> list[str]:
-    from ..bootcheck import STREAM_CLUSTER, TCG_TB_MIB, _opt_path, _sandbox_supported, find_ovmf  # noqa: F401
+    from .bootcheck import STREAM_CLUSTER, TCG_TB_MIB, _opt_path, _sandbox_supported, find_ovmf  # noqa: F401
     argv = [qemu, "-nodefaults", "-no-user-config", "-name", "imgkit-run",
             "-accel", f"tcg,tb-size={TCG_TB_MIB}" if accel == "tcg" else "kvm",
             "-m", f"{memory >> 20}M", "-smp", str(cpus), "-vga", "std",
@@ -246,7 +246,7 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
            fmt: str | None = None, log=None) -> RunResult:
     from ..formats.registry import open_image
     from ..platform.accel import choose_accel
-    from ..bootcheck import MAX_MEMORY, MIN_MEMORY, plan_boot
+    from .bootcheck import MAX_MEMORY, MIN_MEMORY, plan_boot
     from ..views.nbd_export import export_stream
     from ..formats import foreign
 

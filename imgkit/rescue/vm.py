@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from ..platform.accel import choose_accel
-from ..bootcheck import find_ovmf
+from ..operations.bootcheck import find_ovmf
 from ..errors import EnvironmentProblem
 
 

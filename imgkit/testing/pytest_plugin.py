@@ -62,6 +62,6 @@ def multifs_manifest() -> dict:
 
 @pytest.fixture(scope="session")
 def imgkit_boot_check():
-    """A function boot_check(image, **options) -> BootResult (see imgkit.bootcheck.boot_check)."""
-    from ..bootcheck import boot_check
+    """A function boot_check(image, **options) -> BootResult (see imgkit.operations.bootcheck.boot_check)."""
+    from ..operations.bootcheck import boot_check
     return boot_check

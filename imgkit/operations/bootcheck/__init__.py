@@ -26,13 +26,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from .platform.accel import choose_accel
-from .errors import EnvironmentProblem, InputError
-from .platform.qemu_tools import Limits, find_program, kill_group, popen
-from .platform.qemu_tools import run as run_qemu
-from .platform.qmp import QmpClient
-from .formats.imgk_writer import DEFAULT_CHUNK_SIZE
-from .stream import Stream
+from ...platform.accel import choose_accel
+from ...errors import EnvironmentProblem, InputError
+from ...platform.qemu_tools import Limits, find_program, kill_group, popen
+from ...platform.qemu_tools import run as run_qemu
+from ...platform.qmp import QmpClient
+from ...formats.imgk_writer import DEFAULT_CHUNK_SIZE
+from ...stream import Stream
 
 # The vm-fixtures marker, a login prompt, or the rescue ISO's banner (imgkit/rescue/files/banner).
 DEFAULT_EXPECT = r"IMGKIT-BOOT-OK|\blogin:\s*$|imgkit rescue \S+ ready"
@@ -138,8 +138,8 @@ def plan_boot(stream: Stream, fmt: str, firmware: str = "auto", metadata: dict |
     """Media and firmware for a disk. `auto`: an ISO 9660 image boots as a CD-ROM with BIOS; a GPT disk
     with an EFI system partition and no BIOS boot code (MBR code all zero, no BIOS boot partition)
     boots with UEFI; everything else with BIOS."""
-    from .filesystems.disk_info import optical_facts
-    from .formats.partitions import read_partition_table
+    from ...filesystems.disk_info import optical_facts
+    from ...formats.partitions import read_partition_table
 
     optical = (metadata or {}).get("optical") or optical_facts(stream)
     media = "cdrom" if (fmt == "iso" or optical) else "disk"
@@ -203,9 +203,9 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
                password=None, fmt: str | None = None, console_log: str | None = None) -> BootResult:
     """Boot `image` (any format imgkit reads) and report. Raises InputError for unusable arguments
     or images, EnvironmentProblem when QEMU or OVMF is missing; a failed boot is a BootResult."""
-    from .formats.registry import open_image
-    from .formats import foreign
-    from .formats.qemu_image import format_node
+    from ...formats.registry import open_image
+    from ...formats import foreign
+    from ...formats.qemu_image import format_node
 
     started = time.monotonic()
     expect = expect or DEFAULT_EXPECT
@@ -220,7 +220,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     if not (MIN_MEMORY <= memory <= MAX_MEMORY):
         raise InputError("--memory must be between 16 MiB and 64 GiB")
     qemu = find_program("qemu-system-x86_64")
-    from .remote.s3 import is_s3
+    from ...remote.s3 import is_s3
     if is_s3(image):  # an imgk image in S3: served over NBD from ranged GETs, like a local one
         fmt = fmt or "imgk"
     else:
@@ -233,7 +233,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     stream = open_image(image, password, fmt=fmt)  # inspects foreign headers, checks imgk structure
     pinned_fd = None
     try:
-        from .views.caching_reader import CachingReader
+        from ...views.caching_reader import CachingReader
         metadata = stream.metadata
         with CachingReader(stream, 8 << 20) as probe:  # many small reads of the same first chunks
             plan = plan_boot(probe, fmt, firmware, metadata)
@@ -247,7 +247,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
         with tempfile.TemporaryDirectory(prefix="imgkit-boot-") as work:
             os.chmod(work, 0o700)
             if stream is not None:
-                from .views.nbd_export import export_stream
+                from ...views.nbd_export import export_stream
                 with export_stream(stream, socket_dir=work) as export:
                     src = {"driver": "raw", "node-name": "src", "read-only": True,
                            "file": {"driver": "nbd", "server": {"type": "unix", "path": export.socket_path}}}
