@@ -56,23 +56,40 @@ def _import_nbd():
 
 
 def format_node(path: str, fmt: str, *, fd: int | None = None, node_name: str | None = None,
-                protocol: str = "file") -> dict:
-    """The explicit read-only qemu driver chain protocol -> `fmt` for `path`: nothing probed, and
+                protocol: str = "file", writable: bool = False, backing: str | None = None) -> dict:
+    """The explicit qemu driver chain protocol -> `fmt` for `path`: nothing probed, and
     `backing: null` where the format can name a backing file (the inspector already refused those:
-    belt and braces). Every qemu process imgkit starts on a foreign image opens it through this.
+    belt and braces). Every qemu process imgkit starts on an image opens it through this.
     A foreign image is opened through `fd`, the descriptor its inspection read (foreign.inspect), as
     /proc/self/fd/N in the qemu process it is passed to: never by its path again, so a file swapped
-    after inspection changes nothing qemu reads."""
-    if fmt in QEMU_FORMATS and fd is None:
+    after inspection changes nothing qemu reads.
+
+    protocol "nbd": `path` is the unix socket of an NBD export (an imgk image served by imgkit's own
+    reader, views/nbd_export). `writable`: one of imgkit's own files (an overlay it created, a copy of
+    the firmware's NVRAM), never an image being read; such a file may get its backing image as the
+    node named `backing`, given at run time (the name in its header is never followed)."""
+    if fmt in QEMU_FORMATS and fd is None and not writable:
         raise ValueError(f"a {fmt} image reaches qemu only through its inspected descriptor")
-    filename = f"/proc/self/fd/{fd}" if fd is not None else os.path.abspath(path)
-    node = {"driver": QEMU_DRIVER[fmt], "read-only": True,
-            "file": {"driver": protocol, "filename": filename, "read-only": True}}
+    if backing is not None and not writable:
+        raise ValueError("only imgkit's own overlays get a backing node")
+    if protocol == "nbd":
+        file = {"driver": "nbd", "server": {"type": "unix", "path": path}}
+    else:
+        file = {"driver": protocol, "filename": f"/proc/self/fd/{fd}" if fd is not None else os.path.abspath(path)}
+    file["read-only"] = not writable
+    node = {"driver": QEMU_DRIVER[fmt], "read-only": not writable, "file": file}
     if node_name:
         node["node-name"] = node_name
     if fmt in ("qcow2", "vmdk"):
-        node["backing"] = None
+        node["backing"] = backing
     return node
+
+
+def filter_node(driver: str, node_name: str, over: str) -> dict:
+    """A filter node (copy-on-read, ...) named `node_name` on top of the node named `over`: the one
+    kind of block node that is not a protocol -> format chain, built here beside format_node so that
+    every node imgkit gives qemu comes from this module."""
+    return {"driver": driver, "node-name": node_name, "file": over}
 
 
 def blockdev_args(inspected: ForeignImage) -> list[str]:

@@ -25,9 +25,7 @@ The target is written under a temporary name and appears under its own name only
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -118,53 +116,33 @@ def prepare_overlay(path: str, identity: str, size: int, force: bool, cluster: i
     return True
 
 
-def _node(name: str, **kw) -> str:
-    return json.dumps({"node-name": name, **kw})
-
-
 def _qemu_argv(qemu, plan, work, export, overlay, memory, cpus, accel, display, vnc, net, cdrom) -> list[str]:
-    from .bootcheck import STREAM_CLUSTER, TCG_TB_MIB, _opt_path, _sandbox_supported, find_ovmf  # noqa: F401
-    argv = [qemu, "-nodefaults", "-no-user-config", "-name", "imgkit-run",
-            "-accel", f"tcg,tb-size={TCG_TB_MIB}" if accel == "tcg" else "kvm",
-            "-m", f"{memory >> 20}M", "-smp", str(cpus), "-vga", "std",
-            "-chardev", f"socket,id=qmp,path={_opt_path(os.path.join(work, 'qmp.sock'))},server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-            # The guest may power off while a mirror still runs: QEMU then stays, paused, until done.
-            "-no-shutdown"]
+    """The machine, firmware, QMP and sandbox as boot-check builds them (operations/bootcheck/
+    qemu_cmdline.py); the display, console, network and the block graph of the module docstring."""
+    from ..formats.qemu_image import filter_node, format_node
+    from .bootcheck import qemu_cmdline as Q
+    argv = Q.machine_args(qemu, "imgkit-run", accel, memory, cpus) + Q.qmp_args(work)
+    # The guest may power off while a mirror still runs: QEMU then stays, paused, until done.
+    argv += ["-no-shutdown"]
     if display == "vnc":
         argv += ["-display", f"vnc={vnc}", "-serial", "none"]
     else:
         # mux: Ctrl-A x quits QEMU, Ctrl-A h lists the keys; Ctrl-C goes to the guest (signal=off).
         argv += ["-display", "none", "-chardev", "stdio,id=con,mux=on,signal=off", "-serial", "chardev:con"]
     argv += ["-nic", "user,model=e1000" if net == "user" else "none"]
-    src = {"driver": "raw", "read-only": True,
-           "file": {"driver": "nbd", "server": {"type": "unix", "path": export.socket_path}}}
-    argv += ["-blockdev", _node("src", **src)]
-    machine = "pc"
-    if plan.firmware == "uefi":
-        code, vars_template = find_ovmf()
-        vars_copy = os.path.join(work, "OVMF_VARS.fd")
-        shutil.copyfile(vars_template, vars_copy)
-        argv += ["-blockdev", _node("ovmf-code", driver="raw", **{"read-only": True},
-                                    file={"driver": "file", "filename": code}),
-                 "-blockdev", _node("ovmf-vars", driver="raw", file={"driver": "file", "filename": vars_copy})]
-        machine += ",pflash0=ovmf-code,pflash1=ovmf-vars"
-    argv += ["-machine", machine]
+    argv += Q.blockdev(Q.nbd_source(export.socket_path))
+    argv += Q.firmware_args(plan.firmware, work)
     if cdrom:
         argv += ["-device", "ide-cd,drive=src,bootindex=0"]
     else:
         cache = os.path.join(work, "cache.qcow2")
-        run_qemu(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={STREAM_CLUSTER}",
-                  cache, str(plan.size)], what="qemu-img create (the read cache)")
-        argv += ["-blockdev", _node("cache", driver="qcow2", backing="src",
-                                    file={"driver": "file", "filename": cache}),
-                 "-blockdev", _node("cor", driver="copy-on-read", file="cache"),
-                 "-blockdev", _node("disk", driver="qcow2", backing="cor",
-                                    file={"driver": "file", "filename": os.path.abspath(overlay)}),
-                 "-device", "ide-hd,drive=disk,bootindex=0"]
-    if _sandbox_supported(qemu):
-        argv += ["-sandbox", "on,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
-    return argv
+        Q.create_overlay(cache, plan.size, Q.STREAM_CLUSTER)
+        argv += (Q.blockdev(format_node(cache, "qcow2", node_name="cache", writable=True, backing="src"))
+                 + Q.blockdev(filter_node("copy-on-read", "cor", over="cache"))
+                 + Q.blockdev(format_node(os.path.abspath(overlay), "qcow2", node_name="disk", writable=True,
+                                          backing="cor"))
+                 + ["-device", "ide-hd,drive=disk,bootindex=0"])
+    return argv + Q.sandbox_args(qemu)
 
 
 class _Mirror:
@@ -180,8 +158,8 @@ class _Mirror:
         self._last_report = 0.0
         run_qemu(["qemu-img", "create", "-q", "-f", "qcow2", self.tmp, str(size)],
                  what="qemu-img create (the mirror target)")
-        qmp.command("blockdev-add", **{"node-name": "mirror", "driver": "qcow2",
-                                       "file": {"driver": "file", "filename": self.tmp}})
+        from ..formats.qemu_image import format_node
+        qmp.command("blockdev-add", **format_node(self.tmp, "qcow2", node_name="mirror", writable=True))
         qmp.command("blockdev-mirror", **{"job-id": "imgkit-mirror", "device": "disk", "target": "mirror",
                                           "sync": "full"})
         say(f"mirroring to {self.dest} while the VM runs")
