@@ -47,8 +47,8 @@ class BootRun:
         self._fw_pos = 0
 
     def run(self) -> BootResult:
-        self.start()
         try:
+            self.start()
             self.watch()
             if self.options.screenshot:
                 self.screenshot(self.options.screenshot)
@@ -56,9 +56,13 @@ class BootRun:
             self.stop()
         return self.finish()
 
-    def start(self) -> None:
-        argv = qemu_cmdline.boot_check_argv(self.qemu, self.plan, self.src, self.work, self.options.memory,
+    def command(self) -> list[str]:
+        """QEMU's argv (tests/test_bootcheck_runner.py puts a stand-in for QEMU here)."""
+        return qemu_cmdline.boot_check_argv(self.qemu, self.plan, self.src, self.work, self.options.memory,
                                             self.accel, self.streamed)
+
+    def start(self) -> None:
+        argv = self.command()
         timeout, memory = self.options.timeout, self.options.memory
         limits = Limits(cpu_seconds=int(timeout) + 60, address_space=memory + (4 << 30), wall_seconds=timeout)
         with open(self.stderr_path, "wb") as stderr:
@@ -103,7 +107,12 @@ class BootRun:
             if stopped:
                 judge.stopped(_drain(out_fd), time.monotonic(), self.proc.poll(), self.qmp is not None,
                               _last_line(self.stderr_path))
-        self._finish_line(out_fd)
+        if judge.line_open():
+            self._finish_line(out_fd)
+        else:
+            data = _read(out_fd)  # what waits in the pipe still belongs in the report's console tail
+            if data:
+                judge.serial(data, time.monotonic())
 
     def screenshot(self, path: str) -> None:
         """Screendump to `path` (PNG) through a temp name; the error is reported, not raised."""
@@ -126,7 +135,7 @@ class BootRun:
         if self.qmp is not None:
             self.qmp.close()
         if self.proc is not None:
-            kill_group(self.proc)
+            kill_group(self.proc)  # QEMU's whole process group, also when start failed half-way
             self.proc.stdout.close()
 
     def finish(self) -> BootResult:
