@@ -99,7 +99,7 @@ def capture(source: str, output: str, *, level: int = LEVEL_DEFAULT, chunk_size:
         if plan is None and not sector_by_sector:
             from .filesystems.fsaware import build_plan
             fs_plan = build_plan(src, partitions=partitions, chunk_size=chunk_size,
-                                 path=source if isinstance(src, RawSource) else None)
+                                 path=source if src.raw_path() else None)
             plan, warnings = fs_plan.plan, fs_plan.warnings
         info = src.describe()
         sealer_factory = None

@@ -49,6 +49,13 @@ class Stream:
     mtime_ns: int | None = None
     # Reads worth keeping in flight for a bulk pass (an image in S3: several GETs); None: one a core.
     read_workers: int | None = None
+    # The id the image records for itself (an imgk image's 128-bit image id); None when it has none.
+    image_id: bytes | None = None
+    # Whether the image's data is encrypted (an output in clear from it then needs --decrypt).
+    encrypted: bool = False
+    # The filesystems' used-block maps the image stored at capture (imgk USED_MAP sections); None
+    # when it stored none.
+    used_maps: list | None = None
 
     def read_sequentially(self) -> None:
         """A hint: the caller is about to read everything in order (an image in S3 is then fetched in
@@ -58,6 +65,11 @@ class Stream:
         """The files that hold this stream's bytes (every volume of a split image), so that nothing
         is ever written over its own source. Empty when the stream does not know."""
         return []
+
+    def raw_path(self) -> str | None:
+        """The local file or block device whose bytes this stream is, as they are (partclone and the
+        mounted-filesystem checks may then use it directly); None for anything decoded."""
+        return None
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) clipped to the disk's end."""

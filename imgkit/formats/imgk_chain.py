@@ -37,10 +37,7 @@ class ParentProblem(InputError):
 
 def content_digest(img: ImageReader) -> bytes:
     """The image's chain digest (what its children pin it by), computed once per reader."""
-    cached = getattr(img, "_chain_digest", None)
-    if cached is None:
-        cached = img._chain_digest = L.chain_digest(img.header, img.index)
-    return cached
+    return img.chain_digest
 
 
 def parent_ref_for(parent: ImageReader) -> L.ParentRef:

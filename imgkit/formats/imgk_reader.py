@@ -2,6 +2,7 @@
 any data is handed out, and every chunk is authenticated/hashed as it is read."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -159,6 +160,19 @@ class ImageReader(Stream):
         self.parent: "ImageReader | None" = None
         self.size = header.logical_size
         self.chunk_size = self.unit_size = header.chunk_size
+
+    @property
+    def image_id(self) -> bytes:
+        return self.header.image_id
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.header.encrypted)
+
+    @functools.cached_property
+    def chain_digest(self) -> bytes:
+        """What this image's children pin it by (docs/FORMAT.md, *Incremental images*), computed once."""
+        return L.chain_digest(self.header, self.index)
 
     @property
     def used_maps(self) -> list[L.UsedMap]:

@@ -56,6 +56,9 @@ class RawSource(Stream):
             os.close(self.fd)
             raise InputError(f"{path}: not a block device or regular file")
 
+    def raw_path(self) -> str | None:
+        return self.path
+
     def describe(self) -> dict:
         info = {"path": os.path.abspath(self.path), "kind": "block" if self.is_block else "file",
                 "size": self.size, "logical_sector_size": self.logical_sector_size,

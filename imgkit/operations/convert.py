@@ -24,6 +24,7 @@ from ..platform.targets import check_replaceable, refuse_device_image_path
 from ..filesystems.disk_info import optical_facts
 from ..errors import CorruptChunk, InputError, Interrupted, OperationFailed
 from ..formats import foreign
+from ..formats.destinations import CAPTURE, COPY, QEMU_IMG, DESTINATIONS, Destination, destination, names
 from ..formats.imgk_writer import LEVEL_DEFAULT
 from ..views.nbd_export import export_stream
 from ..progress import NullProgress, Progress
@@ -33,9 +34,6 @@ from ..platform.qemu_tools import describe_failure, kill_group, limits_for_size,
 from ..stream import DATA, Stream
 from ..platform.writeback import WRITEBACK_STEP, WritebackNudger, fsync_parent_dir, publish, start_writeback
 
-SUBFORMATS = {"vhd": ("fixed", "dynamic"), "vhdx": ("dynamic", "fixed"),
-              "vmdk": ("monolithicSparse", "streamOptimized")}
-DEFAULT_SUBFORMAT = {"vhd": "dynamic", "vhdx": "dynamic", "vmdk": "monolithicSparse"}
 PRESETS = ("azure",)
 MiB = 1 << 20
 COPY_PIECE = 4 * MiB
@@ -62,6 +60,7 @@ class ConvertResult:
 @dataclass
 class _Plan:
     to: str
+    dest: Destination
     subformat: str | None
     compress: bool
     pad_to_mib: bool = False  # Azure: the virtual disk rounded up to a whole MiB (zeros added)
@@ -74,11 +73,12 @@ def destination_format(dest: str, to: str | None) -> str:
     fmt = foreign.format_from_extension(dest)
     if not fmt:
         raise InputError(f"{dest}: cannot tell the destination format from its name",
-                         hint="add --to FMT (" + ", ".join(foreign.FORMATS) + ")")
+                         hint="add --to FMT (" + ", ".join(DESTINATIONS) + ")")
     return fmt
 
 
 def _plan(to: str, subformat: str | None, compress: bool, preset: str | None) -> _Plan:
+    dest = destination(to)  # an unknown format is refused first
     if preset == "azure":
         if to != "vhd":
             raise InputError(f"--preset azure makes a VHD, not {to}", hint="name the destination .vhd or use --to vhd")
@@ -87,15 +87,14 @@ def _plan(to: str, subformat: str | None, compress: bool, preset: str | None) ->
         subformat = "fixed"
     elif preset is not None:
         raise InputError(f"unknown preset {preset!r}", hint="presets: azure")
-    if subformat is not None and subformat not in SUBFORMATS.get(to, ()):
-        allowed = SUBFORMATS.get(to)
+    if subformat is not None and subformat not in dest.subformats:
+        allowed = dest.subformats
         raise InputError(f"--subformat {subformat} does not apply to {to}",
                          hint=f"{to} subformats: {', '.join(allowed)}" if allowed else f"{to} has no subformats")
-    if compress and to != "qcow2":
-        hints = {"vmdk": "streamOptimized VMDK is always compressed",
-                 "imgk": "imgk is always zstd-compressed; --level sets the level"}
-        raise InputError(f"--compress applies to qcow2 (zstd clusters), not {to}", hint=hints.get(to))
-    return _Plan(to, subformat or DEFAULT_SUBFORMAT.get(to), compress, pad_to_mib=preset == "azure")
+    if compress and dest.compression is None:
+        compressible = ", ".join(f"{d.name} ({d.compression})" for d in DESTINATIONS.values() if d.compression)
+        raise InputError(f"--compress applies to {compressible}, not {to}", hint=dest.no_compress_hint)
+    return _Plan(to, dest, subformat or dest.default_subformat, compress, pad_to_mib=preset == "azure")
 
 
 def _tmp_name(dest: str) -> str:
@@ -175,29 +174,12 @@ class PaddedStream(Stream):
 
 
 # -- the routes -----------------------------------------------------------------------------------
-def _qemu_options(plan: _Plan) -> list[str]:
-    opts: list[str] = []
-    if plan.to == "qcow2":
-        opts.append("compat=1.1")
-        if plan.compress:
-            opts.append("compression_type=zstd")
-    elif plan.to == "vhd":
-        # force_size keeps the exact virtual size (qemu otherwise rounds up to a CHS geometry).
-        opts += [f"subformat={plan.subformat}", "force_size=on"]
-    elif plan.to in ("vhdx", "vmdk"):
-        opts.append(f"subformat={plan.subformat}")
-    return ["-o", ",".join(opts)] if opts else []
-
-
 def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int, progress: Progress,
                           export=None, pass_fds: tuple[int, ...] = ()) -> None:
-    argv = ["qemu-img", "convert", "-p", *src_args, "-O", foreign.QEMU_DRIVER[plan.to], *_qemu_options(plan)]
-    if plan.compress and plan.to == "qcow2":
-        # Out-of-order writes: qcow2 allocates clusters as they come, and with -c the compression of
-        # several clusters overlaps instead of waiting for the previous write (measured faster). Not
-        # without -c: over NBD, uncompressed, -W -m 16 made qemu-img 2.5x slower (1.81 s against
-        # 0.73 s for 1.2 GiB from nbdkit's file plugin, all system time).
-        argv += ["-c", "-W", "-m", "16"]
+    argv = ["qemu-img", "convert", "-p", *src_args, "-O", plan.dest.qemu_name,
+            *plan.dest.qemu_img_options(plan.subformat, plan.compress)]
+    if plan.compress:
+        argv += plan.dest.compress_args  # see destinations.py (qcow2: -c, out-of-order writes)
     argv.append(tmp)
     limits = limits_for_size(size)
     import subprocess
@@ -246,9 +228,7 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
 
 
 def _write_native(fmt: str, stream: Stream, tmp: str, progress: Progress) -> None:
-    from ..formats.qcow2_writer import write_qcow2
-    from ..formats.vhd_writer import write_vhd
-    write = {"qcow2": write_qcow2, "vhd": write_vhd}[fmt]
+    write = destination(fmt).native.load()
     reader = CachingReader(stream, cache_bytes=0)
     stream.read_sequentially()
     progress.total = stream.size
@@ -312,14 +292,12 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
         return _to_rbd(source, dest, source_format, to, compress or subformat or preset or level is not None,
                        force, password, progress, started, decrypt)
     to = destination_format(dest, to)
-    if to not in foreign.FORMATS:
-        raise InputError(f"unknown destination format {to!r}", hint="formats: " + ", ".join(foreign.FORMATS))
-    plan = _plan(to, subformat, compress, preset)
-    if encrypt is not None and to != "imgk":
+    plan = _plan(to, subformat, compress, preset)  # an unknown format: destination() says so
+    if encrypt is not None and not plan.dest.encrypts:
         raise InputError(f"--encrypt applies to imgk destinations, not {to}")
     if encrypt is not None and decrypt:
         raise InputError("--encrypt and --decrypt exclude each other")
-    if level is not None and to != "imgk":
+    if level is not None and plan.dest.route != CAPTURE:
         raise InputError(f"--level applies to imgk destinations, not {to}",
                          hint="for a compressed qcow2 use --compress")
     _check_destination(source, dest, force)
@@ -329,7 +307,8 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
         progress.total = size
         try:
             if inspected is None:  # raw or ISO: qemu's raw driver takes the bytes as they are
-                src_args, fds = ["-f", foreign.QEMU_DRIVER[src_fmt], os.path.abspath(source)], ()
+                from ..formats.registry import lookup
+                src_args, fds = ["-f", lookup(src_fmt).qemu_driver, os.path.abspath(source)], ()
             else:  # the inspected descriptor, with backing: null (qemu_image.format_node)
                 from ..formats.qemu_image import image_spec
                 src_args, fds = [image_spec(inspected)], (inspected.fd,)
@@ -390,16 +369,18 @@ def _to_rbd(source: str, dest: str, source_format, to, options: bool, force: boo
 def _direct_source(source: str, source_format: str | None, plan: _Plan):
     """(format, virtual size, inspection or None) when qemu-img can read the source file itself,
     after inspection; the caller closes the inspection (it holds the descriptor qemu-img reads)."""
-    if plan.to not in foreign.QEMU_FORMATS or plan.pad_to_mib or not os.path.isfile(source):
+    from ..formats.registry import FORMATS, detect
+    if plan.dest.route != QEMU_IMG or plan.pad_to_mib or not os.path.isfile(source):
         return None
     if source_format is None:
-        source_format = foreign.detect_format(source)
-    if source_format in ("raw", "iso"):
-        return source_format, os.path.getsize(source), None
-    if source_format in foreign.QEMU_FORMATS:
+        source_format = detect(source)
+    entry = FORMATS.get(source_format)
+    if entry is None or entry.qemu_driver is None:
+        return None  # only imgkit reads it (imgk)
+    if entry.via_qemu:
         inspected = foreign.inspect(source, source_format)
         return source_format, inspected.virtual_size, inspected
-    return None
+    return source_format, os.path.getsize(source), None  # raw bytes (raw, ISO)
 
 
 def _into_temp(dest: str, write, force: bool = False) -> None:
@@ -420,23 +401,28 @@ def _into_temp(dest: str, write, force: bool = False) -> None:
 
 def _sealer_for(src: Stream, source: str, to: str, password, encrypt: bytes | None, decrypt: bool):
     """The sealer factory of an imgk destination (None: clear), after the clear-output rule."""
-    from ..formats.imgk_reader import ImageReader
-    encrypted = isinstance(src, ImageReader) and src.header.encrypted
-    if encrypted and not decrypt and to != "imgk":
+    keeps_encryption = to in DESTINATIONS and DESTINATIONS[to].encrypts  # not "rbd"
+    encrypted = src.encrypted
+    if encrypted and not decrypt and not keeps_encryption:
         raise InputError(f"{source} is encrypted: converting it to {to} writes the disk in clear",
                          hint="add --decrypt to confirm, or convert to .imgk to keep it encrypted")
     from ..formats.crypto import sealer_factory_for
     if encrypt is not None:
         return sealer_factory_for(encrypt)
-    if encrypted and not decrypt and to == "imgk":
+    if encrypted and not decrypt and keeps_encryption:
         from ..formats.registry import password_provider
         return sealer_factory_for(password_provider(password)())  # the same password, a new data key
     return None
 
 
+def _holds_a_disk(d: Destination | None) -> bool:
+    """A destination qemu-img writes a hard disk into (the output of an overlay's convert)."""
+    return d is not None and d.qemu_name is not None and not d.optical
+
+
 def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progress: Progress,
            level: int | None, sealer_factory=None, sector_by_sector: bool = False) -> str:
-    if plan.to == "imgk":
+    if plan.dest.route == CAPTURE:
         info = src.describe()
         if level is None:
             level = LEVEL_DEFAULT
@@ -444,23 +430,22 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
         fs_plan = None
         if not sector_by_sector:
             from ..filesystems.fsaware import build_plan
-            from ..formats.sources import RawSource
-            fs_plan = build_plan(src, path=source if isinstance(src, RawSource) else None).plan
+            fs_plan = build_plan(src, path=source if src.raw_path() else None).plan
         capture_stream(src, dest, source_info=info, level=level, force=force, progress=progress,
                        sources=[source, *src.paths()], plan=fs_plan,
                        sealer_factory=sealer_factory)
         return "capture"
-    if plan.to in ("raw", "iso"):
-        if plan.to == "iso":
+    if plan.dest.route == COPY:
+        if plan.dest.optical:
             optical = src.metadata.get("optical") if src.metadata is not None else optical_facts(src)
             if not optical:
                 raise InputError(f"{source} is not an optical image (no ISO 9660 volume descriptor at "
-                                 "sector 16): refusing to make an .iso of a hard disk",
-                                 hint="convert it to raw, qcow2, vhd, vhdx or vmdk instead")
+                                 f"sector 16): refusing to make an .{plan.to} of a hard disk",
+                                 hint=f"convert it to {names(_holds_a_disk)} instead")
         _into_temp(dest, lambda tmp: _copy_to_raw(src, tmp, progress), force)
         return "copy"
     stream = PaddedStream(src, plan.size) if plan.size and plan.size != src.size else src
-    if (plan.to == "qcow2" and not plan.compress) or (plan.to == "vhd" and plan.subformat == "dynamic"):
+    if plan.dest.native is not None and plan.dest.native.applies(plan.subformat, plan.compress):
         # Written natively: the chunks decode in parallel, in order, and go straight into the file
         # (qemu-img reading the NBD export waited on each request; see formats/qcow2_writer.py).
         _into_temp(dest, lambda tmp: _write_native(plan.to, stream, tmp, progress))
@@ -481,8 +466,8 @@ def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, co
     from ..formats.registry import open_image
     from .vmrun import IDENTITY_PREFIX, image_identity, read_overlay_backing
     to = destination_format(dest, to)
-    if to not in foreign.QEMU_FORMATS and to != "raw":
-        raise InputError(f"--overlay: the destination must be raw, qcow2, vhd, vhdx or vmdk, not {to}")
+    if not _holds_a_disk(DESTINATIONS.get(to)):
+        raise InputError(f"--overlay: the destination must be {names(_holds_a_disk)}, not {to}")
     plan = _plan(to, subformat, compress, preset)
     if plan.pad_to_mib:
         raise InputError("--overlay does not combine with --preset azure")

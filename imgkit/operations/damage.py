@@ -36,6 +36,14 @@ class ZeroOnDamage(Stream):
     def __getattr__(self, name):  # anything else the image has (header, volume_paths, ...)
         return getattr(self.image, name)
 
+    # Declared by Stream with defaults, so __getattr__ would not reach the image's own.
+    image_id = property(lambda self: self.image.image_id)
+    encrypted = property(lambda self: self.image.encrypted)
+    used_maps = property(lambda self: self.image.used_maps)
+
+    def raw_path(self) -> str | None:
+        return self.image.raw_path()
+
     def read_sequentially(self) -> None:
         self.image.read_sequentially()
 

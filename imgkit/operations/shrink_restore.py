@@ -137,7 +137,7 @@ def target_size_of(target: str, given: int | None) -> int:
 
 def make_plan(img: Stream, target_size: int, mode: str, minimums: dict | None = None,
               pinned: dict | None = None) -> ShrinkPlan:
-    return plan_shrink(img, target_size, mode, img.metadata, getattr(img, "used_maps", None),
+    return plan_shrink(img, target_size, mode, img.metadata, img.used_maps,
                        minimums=minimums, pinned=pinned)
 
 
@@ -170,6 +170,7 @@ def restore_shrunk(img: Stream, target: str, plan: ShrinkPlan, *, image_paths, c
             img, plan, work, export.socket_path,
             replan=lambda minimums, pinned: make_plan(img, plan.target_size, plan.mode, minimums, pinned))
         sources: dict[int, Stream] = {}
+        opened: list[RawSource] = []  # the shrunk FAT files, closed here
         try:
             for pp in plan.parts:
                 if pp.extended:
@@ -178,6 +179,7 @@ def restore_shrunk(img: Stream, target: str, plan: ShrinkPlan, *, image_paths, c
                     src = SliceStream(img, pp.old_start, pp.old_size)  # declares img's chunks as its units
                 elif pp.number in shrunk.fat_files:
                     fat = RawSource(shrunk.fat_files[pp.number])
+                    opened.append(fat)
                     src = UsedView(fat, _used_map("vfat", fat))
                 else:
                     part = SliceStream(shrunk.overlay, pp.old_start, pp.new_size)
@@ -187,10 +189,8 @@ def restore_shrunk(img: Stream, target: str, plan: ShrinkPlan, *, image_paths, c
             result = restore_stream(img, target, image_paths=image_paths, confirm=None, progress=progress,
                                     layout=layout)
         finally:
-            for src in sources.values():
-                part = getattr(src, "part", None)
-                if isinstance(part, RawSource):
-                    part.close()
+            for fat in opened:
+                fat.close()
             shrunk.overlay.close()
     report = {"plan": plan.to_dict(), "notes": shrunk.notes, "minimums": shrunk.minimums,
               "overlay_bytes": shrunk.overlay_bytes, "engine": shrunk.engine}

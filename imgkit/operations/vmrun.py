@@ -66,10 +66,8 @@ class RunResult:
 
 def image_identity(stream, fmt: str) -> str:
     """What an overlay records about the image under it."""
-    header = getattr(stream, "header", None)
-    image_id = getattr(header, "image_id", None)
-    if fmt == "imgk" and image_id:
-        return f"imgk-{image_id.hex()}"
+    if stream.image_id:  # the image names itself (imgk): the same image under any file name
+        return f"{stream.format_name}-{stream.image_id.hex()}"
     digest = hashlib.sha256(stream.read(0, min(IDENTITY_BYTES, stream.size))).hexdigest()[:32]
     return f"{fmt}-{stream.size}-{digest}"
 
@@ -222,7 +220,7 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
            accel: str = "auto", memory: int = DEFAULT_MEMORY, cpus: int = 1, display: str = "none",
            vnc: str = "127.0.0.1:0", net: str = "none", mirror_to: str | None = None, password=None,
            fmt: str | None = None, log=None) -> RunResult:
-    from ..formats.registry import open_image
+    from ..formats.registry import detect, open_image
     from ..platform.accel import choose_accel
     from .bootcheck import MAX_MEMORY, MIN_MEMORY, plan_boot
     from ..views.nbd_export import export_stream
@@ -244,7 +242,7 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
     foreign.refuse_json_name(image)
     if not os.path.exists(image):
         raise InputError(f"{image}: no such file or device")
-    fmt = fmt or (foreign.detect_format(image) if os.path.isfile(image) else "raw")
+    fmt = fmt or detect(image)
     for other in (overlay, mirror_to):
         if other and os.path.exists(other) and os.path.samefile(other, image):
             raise InputError(f"{other}: is the image itself")
