@@ -14,11 +14,11 @@ refcount is exactly 1) set; a refcount table entry is a refcount block's host of
 """
 from __future__ import annotations
 
-import os
 import struct
 from typing import Callable, Iterable
 
 from ..stream import DATA, Stream
+from ..platform.writeback import OutputWriter
 
 MAGIC = b"QFI\xfb"
 VERSION = 3
@@ -70,31 +70,34 @@ def _pieces(spans: Iterable[tuple[int, int]], size: int, piece: int) -> Iterable
 
 
 def write_qcow2(stream: Stream, path: str, read_pieces: Callable, *, advance: Callable[[int], None] = lambda n: None,
-                writeback: Callable[[int], None] = lambda fd: None) -> int:
+                direct: bool = True) -> int:
     """Write `stream` as a new qcow2 at `path` (created; the caller renames it into place and fsyncs).
     `read_pieces(pieces)` yields ((offset, length), bytes) in order (CachingReader.map_pieces).
-    Returns the data bytes written."""
+    Every write is whole clusters at cluster offsets, so all of it can go to the disk directly
+    (platform.writeback.OutputWriter; `direct` False: through the page cache). Returns the data bytes written."""
     size = stream.size
     piece = max(CLUSTER, stream.unit_size or 0) if (stream.unit_size or 0) % CLUSTER == 0 else 4 << 20
     guest_clusters = _clusters(size)
     l1_size = max(1, -(-guest_clusters // L2_ENTRIES))
     l2: dict[int, list[int]] = {}  # L1 index -> its L2 entries (only the tables that map something)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     written = 0
-    try:
+    with OutputWriter(path, direct=direct) as out:
         host = CLUSTER  # cluster 0 holds the header, written last
-        since = 0
         for (offset, length), data in read_pieces(list(_pieces(data_clusters(stream), size, piece))):
             if len(data) != length:
                 raise OSError(f"short read from the source at offset {offset}")
-            view = memoryview(data)
-            # Consecutive non-zero clusters go out in one pwrite.
+            if not isinstance(data, (bytes, bytearray)):
+                data = bytes(data)
+            # Consecutive non-zero clusters go out in one write (joined further by the writer).
             run_start = run_host = None
             for k in range(0, length, CLUSTER):
-                cluster = view[k:k + CLUSTER]
-                if cluster == _ZERO_CLUSTER[:len(cluster)]:
+                n = min(CLUSTER, length - k)
+                # bytes.startswith compares in place with memcmp (a memoryview == compares element by
+                # element: 3.7 ms for 2 MiB of zeros against 0.06 ms).
+                if data.startswith(_ZERO_CLUSTER if n == CLUSTER else _ZERO_CLUSTER[:n], k, k + n):
                     if run_start is not None:
-                        written += _pwrite(fd, view[run_start:k], run_host)
+                        out.write(run_host, memoryview(data)[run_start:k])
+                        written += k - run_start
                         run_start = None
                     continue
                 g = (offset + k) // CLUSTER
@@ -106,24 +109,20 @@ def write_qcow2(stream: Stream, path: str, read_pieces: Callable, *, advance: Ca
                     run_start, run_host = k, host
                 host += CLUSTER
             if run_start is not None:
-                written += _pwrite(fd, view[run_start:], run_host)
-            since += length
-            if since >= 64 << 20:  # start writing back now: the final fsync then waits for the tail only
-                writeback(fd)
-                since = 0
+                out.write(run_host, memoryview(data)[run_start:])
+                written += length - run_start
+                if length % CLUSTER:  # the disk's last, partial cluster: whole in the file
+                    out.write(run_host + length - run_start, _ZERO_CLUSTER[:-length % CLUSTER])
             advance(length)
         # Metadata behind the data: L2 tables, the L1 table, refcount blocks, the refcount table.
         l1 = [0] * l1_size
-        tables = []
         for idx in sorted(l2):
             l1[idx] = host | OFLAG_COPIED
-            tables.append(struct.pack(f">{L2_ENTRIES}Q", *l2[idx]))
+            out.write(host, struct.pack(f">{L2_ENTRIES}Q", *l2[idx]))
             host += CLUSTER
-        if tables:
-            _pwrite(fd, b"".join(tables), host - CLUSTER * len(tables))
         l1_offset = host
         l1_bytes = struct.pack(f">{l1_size}Q", *l1)
-        _pwrite(fd, l1_bytes, l1_offset)
+        out.write(l1_offset, l1_bytes + bytes(-len(l1_bytes) % CLUSTER))
         host += _clusters(len(l1_bytes)) * CLUSTER
         # Refcount structures cover every cluster up to and including themselves: grow to a fixpoint.
         blocks = table_clusters = 1
@@ -139,20 +138,11 @@ def write_qcow2(stream: Stream, path: str, read_pieces: Callable, *, advance: Ca
         total = rt_offset // CLUSTER + table_clusters
         refcounts = bytearray(blocks * CLUSTER)
         struct.pack_into(f">{total}H", refcounts, 0, *([1] * total))
-        _pwrite(fd, refcounts, rb_offset)
+        out.write(rb_offset, refcounts)
         table = bytearray(table_clusters * CLUSTER)
         struct.pack_into(f">{blocks}Q", table, 0, *(rb_offset + b * CLUSTER for b in range(blocks)))
-        _pwrite(fd, table, rt_offset)
-        _pwrite(fd, _header(size, l1_size, l1_offset, rt_offset, table_clusters), 0)
-        os.ftruncate(fd, total * CLUSTER)  # cluster 0 is padded out: every cluster is whole
-    finally:
-        os.close(fd)
+        out.write(rt_offset, table)
+        head = _header(size, l1_size, l1_offset, rt_offset, table_clusters)
+        out.write(0, head + bytes(CLUSTER - len(head)))  # cluster 0 whole, like every cluster
+        out.truncate(total * CLUSTER)
     return written
-
-
-def _pwrite(fd: int, data, offset: int) -> int:
-    view = memoryview(data)
-    n = 0
-    while n < len(view):
-        n += os.pwrite(fd, view[n:], offset + n)
-    return n

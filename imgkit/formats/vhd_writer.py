@@ -11,13 +11,13 @@ geometry: the same as `qemu-img convert -O vpc -o subformat=dynamic,force_size=o
 """
 from __future__ import annotations
 
-import os
 import struct
 import time
 import uuid
 from typing import Callable
 
 from ..stream import DATA, Stream
+from ..platform.writeback import OutputWriter
 
 SECTOR = 512
 BLOCK = 2 << 20
@@ -68,9 +68,11 @@ def dynamic_header(entries: int) -> bytes:
 
 
 def write_vhd(stream: Stream, path: str, read_pieces: Callable, *, advance: Callable[[int], None] = lambda n: None,
-              writeback: Callable[[int], None] = lambda fd: None) -> int:
+              direct: bool = True) -> int:
     """Write `stream` as a new dynamic VHD at `path` (the caller renames it into place and fsyncs).
-    `read_pieces(pieces)` yields ((offset, length), bytes) in order. Returns the data bytes written."""
+    `read_pieces(pieces)` yields ((offset, length), bytes) in order. The blocks follow each other
+    in the file, so the writer (platform.writeback.OutputWriter) joins them into large direct writes.
+    Returns the data bytes written."""
     size = stream.size
     entries = -(-size // BLOCK)
     bat = [UNALLOCATED] * entries
@@ -79,10 +81,9 @@ def write_vhd(stream: Stream, path: str, read_pieces: Callable, *, advance: Call
     blocks = sorted({b for run in stream.runs() if run.kind == DATA and run.length
                      for b in range(run.offset // BLOCK, -(-run.end // BLOCK))})
     pieces = [(b * BLOCK, min(BLOCK, size - b * BLOCK)) for b in blocks]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    written = since = 0
+    written = 0
     bitmap = b"\xff" * BITMAP
-    try:
+    with OutputWriter(path, direct=direct) as out:
         host = first_block
         for (offset, length), data in read_pieces(pieces):
             if len(data) != length:
@@ -90,31 +91,18 @@ def write_vhd(stream: Stream, path: str, read_pieces: Callable, *, advance: Call
             advance(length)
             if data == _ZERO_BLOCK[:length]:
                 continue
-            if length < BLOCK:  # the last, partial block: a block is always whole in the file
-                data = bytes(data) + bytes(BLOCK - length)
             bat[offset // BLOCK] = host // SECTOR
-            _pwrite(fd, bitmap, host)
-            _pwrite(fd, data, host + BITMAP)
+            out.write(host, bitmap)
+            out.write(host + BITMAP, data)
+            if length < BLOCK:  # the last, partial block: a block is always whole in the file
+                out.write(host + BITMAP + length, bytes(BLOCK - length))
             host += BITMAP + BLOCK
             written += length
-            since += length
-            if since >= 64 << 20:
-                writeback(fd)
-                since = 0
         disk_id = uuid.uuid4().bytes
         foot = footer(size, disk_id, max(0, int(time.time()) - VHD_EPOCH) & 0xFFFFFFFF)
         table = bytearray(b"\xff" * bat_bytes)
         struct.pack_into(f">{entries}I", table, 0, *bat)
-        _pwrite(fd, foot + dynamic_header(entries) + bytes(table), 0)
-        _pwrite(fd, foot, host)
-        os.ftruncate(fd, host + SECTOR)
-    finally:
-        os.close(fd)
+        out.write(0, foot + dynamic_header(entries) + bytes(table))
+        out.write(host, foot)
+        out.truncate(host + SECTOR)
     return written
-
-
-def _pwrite(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    n = 0
-    while n < len(view):
-        n += os.pwrite(fd, view[n:], offset + n)

@@ -32,7 +32,7 @@ from ..remote.rbd_image import is_rbd
 from ..remote.s3 import is_s3
 from ..platform.qemu_tools import describe_failure, kill_group, limits_for_size, popen
 from ..stream import DATA, Stream
-from ..platform.writeback import WRITEBACK_STEP, WritebackNudger, fsync_parent_dir, publish, start_writeback
+from ..platform.writeback import OutputWriter, WritebackNudger, fsync_parent_dir, publish
 
 PRESETS = ("azure",)
 MiB = 1 << 20
@@ -233,7 +233,7 @@ def _write_native(fmt: str, stream: Stream, tmp: str, progress: Progress) -> Non
     stream.read_sequentially()
     progress.total = stream.size
     try:
-        write(stream, tmp, reader.map_pieces, advance=progress.advance, writeback=start_writeback)
+        write(stream, tmp, reader.map_pieces, advance=progress.advance)
     except CorruptChunk as e:  # as through qemu-img: the conversion failed on a damaged source
         raise OperationFailed(f"reading the source failed: {e}") from None
     if progress.done < stream.size:
@@ -242,30 +242,21 @@ def _write_native(fmt: str, stream: Stream, tmp: str, progress: Progress) -> Non
 
 def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
     """Data runs into a sparse file; holes and all-zero pieces stay holes. Read through the one
-    caching reader, in pieces cut where the source's units are (an imgk chunk decodes once)."""
+    caching reader, in pieces cut where the source's units are (an imgk chunk decodes once), and
+    written on the writer thread, directly to the disk where the filesystem allows (OutputWriter)."""
     reader = CachingReader(stream, cache_bytes=0)
-    pieces = list(reader.cut_pieces(stream.runs(), {DATA}, stream.unit_size or COPY_PIECE))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.ftruncate(fd, stream.size)
+    piece = stream.unit_size or COPY_PIECE
+    pieces = list(reader.cut_pieces(stream.runs(), {DATA}, piece))
+    with OutputWriter(tmp) as out:
         stream.read_sequentially()
-        zero = bytes(COPY_PIECE)
-        written = 0
+        zero = bytes(piece)
         for (off, length), data in reader.map_pieces(pieces):
             if len(data) != length:
                 raise OperationFailed(f"short read from the source at offset {off}")
-            written += length
-            if written >= WRITEBACK_STEP:  # so that the fsync before the rename waits for the tail only
-                start_writeback(fd)
-                written = 0
-            if data != zero[:length]:
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, off)
-                    view, off = view[n:], off + n
+            if not zero.startswith(data):  # memcmp against zeros, in place
+                out.write(off, data)
             progress.advance(length)
-    finally:
-        os.close(fd)
+        out.truncate(stream.size)
 
 
 # -- the operation --------------------------------------------------------------------------------

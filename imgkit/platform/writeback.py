@@ -1,14 +1,19 @@
 """Durability of outputs: start the writeback of a file's dirty pages early, so that the fsync before
 an atomic rename waits for the tail of the output only, not for all of it; fsync the directory after
-the rename; replace a small file (a report, a cache entry) so readers see the old or the whole new one.
+the rename; replace a small file (a report, a cache entry) so readers see the old or the whole new one;
+write a large output on a writer thread, straight to the disk (OutputWriter).
 
 POSIX_FADV_DONTNEED starts the writeback of the dirty pages in the range (without waiting) and drops
 the clean ones; an output nobody reads next then does not fill the page cache either. Measured: the
 final fsync of a 210 MiB capture went from 0.138 s to 0.014 s."""
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import queue
 import tempfile
+import threading
 import time
 
 WRITEBACK_STEP = 32 << 20  # writers that write themselves start the writeback every this many bytes
@@ -30,6 +35,200 @@ def fsync_parent_dir(path: str) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block: a page is
+
+
+class OutputWriter:
+    """A large output file (a converted disk) written on a writer thread, in large pieces, through
+    O_DIRECT where the filesystem takes it. write() copies the bytes into one of a few page-aligned
+    staging buffers and returns: the caller (decoding on the other core) waits neither for the page
+    cache nor for the disk, and when the file is complete nothing is left to write back, so the
+    fsync before the rename only commits the file's metadata.
+
+    Why direct: writing 995 MiB through the page cache cost the writing thread 0.42-0.63 s in
+    pwrite plus 0.23-0.26 s blocked in the writeback hints (imgk -> qcow2 of bench disk F, loaded
+    machine), about half of the whole conversion; the same bytes written directly in 8 MiB pieces
+    cost 0.02 s of CPU and the disk's own time (0.55-0.6 s for 1 GiB with the fsync, the same as the
+    page cache plus the fsync). Consecutive writes are joined into one piece; an unaligned head or
+    tail of a piece goes through the page cache (a second descriptor: the ranges never overlap, so
+    the kernel keeps the two coherent). Where O_DIRECT is refused (tmpfs, some FUSE filesystems: at
+    open or at the first write), every write goes through the page cache on the writer thread, with
+    the writeback started every WRITEBACK_STEP bytes as before.
+
+    Use as a context manager or call close(); an error of the writer thread is raised by the next
+    write(), flush() or close(). Not thread-safe: one producer."""
+
+    def __init__(self, path: str, *, stage: int = 8 << 20, depth: int = 4, writers: int = 2, direct: bool = True):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._dfd: int | None = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._dfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError:
+                self._dfd = None
+        self.stage = max(DIRECT_ALIGN, stage - stage % DIRECT_ALIGN)
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(max(2, depth)):
+            self._free.put(mmap.mmap(-1, self.stage))
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._reported = False
+        self._buf: mmap.mmap | None = None
+        self._base = self._lo = self._hi = 0
+        self._since_writeback = 0
+        self.direct_bytes = self.buffered_bytes = 0
+        self._count_lock = threading.Lock()
+        self._use_direct = self._dfd is not None
+        self._threads = [threading.Thread(target=self._run, name="imgkit-writer", daemon=True)
+                         for _ in range(max(1, writers))]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def direct(self) -> bool:
+        """Whether the aligned bytes go to the disk directly (False: O_DIRECT refused)."""
+        return self._use_direct
+
+    def write(self, offset: int, data) -> None:
+        """Write `data` (any bytes-like) at `offset`; the bytes are copied before this returns."""
+        self._raise()
+        with memoryview(data) as view:
+            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            pos, n = 0, len(view)
+            while pos < n:
+                if self._buf is None or offset != self._base + self._hi or self._hi == self.stage:
+                    self._submit()
+                    # Buffer position p holds file offset base + p, base aligned: the aligned part of
+                    # the range is then aligned in the buffer as well (the direct write needs both).
+                    self._lo = self._hi = offset % DIRECT_ALIGN
+                    self._base = offset - self._lo
+                    self._buf = self._free.get()  # waits while every buffer is being written
+                    self._raise()
+                take = min(n - pos, self.stage - self._hi)
+                self._buf[self._hi:self._hi + take] = view[pos:pos + take]
+                self._hi += take
+                pos += take
+                offset += take
+
+    def flush(self) -> None:
+        """Wait until everything written so far is in the file (on the disk, when direct)."""
+        self._submit()
+        self._jobs.join()
+        self._raise()
+
+    def truncate(self, size: int) -> None:
+        self.flush()
+        os.ftruncate(self.fd, size)
+
+    def close(self) -> None:
+        """Write what is staged, stop the writer threads, close the file; raise a write error the
+        producer has not been given yet."""
+        if not self._threads:
+            return
+        try:
+            self._submit()
+        finally:
+            for _ in self._threads:
+                self._jobs.put(None)
+            for t in self._threads:
+                t.join()
+            self._threads = []
+            for fd in (self.fd, self._dfd):
+                if fd is not None:
+                    os.close(fd)
+            self._dfd = None
+            while not self._free.empty():
+                self._free.get_nowait().close()
+        if not self._reported:  # an error the producer has not seen yet
+            self._raise()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:  # an error already propagates: stop the writers, write nothing more
+            self._error, self._reported = self._error or exc[1], True
+            self.close()
+
+    # -- the writer thread --------------------------------------------------------------------------
+    def _raise(self) -> None:
+        if self._error is not None:
+            self._reported = True
+            raise self._error
+
+    def _submit(self) -> None:
+        if self._buf is not None:
+            if self._hi > self._lo:
+                self._jobs.put((self._buf, self._base, self._lo, self._hi))
+            else:
+                self._free.put(self._buf)
+            self._buf = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                buf = job[0]
+                try:
+                    if self._error is None:
+                        with memoryview(buf) as view:
+                            self._write_piece(view, *job[1:])
+                except BaseException as e:  # noqa: BLE001 - handed to the producer
+                    self._error = e
+                finally:
+                    self._free.put(buf)
+            finally:
+                self._jobs.task_done()
+
+    def _write_piece(self, view: memoryview, base: int, lo: int, hi: int) -> None:
+        """Write buffer positions [lo, hi) at file offset base + lo: the aligned middle directly,
+        an unaligned head or tail (or everything, without O_DIRECT) through the page cache."""
+        a = min(hi, -(-lo // DIRECT_ALIGN) * DIRECT_ALIGN)
+        b = max(a, hi - hi % DIRECT_ALIGN)
+        if not self._use_direct or a == b:
+            self._buffered(view, base, lo, hi)
+            return
+        if lo < a:
+            self._buffered(view, base, lo, a)
+        pos = a
+        try:
+            while pos < b:
+                w = os.pwrite(self._dfd, view[pos:b], base + pos)
+                if w <= 0:
+                    raise OSError(errno.EIO, "short write")
+                pos += w
+                if pos % DIRECT_ALIGN:
+                    break  # a short write off the alignment: the rest through the page cache
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._use_direct = False  # O_DIRECT refused after all: the page cache from now on
+        with self._count_lock:
+            self.direct_bytes += pos - a
+        self._buffered(view, base, pos, hi)
+
+    def _buffered(self, view: memoryview, base: int, lo: int, hi: int) -> None:
+        pos = lo
+        while pos < hi:
+            w = os.pwrite(self.fd, view[pos:hi], base + pos)
+            if w <= 0:
+                raise OSError(errno.EIO, "short write")
+            pos += w
+        with self._count_lock:
+            self.buffered_bytes += hi - lo
+            self._since_writeback += hi - lo
+            nudge = self._since_writeback >= WRITEBACK_STEP
+            if nudge:
+                self._since_writeback = 0
+        if nudge:  # the final fsync then waits for the tail only
+            start_writeback(self.fd)
 
 
 class WritebackNudger:
