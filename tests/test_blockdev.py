@@ -50,3 +50,28 @@ def test_mounts_and_mounted_rw_follow_the_mount_options(tmp_path):
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
     assert mounted_rw(str(fs)) == {}  # a regular file is never "mounted"
+
+
+def test_mountinfo_line_with_escaped_paths_and_optional_fields():
+    line = ("36 35 98:0 /my\\040root /mnt/a\\040b\\011c\\134d rw,noatime master:1 shared:7 - ext3 "
+            "/dev/my\\040disk rw,errors=continue\n")
+    e = blockdev.parse_mountinfo_line(line)
+    assert e == blockdev.MountInfoEntry("98:0", "/my root", "/mnt/a b\tc\\d", ("rw", "noatime"), "ext3",
+                                        "/dev/my disk")
+    assert e.dev == os.makedev(98, 0)
+    assert blockdev.parse_mountinfo_line("36 35 98:0 / /mnt rw\n") is None  # no " - " part
+    assert blockdev.unescape_mountinfo("\\134040") == "\\040"  # one pass: an escaped backslash stays
+
+
+def test_mountinfo_finds_a_mount_whose_path_needs_escaping(tmp_path):
+    """A real mount (tmpfs: no image's filesystem) at a path with a space, a tab and a backslash."""
+    mnt = tmp_path / "a b\tc\\d"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "imgkit test", str(mnt)], check=True)
+    try:
+        found = [e for e in blockdev.mountinfo() if e.mount_point == str(mnt)]
+        assert len(found) == 1 and found[0].fstype == "tmpfs" and found[0].source == "imgkit test"
+        assert blockdev.mounts()[found[0].dev] == str(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert not [e for e in blockdev.mountinfo() if e.mount_point == str(mnt)]

@@ -158,3 +158,24 @@ def test_output_writer_full_disk_raises_and_stops(tmp_path, direct):
         assert not any(t.name == "imgkit-writer" and t.is_alive() for t in __import__("threading").enumerate())
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_publish_file_keeps_a_name_that_appeared_unless_told_to_replace(tmp_path):
+    import pytest
+
+    from imgkit.platform.writeback import publish_file
+    final, tmp = tmp_path / "out.iso", tmp_path / "tmp.iso"
+    tmp.write_bytes(b"new")
+    publish_file(str(tmp), str(final))
+    assert final.read_bytes() == b"new" and not tmp.exists()
+    tmp.write_bytes(b"newer")
+    with pytest.raises(FileExistsError) as e:
+        publish_file(str(tmp), str(final))
+    assert e.value.filename == str(final)
+    assert final.read_bytes() == b"new" and tmp.read_bytes() == b"newer"  # nothing lost either way
+    publish_file(str(tmp), str(final), replace=True)
+    assert final.read_bytes() == b"newer" and not tmp.exists()
+    os.mkdir(tmp_path / "dir")
+    tmp.write_bytes(b"x")
+    with pytest.raises(FileExistsError):  # --force replaces a file, never a directory
+        publish_file(str(tmp), str(tmp_path / "dir"), replace=True)

@@ -32,14 +32,14 @@ def _tune_read_ahead(mountpoint: str) -> None:
     """Buffered reads come in read_ahead_kb pieces (up to max_pages): raise it from 128 KiB. Found via
     mountinfo, never by stat()ing the mount (that would wait for this very loop)."""
     import os
+
+    from imgkit.platform.blockdev import mountinfo
     target = os.path.abspath(mountpoint)  # realpath would lstat the mount: a request to ourselves
     dev = None
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4] == target and " - fuse.imgkit " in line:
-                    dev = fields[2]
+        for e in mountinfo():
+            if e.mount_point == target and e.fstype == "fuse.imgkit":
+                dev = e.device
         if dev:
             with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
                 f.write(str(BDI_READ_AHEAD_KB))

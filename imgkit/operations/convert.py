@@ -32,7 +32,7 @@ from ..remote.rbd_image import is_rbd
 from ..remote.s3 import is_s3
 from ..platform.qemu_tools import describe_failure, kill_group, limits_for_size, popen
 from ..stream import DATA, Stream
-from ..platform.writeback import OutputWriter, WritebackNudger, fsync_parent_dir, publish
+from ..platform.writeback import OutputWriter, WritebackNudger, publish_file
 
 PRESETS = ("azure",)
 MiB = 1 << 20
@@ -119,16 +119,10 @@ def _check_destination(source: str, dest: str, force: bool) -> None:
 
 
 def _finish_file(tmp: str, dest: str, force: bool) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        publish(tmp, dest, replace=force)  # a DEST that appeared meanwhile is never replaced
+        publish_file(tmp, dest, replace=force)  # a DEST that appeared meanwhile is never replaced
     except FileExistsError as e:
         raise InputError(f"{dest}: {e.strerror}", hint="use --force to replace it") from None
-    fsync_parent_dir(dest)
 
 
 class PaddedStream(Stream):

@@ -24,6 +24,7 @@ from .info import image_info
 from ..errors import EnvironmentProblem, ImgkitError, InputError, OperationFailed
 from ..remote.s3 import is_s3
 from ..views.vfs import ImageTree
+from ..platform.blockdev import mountinfo
 from ..platform.writeback import replace_small_file
 
 log = logging.getLogger("imgkit.operations.mount")
@@ -39,21 +40,14 @@ class MountEntry:
     device: str  # major:minor
 
 
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
 def find_mount(mountpoint: str) -> MountEntry | None:
     """The last (topmost) mount on this path in /proc/self/mountinfo."""
     target = os.path.abspath(mountpoint)
     names = (target, os.path.realpath(target))
     found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            a, b = left.split(), right.split()
-            if len(a) >= 5 and len(b) >= 2 and _unescape(a[4]) in names:
-                found = MountEntry(_unescape(a[4]), b[0], _unescape(b[1]), a[2])
+    for e in mountinfo():
+        if e.mount_point in names:
+            found = MountEntry(e.mount_point, e.fstype, e.source, e.device)
     return found
 
 
@@ -249,7 +243,7 @@ def _daemonize(tree, image: str, path: str, allow_other: bool, log_file: str | N
             code = 0
         except BaseException as e:
             message = str(e) if isinstance(e, ImgkitError) else f"{type(e).__name__}: {e}"
-            hint = getattr(e, "hint", None) or ""
+            hint = (e.hint if isinstance(e, ImgkitError) else None) or ""
             try:
                 os.write(w, f"ERR\t{type(e).__name__}\t{message}\t{hint}\n".encode())
             except OSError:

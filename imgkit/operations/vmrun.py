@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import EnvironmentProblem, InputError, OperationFailed
 from ..platform.qemu_tools import Limits, find_program, kill_group, popen
 from ..platform.qemu_tools import run as run_qemu
+from ..platform.writeback import publish_file
 
 DEFAULT_MEMORY = 1 << 30
 MAX_CPUS = 64
@@ -110,7 +111,11 @@ def prepare_overlay(path: str, identity: str, size: int, force: bool, cluster: i
     if cluster:
         cmd += ["-o", f"cluster_size={cluster}"]
     run_qemu(cmd + [tmp, str(size)], what="qemu-img create (the overlay)")
-    os.replace(tmp, path)
+    try:
+        publish_file(tmp, path, replace=force)  # an overlay that appeared meanwhile is not replaced
+    except FileExistsError as e:
+        os.unlink(tmp)
+        raise InputError(f"{path}: {e.strerror}", hint=None if force else "use --force to start a new overlay") from None
     return True
 
 
@@ -196,7 +201,10 @@ class _Mirror:
                              f"({j['offset'] >> 20} of {j['len'] >> 20} MiB)", progress=True)
 
     def _finish(self) -> None:
-        os.replace(self.tmp, self.dest)  # QEMU keeps writing to the same inode
+        # Not writeback.publish: the guest already runs on this inode (QEMU keeps writing to it), so
+        # the rename must not fail now over a name that appeared meanwhile (--force was checked at
+        # the start); a refusal would leave the live disk under its temporary name.
+        os.replace(self.tmp, self.dest)
         self.done = True
         self.seconds = round(time.monotonic() - self.started, 3)
         # The old chain is no longer in use: drop it from QEMU's graph (the NBD export stops after).

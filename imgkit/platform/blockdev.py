@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import struct
+from dataclasses import dataclass
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -188,21 +190,64 @@ def holders(dev: int) -> list[str]:
         return []
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class MountInfoEntry:
+    """One line of /proc/PID/mountinfo (proc(5)), its paths unescaped."""
+    device: str                # field 3, "major:minor" (a FUSE mount's is its bdi name too)
+    root: str                  # field 4: the mounted filesystem's directory shown here
+    mount_point: str           # field 5
+    options: tuple[str, ...]   # field 6: the per-mount options ("rw", "ro", "nosuid", ...)
+    fstype: str                # after the " - " separator ("ext4", "fuse.imgkit")
+    source: str                # the device or name the filesystem was mounted from
+
+    @property
+    def dev(self) -> int | None:
+        """The device number, or None if field 3 does not parse."""
+        try:
+            major, minor = self.device.split(":")
+            return os.makedev(int(major), int(minor))
+        except ValueError:
+            return None
+
+
+def unescape_mountinfo(field: str) -> str:
+    """The kernel writes space, tab, newline and backslash inside a mountinfo path as octal escapes
+    (\\040, \\011, \\012, \\134): the path itself again."""
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo_line(line: str) -> MountInfoEntry | None:
+    """A mountinfo line as an entry; None for a line that does not have the fields proc(5) lists
+    (optional fields, zero or more, sit between field 6 and the " - " separator)."""
+    left, sep, right = line.partition(" - ")
+    a, b = left.split(), right.split()
+    if not sep or len(a) < 6 or len(b) < 2:
+        return None
+    return MountInfoEntry(a[2], unescape_mountinfo(a[3]), unescape_mountinfo(a[4]), tuple(a[5].split(",")),
+                          b[0], unescape_mountinfo(b[1]))
+
+
+def mountinfo(path: str = MOUNTINFO) -> list[MountInfoEntry]:
+    """The mount table, in the kernel's order (a later entry on the same mount point is on top).
+    Raises OSError when it cannot be read: each caller decides what unknown means for it."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return [e for e in map(parse_mountinfo_line, f) if e is not None]
+
+
 def mounts(rw_only: bool = False) -> dict[int, str]:
-    """Device number -> a mount point, from /proc/self/mountinfo (field 3 is major:minor, field 6 the
-    mount options); `rw_only` keeps the read-write mounts."""
+    """Device number -> a mount point, from mountinfo; `rw_only` keeps the read-write mounts."""
     out: dict[int, str] = {}
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 6 or (rw_only and "rw" not in fields[5].split(",")):
-                    continue
-                try:
-                    major, minor = fields[2].split(":")
-                    out.setdefault(os.makedev(int(major), int(minor)), fields[4])
-                except ValueError:
-                    continue
+        entries = mountinfo()
     except OSError:
-        pass
+        return out
+    for e in entries:
+        if rw_only and "rw" not in e.options:
+            continue
+        if e.dev is not None:
+            out.setdefault(e.dev, e.mount_point)
     return out

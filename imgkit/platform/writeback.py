@@ -322,3 +322,16 @@ def publish(tmp: str, final: str, *, replace: bool = False) -> None:
     except FileExistsError:
         raise FileExistsError(17, "appeared while imgkit was writing it; not replaced", final) from None
     os.unlink(tmp)
+
+
+def publish_file(tmp: str, final: str, *, replace: bool = False) -> None:
+    """A complete output file written under `tmp` becomes `final` durably: its data is synced, it is
+    renamed by publish() (so without `replace` a name that appeared meanwhile is kept, and
+    FileExistsError names it), and the directory entry is synced."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    publish(tmp, final, replace=replace)
+    fsync_parent_dir(final)

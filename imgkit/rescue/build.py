@@ -65,14 +65,9 @@ class Steps:
 
 
 def _mounts_under(path: str) -> list[str]:
+    from ..platform.blockdev import mountinfo
     path = os.path.realpath(path)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ")
-            if mp == path or mp.startswith(path + "/"):
-                found.append(mp)
-    return found
+    return [e.mount_point for e in mountinfo() if e.mount_point == path or e.mount_point.startswith(path + "/")]
 
 
 def remove_work_dir(path: str) -> None:
@@ -98,6 +93,8 @@ def _system(cache: str, epoch: int, say, refresh: bool) -> tuple[str, bool]:
             build_system(work, cache, epoch, say, refresh)
             if os.path.exists(final):
                 shutil.rmtree(final)
+            # A directory, renamed under the cache lock after the old one is gone: not
+            # writeback.publish (files only: its fallback is link()).
             os.replace(work, final)
         except BaseException:
             say("build failed: cleaning up")
@@ -234,7 +231,11 @@ def build_rescue_iso(out: str, cache_dir: str | None = None, *, force: bool = Fa
         if size > MAX_SIZE:
             raise OperationFailed(f"the ISO is {size >> 20} MiB, over the {MAX_SIZE >> 20} MiB limit")
         os.chmod(out_tmp, 0o644)
-        os.replace(out_tmp, out)
+        from ..platform.writeback import publish_file
+        try:
+            publish_file(out_tmp, out, replace=force)  # an OUT that appeared meanwhile is kept without --force
+        except FileExistsError as e:
+            raise InputError(f"{out}: {e.strerror}", hint="use --force to replace it") from None
     except BaseException:
         say("build failed: cleaning up")
         raise

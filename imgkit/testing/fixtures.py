@@ -157,7 +157,9 @@ def build_fixture(name: str, rebuild: bool = False) -> str:
                 f.write(key + "\n")
             if os.path.exists(final):
                 shutil.rmtree(final)
-            os.replace(work, final)  # the directory appears complete or not at all
+            # The directory appears complete or not at all; a directory, renamed under the fixture's
+            # lock after the old one is gone: not writeback.publish (files only: its fallback is link()).
+            os.replace(work, final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
