@@ -63,6 +63,10 @@ def test_the_table_covers_every_format_and_qemus_drivers():
         assert entry.name == name and callable(entry.open)
         if entry.via_qemu:
             assert name in foreign.QEMU_FORMATS and entry.qemu_driver == foreign.QEMU_DRIVER[name]
+    # What convert and boot-check read instead of format names: only imgk is read by imgkit alone,
+    # only an ISO boots as a CD-ROM whatever it holds.
+    assert [n for n, e in registry.FORMATS.items() if e.qemu_driver is None] == ["imgk"]
+    assert [n for n, e in registry.FORMATS.items() if e.optical] == ["iso"]
 
 
 def test_a_new_format_is_one_entry(images, monkeypatch):

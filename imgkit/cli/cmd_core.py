@@ -7,7 +7,7 @@ import sys
 import click
 
 from .. import api
-from ..errors import BadImage, ImgkitError, InputError, NewerFormat
+from ..errors import BadImage, CorruptChunk, ImgkitError, InputError, NewerFormat
 from ..formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
@@ -273,7 +273,7 @@ def verify(image, shallow, password_file, progress_mode, as_json):
     except BadImage as e:
         if isinstance(e, NewerFormat) or (not api.is_imgk(image) and os.path.exists(image)):
             raise  # not damage: a newer imgkit's image (exit 3 with its hint) or not an image at all
-        doc = {"ok": False, "error": str(e), "first_bad_offset": getattr(e, "offset", None)}
+        doc = {"ok": False, "error": str(e), "first_bad_offset": e.offset if isinstance(e, CorruptChunk) else None}
         emit_json(doc) if as_json else click.echo(f"DAMAGED: {e}", err=True)
         sys.exit(1)
     doc = {"ok": report.ok, "chunks": report.chunks, "data_chunks": report.data_chunks,

@@ -41,6 +41,7 @@ class ImageReader(Stream):
 
     thread_safe = True  # pread on fixed descriptors, one decompressor per thread
     format_name = "imgk"
+    parent: "ImageReader | None" = None  # an incremental image's parent, attached by imgk_chain.py
     INLINE_STORED = 96 << 10  # decompressing this much takes tens of microseconds: less than a thread hop
 
     def __init__(self, path: str, password: PasswordProvider | None = None):
@@ -357,7 +358,7 @@ class ImageReader(Stream):
                           for i, k in enumerate(self._kinds))
 
     def close(self) -> None:
-        if getattr(self, "parent", None) is not None:
+        if self.parent is not None:
             self.parent.close()
         for fd in self._fds:
             try:

@@ -166,6 +166,7 @@ class QemuImage(Stream):
     connection to qemu-storage-daemon, and the fast path is pread on the image file."""
 
     thread_safe = True
+    _finalizer = None  # set once the daemon runs; close() of a half-made instance stops what started
 
     def __init__(self, path: str, fmt: str, inspected: ForeignImage, limits: Limits | None = None):
         self.path, self.format_name, self.inspected = path, fmt, inspected
@@ -339,7 +340,7 @@ class QemuImage(Stream):
                 pass
         self._handles = []
         self._local = threading.local()
-        if getattr(self, "_finalizer", None) is not None:
+        if self._finalizer is not None:
             self._finalizer()
         else:
             _stop_daemon(self._proc, self._timer, self._dir)

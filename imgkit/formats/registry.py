@@ -51,6 +51,8 @@ class Format:
     qemu_driver: str | None = None
     # A foreign format qemu decodes for imgkit: inspected (and refused if hostile) before opening.
     via_qemu: bool = False
+    # An optical disc image (ISO 9660): booted as a CD-ROM whatever its contents say.
+    optical: bool = False
 
 
 def _open_imgk(path: str, req: OpenRequest) -> Stream:
@@ -79,7 +81,7 @@ def _open_qemu(fmt: str) -> Callable[[str, OpenRequest], Stream]:
 FORMATS: dict[str, Format] = {
     "imgk": Format("imgk", _open_imgk),
     "raw": Format("raw", _open_raw, qemu_driver="raw"),
-    "iso": Format("iso", _open_raw, qemu_driver="raw"),
+    "iso": Format("iso", _open_raw, qemu_driver="raw", optical=True),
     **{f: Format(f, _open_qemu(f), qemu_driver=foreign.QEMU_DRIVER[f], via_qemu=True)
        for f in foreign.QEMU_FORMATS},
 }

@@ -33,10 +33,7 @@ class ZeroOnDamage(Stream):
         self._lock = threading.Lock()
         self._damaged: dict[int, int] = {}  # chunk start -> length
 
-    def __getattr__(self, name):  # anything else the image has (header, volume_paths, ...)
-        return getattr(self.image, name)
-
-    # Declared by Stream with defaults, so __getattr__ would not reach the image's own.
+    # What else the image declares (stream.py): nothing reaches past this view to the image.
     image_id = property(lambda self: self.image.image_id)
     encrypted = property(lambda self: self.image.encrypted)
     used_maps = property(lambda self: self.image.used_maps)

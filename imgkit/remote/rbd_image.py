@@ -108,6 +108,8 @@ class Connection:
 class RbdSource(Stream):
     """An RBD image (at a snapshot) as a Stream; unallocated extents are ZERO runs."""
 
+    image = None  # the open librbd image; None before it opens and after close()
+
     def __init__(self, location: str):
         _, rbd = _modules()
         self.path = location
@@ -174,7 +176,7 @@ class RbdSource(Stream):
         self._own_snap = None
 
     def close(self) -> None:
-        image = getattr(self, "image", None)
+        image = self.image
         if image is not None:
             image.close()
             self.image = None

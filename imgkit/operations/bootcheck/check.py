@@ -23,7 +23,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     """Boot `image` (any format imgkit reads) and report. Raises InputError for unusable arguments
     or images, EnvironmentProblem when QEMU or OVMF is missing; a failed boot is a BootResult."""
     from ...formats import foreign
-    from ...formats.registry import open_image
+    from ...formats.registry import detect, lookup, open_image
     from ...remote.s3 import is_s3
     from ...views.caching_reader import CachingReader
 
@@ -37,7 +37,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
         foreign.refuse_json_name(image)
         if not os.path.exists(image):
             raise InputError(f"{image}: no such file or device")
-        fmt = fmt or (foreign.detect_format(image) if os.path.isfile(image) else "raw")
+        fmt = fmt or detect(image)
     accel_choice = choose_accel(accel)
 
     stream = open_image(image, password, fmt=fmt)  # inspects foreign headers, checks imgk structure
@@ -45,11 +45,12 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     try:
         with CachingReader(stream, PLAN_CACHE) as probe:
             plan = plan_boot(probe, fmt, firmware, stream.metadata)
-        if fmt in foreign.QEMU_FORMATS:
+        entry = lookup(fmt)  # open_image accepted it
+        if entry.via_qemu:
             # QEMU reads the very file that was inspected: the inspection's descriptor, duplicated
             # before the planning stream (which owns it) closes, never the path again.
             pinned_fd = os.dup(stream.inspected.fd)
-        if fmt != "imgk":
+        if entry.qemu_driver is not None:
             stream.close()  # qemu opens the file itself; the Stream was only for planning
             stream = None
         with tempfile.TemporaryDirectory(prefix="imgkit-boot-") as work:

@@ -34,7 +34,9 @@ def plan_boot(stream: Stream, fmt: str, firmware: str = "auto", metadata: dict |
     from ...formats.partitions import read_partition_table
 
     optical = (metadata or {}).get("optical") or optical_facts(stream)
-    media = "cdrom" if (fmt == "iso" or optical) else "disk"
+    from ...formats.registry import FORMATS
+    declared = FORMATS.get(fmt)
+    media = "cdrom" if ((declared is not None and declared.optical) or optical) else "disk"
     if firmware in ("bios", "uefi"):
         return BootPlan(fmt, media, firmware, "forced by --firmware", stream.size)
     if media == "cdrom":
