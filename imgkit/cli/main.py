@@ -41,7 +41,7 @@ def cli(ctx, debug, endpoint_url, ceph_conf):
 # Each module registers its commands on `cli`; a new command family is one new module and one entry
 # here. Only the module of the command being run is imported (convert, mount and boot-check pull in
 # the NBD server, FUSE and QEMU plumbing: ~40 ms a capture does not need); --help and unknown
-# commands import them all. tests/test_smoke.py checks that this map names every command.
+# commands import them all. tests/test_main.py checks that this map names every command.
 COMMAND_MODULES = {
     "cmd_core": ("capture", "restore", "info", "verify"),
     "cmd_volumes": ("passwd", "split", "join", "consolidate"),

@@ -1,3 +1,4 @@
+"""imgkit/cli/main.py: the command map loads lazily and names every command."""
 import subprocess
 import sys
 
