@@ -2,6 +2,8 @@
 what each declares is what qemu-img and convert really accept."""
 from __future__ import annotations
 
+import ast
+import pathlib
 import subprocess
 
 import click
@@ -85,3 +87,51 @@ def test_plan_reads_the_declarations():
 def test_names_reads_like_a_sentence():
     assert D.names(lambda d: d.qemu_name is not None and not d.optical) == "raw, qcow2, vhd, vhdx or vmdk"
     assert D.names(lambda d: d.name == "imgk") == "imgk"
+
+
+def _format_names_compared(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, name) of every comparison against a format-name literal (`fmt == "qcow2"`,
+    `to in ("raw", "iso")`): the switches the declarations replace."""
+    names = set(D.DESTINATIONS)
+
+    def literals(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [v for e in node.elts for v in literals(e)]
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for v in literals(node.left) + [v for c in node.comparators for v in literals(c)]:
+                if v in names:
+                    found.append((node.lineno, v))
+    return found
+
+
+def test_operations_and_cli_switch_on_no_format_name():
+    root = pathlib.Path(conversion.__file__).resolve().parents[1]
+    # An rbd: destination is a raw block image: "raw" there names what RBD holds, not a file format.
+    allowed = {("operations/convert.py", "raw")}
+    found = []
+    for folder in ("operations", "cli"):
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            found += [(rel, line, name) for line, name in _format_names_compared(ast.parse(path.read_text()))
+                      if (rel, name) not in allowed]
+    assert found == []
+    # the check sees a switch when there is one
+    assert _format_names_compared(ast.parse('if fmt in ("qcow2", "vhd"): pass')) == [(1, "qcow2"), (1, "vhd")]
+
+
+def test_presets_name_a_destination_and_its_subformat():
+    for p in D.PRESETS.values():
+        assert p.subformat in D.DESTINATIONS[p.to].subformats
+    assert conversion.PRESETS == tuple(D.PRESETS)
+    plan = conversion._plan("vhd", None, False, "azure")
+    assert (plan.subformat, plan.pad_to_mib) == ("fixed", True)
+    with pytest.raises(InputError, match="--preset azure makes a VHD, not qcow2") as e:
+        conversion._plan("qcow2", None, False, "azure")
+    assert e.value.hint == "name the destination .vhd or use --to vhd"
+    with pytest.raises(InputError, match="--preset azure needs a fixed VHD; drop --subformat"):
+        conversion._plan("vhd", "dynamic", False, "azure")

@@ -1,12 +1,11 @@
 """The convert command: imgk, raw, ISO, qcow2, VHD, VHDX and VMDK in any direction."""
 from __future__ import annotations
 
-import os
-
 import click
 
 from ..operations import convert as conversion
-from ..formats.foreign import FORMATS
+from ..formats.destinations import CAPTURE, DESTINATIONS
+from ..formats.foreign import FORMATS, format_from_extension
 from ..formats.imgk_writer import LEVEL_DEFAULT, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
@@ -54,7 +53,7 @@ def convert(source, dest, source_format, dest_format, compress, level, subformat
     """
     if encrypt and decrypt:
         raise click.UsageError("--encrypt and --decrypt exclude each other")
-    if sector_by_sector and (dest_format or os.path.splitext(dest)[1].lstrip(".").lower()) != "imgk":
+    if sector_by_sector and not _captured(dest_format or format_from_extension(dest)):
         raise click.UsageError("--sector-by-sector applies to an imgk DEST only (other formats keep every byte)")
     fresh = new_password(new_password_file, "IMGKIT_NEW_PASSWORD", "--new-password-file") if encrypt else None
     result = conversion.convert(source, dest, source_format=source_format, to=dest_format, compress=compress,
@@ -69,3 +68,8 @@ def convert(source, dest, source_format, dest_format, compress, level, subformat
         click.echo(f"converted {result.source_format} {format_size(result.virtual_size)} into "
                    f"{result.format}{sub}, {format_size(result.allocated_size)} on disk, in "
                    f"{result.seconds:.1f} s: {result.destination}")
+
+
+def _captured(fmt: str | None) -> bool:
+    """Whether convert captures into this destination (imgk), storing only the used blocks."""
+    return fmt in DESTINATIONS and DESTINATIONS[fmt].route == CAPTURE

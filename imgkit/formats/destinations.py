@@ -8,6 +8,7 @@ declares, in one entry of DESTINATIONS, everything convert needs to route a conv
 - its subformats and the default, the fixed `-o` options qemu-img gets, and whether --compress
   applies (the options and arguments it adds);
 - whether it only holds an optical disc (ISO), and whether it keeps an image encrypted (imgk).
+PRESETS names the destination setups a platform requires (Azure: a fixed VHD of whole MiB).
 convert (imgkit/operations/convert.py) reads these declarations and switches on no format name, so
 a new output format is one entry here (plus its writer module if imgkit writes it itself).
 """
@@ -95,6 +96,21 @@ DESTINATIONS: dict[str, Destination] = {d.name: d for d in (
     Destination("vmdk", QEMU_IMG, qemu_name="vmdk", subformats=("monolithicSparse", "streamOptimized"),
                 default_subformat="monolithicSparse",
                 no_compress_hint="streamOptimized VMDK is always compressed"),
+)}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named destination setup a platform requires (convert --preset)."""
+    name: str
+    to: str                  # the only destination format it makes
+    subformat: str
+    pad_to_mib: bool = False  # the virtual disk rounded up to a whole MiB (zeros added)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    # Azure takes a fixed VHD whose virtual size is a whole number of MiB.
+    Preset("azure", "vhd", "fixed", pad_to_mib=True),
 )}
 
 

@@ -25,6 +25,7 @@ from ..filesystems.disk_info import optical_facts
 from ..errors import CorruptChunk, InputError, Interrupted, OperationFailed
 from ..formats import foreign
 from ..formats.destinations import CAPTURE, COPY, QEMU_IMG, DESTINATIONS, Destination, destination, names
+from ..formats.destinations import PRESETS as PRESET_PLANS
 from ..formats.imgk_writer import LEVEL_DEFAULT
 from ..views.nbd_export import export_stream
 from ..progress import NullProgress, Progress
@@ -34,7 +35,7 @@ from ..platform.qemu_tools import describe_failure, kill_group, limits_for_size,
 from ..stream import DATA, Stream
 from ..platform.writeback import OutputWriter, WritebackNudger, publish_file
 
-PRESETS = ("azure",)
+PRESETS = tuple(PRESET_PLANS)
 MiB = 1 << 20
 COPY_PIECE = 4 * MiB
 _PROGRESS_RE = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
@@ -63,7 +64,7 @@ class _Plan:
     dest: Destination
     subformat: str | None
     compress: bool
-    pad_to_mib: bool = False  # Azure: the virtual disk rounded up to a whole MiB (zeros added)
+    pad_to_mib: bool = False  # the virtual disk rounded up to a whole MiB (zeros added): --preset azure
     size: int | None = None   # the padded size, once the source size is known
 
 
@@ -79,14 +80,16 @@ def destination_format(dest: str, to: str | None) -> str:
 
 def _plan(to: str, subformat: str | None, compress: bool, preset: str | None) -> _Plan:
     dest = destination(to)  # an unknown format is refused first
-    if preset == "azure":
-        if to != "vhd":
-            raise InputError(f"--preset azure makes a VHD, not {to}", hint="name the destination .vhd or use --to vhd")
-        if subformat not in (None, "fixed"):
-            raise InputError("--preset azure needs a fixed VHD; drop --subformat")
-        subformat = "fixed"
+    p = PRESET_PLANS.get(preset) if preset is not None else None
+    if p is not None:
+        if to != p.to:
+            raise InputError(f"--preset {p.name} makes a {p.to.upper()}, not {to}",
+                             hint=f"name the destination .{p.to} or use --to {p.to}")
+        if subformat not in (None, p.subformat):
+            raise InputError(f"--preset {p.name} needs a {p.subformat} {p.to.upper()}; drop --subformat")
+        subformat = p.subformat
     elif preset is not None:
-        raise InputError(f"unknown preset {preset!r}", hint="presets: azure")
+        raise InputError(f"unknown preset {preset!r}", hint="presets: " + ", ".join(PRESET_PLANS))
     if subformat is not None and subformat not in dest.subformats:
         allowed = dest.subformats
         raise InputError(f"--subformat {subformat} does not apply to {to}",
@@ -94,7 +97,7 @@ def _plan(to: str, subformat: str | None, compress: bool, preset: str | None) ->
     if compress and dest.compression is None:
         compressible = ", ".join(f"{d.name} ({d.compression})" for d in DESTINATIONS.values() if d.compression)
         raise InputError(f"--compress applies to {compressible}, not {to}", hint=dest.no_compress_hint)
-    return _Plan(to, dest, subformat or dest.default_subformat, compress, pad_to_mib=preset == "azure")
+    return _Plan(to, dest, subformat or dest.default_subformat, compress, pad_to_mib=p is not None and p.pad_to_mib)
 
 
 def _tmp_name(dest: str) -> str:

@@ -131,8 +131,8 @@ def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageT
 
 
 def _opens_in_process(image: str) -> bool:
-    from ..formats import foreign
-    return not os.path.isfile(image) or foreign.detect_format(image) in ("imgk", "raw", "iso")
+    from ..formats.registry import detect, lookup
+    return not lookup(detect(image)).via_qemu  # a device is raw
 
 
 def _setup_logging(log_file: str | None, foreground: bool, debug: bool) -> None:
