@@ -146,23 +146,53 @@ def test_damaged_object_named_by_chunk(disk, bucket, tmp_path):
 
 
 def test_reads_only_the_chunks_needed(disk, bucket):
-    """Opening reads header, trailer, directory and sections; a read then GETs only its chunk, and a
-    whole-image read GETs each stored chunk once, in whole-chunk ranges."""
+    """Opening reads header, trailer, directory and sections in two GETs (one block at each end of
+    the object); a read then GETs only its chunk, and a whole-image read GETs each stored chunk
+    once, in whole-chunk ranges of at least MIN_GET bytes (a chunk inside an earlier block: none)."""
     url = f"s3://{bucket}/ranged.imgk"
     imgkit.capture(str(disk), url, sector_by_sector=True)
     with ImageReader(url) as img:
         src = img._fds[0]
-        opened = src.requests
-        assert opened <= 6 and src.bytes_read < 64 << 10
+        opened, opened_bytes = src.requests, src.bytes_read
+        assert opened == 2 and opened_bytes == 2 * s3.MIN_GET
         data = img.read(33 * MiB + 5, 100)
         assert data == disk.read_bytes()[33 * MiB + 5:33 * MiB + 105]
         assert src.requests == opened + 1
-        assert src.bytes_read - opened < img.chunk_size  # one stored chunk (compressed)
-        data_chunks = sum(1 for e in img.index if e.kind == L.KIND_DATA)
-        before = src.requests
+        assert src.bytes_read - opened_bytes < img.chunk_size  # one stored chunk (compressed)
+        data = [e for e in img.index if e.kind == L.KIND_DATA]
+        before, before_bytes = src.requests, src.bytes_read
         whole = b"".join(img.read(off, img.chunk_size) for off in range(0, img.size, img.chunk_size))
         assert whole == disk.read_bytes()
-        assert src.requests - before == data_chunks  # zero chunks cost no request
+        assert 0 < src.requests - before <= len(data)  # zero chunks cost no request
+        assert src.bytes_read - before_bytes <= sum(max(e.stored_length, s3.MIN_GET) for e in data)
+
+
+def test_sequential_pass_fetches_each_byte_once_in_windows(disk, bucket, monkeypatch):
+    """After read_sequentially (restore, verify, convert) the object is fetched in windows ahead of
+    the reads: one GET a window, no byte twice, and a window read through is dropped at once, so
+    memory stays bounded. A reader that did not ask (a mount) still GETs only its chunks (above)."""
+    monkeypatch.setattr(s3, "WINDOW", 1 * MiB)  # many windows from a small image
+    monkeypatch.setattr(s3, "AHEAD", 2)
+    monkeypatch.setattr(s3, "MAX_WINDOWS", 4)
+    url = f"s3://{bucket}/windows.imgk"
+    imgkit.capture(str(disk), url, sector_by_sector=True)
+    with ImageReader(url) as img:
+        src = img._fds[0]
+        opened, opened_bytes = src.requests, src.bytes_read
+        img.read_sequentially()
+        held = []
+        parts = []
+        for off in range(0, img.size, img.chunk_size):
+            parts.append(img.read(off, img.chunk_size))
+            held.append(sum(isinstance(d, bytes) for d in src._windows.values()))
+        assert b"".join(parts) == disk.read_bytes()
+        windows = -(-src.size // s3.WINDOW)
+        assert windows >= 6 and src.windows_fetched == src.requests - opened
+        assert src.requests - opened <= windows and src.bytes_read - opened_bytes <= src.size
+        assert max(held) <= s3.MAX_WINDOWS and src.peak_windows <= s3.MAX_WINDOWS
+        # Read through and dropped: what is left are the first window (its header was read at
+        # open, not in the pass) and the last (the directory).
+        assert len(src._windows) <= 2
 
 
 def test_missing_object_and_bad_url_are_one_line_errors(ceph, bucket):

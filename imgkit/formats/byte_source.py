@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from ..errors import BadImage, InputError
+from ..parallel import default_workers
 from ..remote import s3
 from .sources import open_for_reading
 
@@ -41,9 +42,11 @@ class LocalFile:
 
 
 # How many chunk reads a consumer should keep in flight: a local file is read ahead by the kernel
-# (the CPU-bound decoders set the pace), an object store answers each GET after a round trip.
+# (the CPU-bound decoders set the pace); an object in S3 is fetched ahead in large windows by its
+# byte source (s3.S3Object.read_sequentially), so its readers only decode, one more than the cores so
+# that the cores stay busy while one waits for a window.
 LOCAL_READ_WORKERS = None  # the default: one worker a core
-REMOTE_READ_WORKERS = s3.READ_WORKERS
+REMOTE_READ_WORKERS = default_workers() + 1
 
 
 def open_source(location: str):

@@ -261,6 +261,8 @@ class ImageReader(Stream):
         S3 is then fetched in large windows instead of one GET a chunk."""
         for src in self._fds:
             src.read_sequentially()
+        if self.parent is not None:  # the chunks a child does not store are read from its parent, in order too
+            self.parent.read_sequentially()
 
     def will_need(self, offset: int, length: int) -> None:
         """Ask the byte sources to start reading the stored bytes of the chunks under

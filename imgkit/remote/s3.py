@@ -1,19 +1,21 @@
-"""Images in S3 object storage (Ceph's radosgw or any S3-compatible service), through boto3.
+"""Images in S3 object storage (Ceph's radosgw or any S3-compatible service), through botocore
+(boto3's core: the same client, without boto3's and s3transfer's import time).
 
 A location is `s3://bucket/key`; a split image's volume n > 1 is the object `key.NNN`, as on disk.
-The endpoint and credentials come from boto3's usual places (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
+The endpoint and credentials come from the SDK's usual places (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/config and credentials); the CLI's
 --endpoint-url sets AWS_ENDPOINT_URL_S3 for the process.
 
-Reading (S3Object): ranged GETs of exactly the bytes asked for (a whole stored chunk), each with
+Reading (S3Object): ranged GETs of whole stored chunks (at least MIN_GET bytes), or, for a pass in
+order (restore, verify, convert), of large windows fetched ahead of the reads; each GET carries
 If-Match on the ETag seen at open, so an object replaced while it is read fails instead of mixing two
 images. Writing (MultipartSink): a multipart upload with parts uploaded in parallel from a bounded
 queue, each with its Content-MD5 (the service checks it) and its returned ETag checked again; the
 object exists only after CompleteMultipartUpload, and any failure or Ctrl-C aborts the upload.
 
-Why boto3 and not the Debian package: its transfer defaults are the peer the benchmark compares with,
-and the version from PyPI has request_checksum_calculation, which must be "when_required" for radosgw
-16 (Pacific), which rejects the CRC trailers newer boto3 sends by default.
+Why PyPI's botocore and not the Debian package: boto3's transfer defaults are the peer the benchmark
+compares with, and the version from PyPI has request_checksum_calculation, which must be
+"when_required" for radosgw 16 (Pacific), which rejects the CRC trailers newer SDKs send by default.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import hashlib
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import BadImage, EnvironmentProblem, InputError, Interrupted
@@ -32,10 +35,14 @@ MIN_PART = 5 * MiB           # S3's minimum size of every part but the last
 PART_SIZE = 8 * MiB          # 1 GiB -> 128 parts; 10,000 parts -> 78 GiB per object (see part_size_for)
 MAX_PARTS = 10_000
 UPLOAD_WORKERS = 8           # parts in flight; memory bound = (workers + 2) * part size
-READ_WORKERS = 8             # ranged GETs in flight for restore/verify/convert
-WINDOW = 4 * MiB             # sequential readers: one GET per window of consecutive stored chunks,
-AHEAD = 6                    # and this many windows fetched ahead of the one asked for:
-MAX_WINDOWS = 16             # at most 64 MiB held
+WINDOW = 8 * MiB             # sequential readers: one GET per window of consecutive stored chunks,
+AHEAD = 4                    # this many windows fetched ahead of the furthest read,
+MAX_WINDOWS = AHEAD + 4      # and at most this many held (64 MiB)
+# A GET is never smaller than this: radosgw (beast) sends a response of less than 64 KiB so that the
+# client's delayed ACK holds it ~44 ms (measured on loopback: 1-32 KiB GETs 44-50 ms, 64 KiB 3-5 ms).
+# A shorter read is served from such a block; the last SMALL_BLOCKS are kept (256 KiB).
+MIN_GET = 64 << 10
+SMALL_BLOCKS = 4
 RETRIES = 8                  # botocore's standard mode: exponential backoff with jitter
 
 
@@ -71,19 +78,21 @@ def client():
     with _client_lock:
         if _client is None:
             try:
-                import boto3
+                import botocore.session
                 from botocore.config import Config
             except ImportError:
-                raise EnvironmentProblem("boto3 is not installed", hint="run ./scripts/setup.sh") from None
+                raise EnvironmentProblem("botocore is not installed", hint="run ./scripts/setup.sh") from None
             config = Config(
                 s3={"addressing_style": "path"},  # radosgw and most S3-compatible services; no DNS per bucket
                 retries={"max_attempts": RETRIES, "mode": "standard"},
-                max_pool_connections=max(UPLOAD_WORKERS, READ_WORKERS) * 2,
+                max_pool_connections=max(UPLOAD_WORKERS, AHEAD) * 2,
                 connect_timeout=10, read_timeout=120,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             )
-            _client = boto3.session.Session().client("s3", config=config)
+            # botocore's own session, not boto3's: the same client, without importing boto3 and its
+            # s3transfer (measured: 0.2 s of a 0.5 s restore's start).
+            _client = botocore.session.Session().create_client("s3", config=config)
         return _client
 
 
@@ -152,7 +161,13 @@ def delete(url: str) -> None:
 
 
 class S3Object:
-    """A byte source over one object: pread by ranged GET (thread-safe)."""
+    """A byte source over one object: pread by ranged GET (thread-safe).
+
+    Two ways to read. By default every pread is one GET of the bytes asked (at least MIN_GET): a
+    mount reads only the chunks it needs. After read_sequentially() (restore, verify, convert: a
+    pass over the image in order), the object is fetched in WINDOW-sized GETs, AHEAD of them in
+    flight ahead of the furthest read, and preads are served from them; a window is dropped once
+    every byte of it was read (a pass reads each byte once), and at most MAX_WINDOWS are held."""
 
     def __init__(self, url: str):
         self.url = url
@@ -168,81 +183,139 @@ class S3Object:
         self.bytes_read = 0
         self._count_lock = threading.Lock()
         self._sequential = False
-        self._windows: dict[int, object] = {}  # window number -> bytes, or an Event while it is fetched
         self._win_lock = threading.Lock()
+        self._windows: dict[int, object] = {}  # window number -> bytes, or an Event while it is fetched
+        self._served: dict[int, int] = {}  # window number -> bytes of it handed out so far
+        self._done: set[int] = set()  # windows read through in this pass: not fetched ahead again
         self._ahead = None  # ThreadPoolExecutor for read-ahead, made by read_sequentially()
-        self._next_ahead = 0
+        self._small_blocks: deque[tuple[int, bytes]] = deque(maxlen=SMALL_BLOCKS)
+        self._small_lock = threading.Lock()
+        self.windows_fetched = 0
+        self.peak_windows = 0
 
     def read_sequentially(self) -> None:
-        """The consumer will read (nearly) the whole object in order (restore, verify, convert): fetch
-        aligned WINDOW-sized ranges, each once, and serve the chunks inside them from memory. Without
-        this, every pread is its own GET of exactly the bytes asked (a mount reads only what it needs).
-        Measured on bench input B (191 MiB object, 257 chunks), restore_stream, median of 4 alternating
-        runs on a loaded machine: 4.7 s with one GET a chunk, 3.1 s with these windows (2 MiB windows 12
-        ahead: 2.7 s, 8 MiB 8 ahead: 3.2 s, within the noise)."""
-        self._sequential = True
-        if self._ahead is None:
-            self._ahead = ThreadPoolExecutor(max_workers=AHEAD, thread_name_prefix="imgkit-s3-ahead")
+        """The consumer will read (nearly) all of the object once, in order (restore, verify,
+        convert): fetch it in large windows ahead of the reads. A new pass (a verify after a
+        restore) may fetch again what the last one read through."""
+        with self._win_lock:
+            self._sequential = True
+            self._done.clear()
+            if self._ahead is None:
+                self._ahead = ThreadPoolExecutor(max_workers=AHEAD, thread_name_prefix="imgkit-s3-ahead")
 
     def pread(self, length: int, offset: int) -> bytes:
         if length <= 0 or offset >= self.size:
             return b""
-        if not self._sequential:
-            return self._get(offset, min(self.size, offset + length) - 1)
         end = min(self.size, offset + length)
+        if not self._sequential:
+            if end - offset < MIN_GET:
+                return self._small_read(offset, end)
+            return self._get(offset, end - 1)
+        first, last = offset // WINDOW, (end - 1) // WINDOW
+        self._fetch_ahead(last)
         parts = []
-        last = (end - 1) // WINDOW
-        with self._win_lock:  # each window is scheduled once, in order, at most AHEAD past the reads
-            todo = range(max(self._next_ahead, last + 1), min(last + 1 + AHEAD, -(-self.size // WINDOW)))
-            self._next_ahead = max(self._next_ahead, todo.stop)
-        for w in todo:
-            self._ahead.submit(self._prefetch, w)
-        for w in range(offset // WINDOW, last + 1):
+        for w in range(first, last + 1):
             data = self._window(w)
             base = w * WINDOW
-            parts.append(data[max(offset, base) - base:min(end, base + WINDOW) - base])
+            lo, hi = max(offset, base) - base, min(end, base + len(data)) - base
+            parts.append(data[lo:hi])
+            self._served_bytes(w, hi - lo, len(data))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _prefetch(self, w: int) -> None:
-        try:
-            self._window(w)
-        except Exception:
-            pass  # the read that needs the window fetches it again and reports the error
+    def _small_read(self, offset: int, end: int) -> bytes:
+        """[offset, end), shorter than MIN_GET, from a MIN_GET block: one already fetched if it holds
+        the range (opening reads header, trailer, directory and sections: 2 GETs instead of 7), else
+        a new one, extended backwards at the object's end (the trailer is read first, then what
+        precedes it)."""
+        with self._small_lock:
+            for start, data in self._small_blocks:
+                if start <= offset and end <= start + len(data):
+                    return data[offset - start:end - start]
+        bend = min(self.size, offset + MIN_GET)
+        bstart = max(0, bend - MIN_GET)
+        data = self._get(bstart, bend - 1)
+        with self._small_lock:
+            self._small_blocks.append((bstart, data))
+        return data[offset - bstart:end - bstart]
 
-    def _window(self, w: int) -> bytes:
-        """Window w, fetched once even when several threads ask at the same time (single-flight)."""
+    def _fetch_ahead(self, last: int) -> None:
+        """Start fetching the AHEAD windows after window `last` that are neither held, nor being
+        fetched, nor already read through."""
+        count = -(-self.size // WINDOW)
         with self._win_lock:
-            got = self._windows.get(w)
-            if got is None:
-                got = self._windows[w] = threading.Event()
-                mine = True
-            else:
-                mine = False
-        if not mine:
-            if isinstance(got, threading.Event):
-                got.wait()
-                with self._win_lock:
-                    data = self._windows.get(w)
-                if isinstance(data, bytes):
-                    return data
-                return self._get(w * WINDOW, min(self.size, (w + 1) * WINDOW) - 1)  # fetch failed or evicted
-            return got
+            pool = self._ahead
+            todo = [w for w in range(last + 1, min(last + 1 + AHEAD, count))
+                    if w not in self._windows and w not in self._done]
+            for w in todo:
+                self._windows[w] = threading.Event()
+        for w in todo:
+            try:
+                pool.submit(self._fill, w)
+            except (RuntimeError, AttributeError):  # closed meanwhile
+                self._fill_failed(w)
+
+    def _fill(self, w: int) -> bytes:
+        """Fetch window w, whose Event the caller placed, and wake its waiters. On an error the
+        waiters fetch for themselves (and report it)."""
         try:
             data = self._get(w * WINDOW, min(self.size, (w + 1) * WINDOW) - 1)
         except BaseException:
-            with self._win_lock:
-                self._windows.pop(w, None)
-            got.set()
+            self._fill_failed(w)
             raise
         with self._win_lock:
+            event = self._windows.get(w)
             self._windows[w] = data
-            while len(self._windows) > MAX_WINDOWS:  # oldest first: sequential readers never go back
-                old = next(iter(self._windows))
-                if isinstance(self._windows[old], threading.Event):
-                    break
-                del self._windows[old]
-        got.set()
+            self.windows_fetched += 1
+            self._evict()
+        if isinstance(event, threading.Event):
+            event.set()
         return data
+
+    def _fill_failed(self, w: int) -> None:
+        with self._win_lock:
+            event = self._windows.pop(w, None)
+        if isinstance(event, threading.Event):
+            event.set()
+
+    def _evict(self) -> None:
+        """Past MAX_WINDOWS (a pass that reads only part of each window, such as a restore of one
+        partition, never reads a window through), drop the oldest windows held."""
+        held = sorted(w for w, d in self._windows.items() if not isinstance(d, threading.Event))
+        for w in held[:max(0, len(self._windows) - MAX_WINDOWS)]:
+            del self._windows[w]
+            self._served.pop(w, None)
+        self.peak_windows = max(self.peak_windows, sum(1 for d in self._windows.values() if isinstance(d, bytes)))
+
+    def _window(self, w: int) -> bytes:
+        """Window w: held, or being fetched (waited for), or fetched now by this reader while the
+        others asking for it wait (the first window: every decoder starts there at once)."""
+        with self._win_lock:
+            got = self._windows.get(w)
+            if got is None:
+                self._windows[w] = threading.Event()
+        if got is None:
+            try:
+                return self._fill(w)
+            except Exception:
+                pass  # fetched once more below, where the error is reported
+        elif isinstance(got, threading.Event):
+            got.wait()
+            with self._win_lock:
+                got = self._windows.get(w)
+        if isinstance(got, bytes):
+            return got
+        # Dropped meanwhile, or its fetch failed: fetch it for this read alone.
+        return self._get(w * WINDOW, min(self.size, (w + 1) * WINDOW) - 1)
+
+    def _served_bytes(self, w: int, n: int, window_length: int) -> None:
+        with self._win_lock:
+            served = self._served.get(w, 0) + n
+            if served >= window_length:  # read through: nobody in this pass needs it again
+                self._windows.pop(w, None)
+                self._served.pop(w, None)
+                self._done.add(w)
+            else:
+                self._served[w] = served
 
     def _get(self, offset: int, end: int) -> bytes:
         try:
@@ -257,13 +330,19 @@ class S3Object:
         return data
 
     def will_need(self, offset: int, length: int) -> None:
-        pass  # readers fetch in parallel by themselves (read_workers)
+        pass  # sequential passes fetch windows ahead (read_sequentially); a mount reads what it needs
 
     def close(self) -> None:
-        if self._ahead is not None:
-            self._ahead.shutdown(wait=True, cancel_futures=True)
-            self._ahead = None
-        self._windows.clear()
+        with self._win_lock:
+            pool, self._ahead = self._ahead, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._win_lock:
+            events = [d for d in self._windows.values() if isinstance(d, threading.Event)]
+            self._windows.clear()
+            self._served.clear()
+        for e in events:  # a cancelled fetch: its waiters fetch for themselves
+            e.set()
 
 
 class MultipartSink:
