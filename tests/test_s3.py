@@ -57,7 +57,7 @@ def test_capture_to_s3_and_restore_byte_identical(disk, bucket, tmp_path, split)
     run_imgkit("verify", url, check=True)
     out = tmp_path / "restored.raw"
     out.write_bytes(b"an older file, replaced")
-    run_imgkit("restore", url, out, "--yes", check=True)
+    run_imgkit("restore", url, out, "--yes", "--verify", check=True)  # --verify: a second pass in order
     assert out.read_bytes() == disk.read_bytes()
 
 
@@ -193,6 +193,11 @@ def test_sequential_pass_fetches_each_byte_once_in_windows(disk, bucket, monkeyp
         # Read through and dropped: what is left are the first window (its header was read at
         # open, not in the pass) and the last (the directory).
         assert len(src._windows) <= 2
+        # A second pass (restore --verify) fetches ahead again, each window once more at most.
+        before = src.requests
+        img.read_sequentially()
+        again = b"".join(img.read(off, img.chunk_size) for off in range(0, img.size, img.chunk_size))
+        assert again == disk.read_bytes() and 0 < src.requests - before <= windows
 
 
 def test_missing_object_and_bad_url_are_one_line_errors(ceph, bucket):

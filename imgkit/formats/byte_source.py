@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from ..errors import BadImage, InputError
-from ..parallel import default_workers
+from ..platform.parallel import default_workers
 from ..remote import s3
 from .sources import open_for_reading
 

@@ -252,6 +252,7 @@ def _verify_target(image: Stream, target: str, progress: Progress) -> None:
     """Read the target back and compare it with the image, chunk by chunk (the image's own read has
     checked each chunk's hash already: a byte comparison is all that is left to do)."""
     reader = _reader(image)
+    image.read_sequentially()  # a second pass in order (an image in S3 is fetched ahead again)
     fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     try:
         def check(p):

@@ -194,6 +194,8 @@ class S3Object:
         self._windows: dict[int, object] = {}  # window number -> bytes, or an Event while it is fetched
         self._served: dict[int, int] = {}  # window number -> bytes of it handed out so far
         self._done: set[int] = set()  # windows read through in this pass: not fetched ahead again
+        self._last_use: dict[int, int] = {}  # window number -> tick of its last fill or read
+        self._tick = 0
         self._ahead = None  # ThreadPoolExecutor for read-ahead, made by read_sequentially()
         self._small_blocks: deque[tuple[int, bytes]] = deque(maxlen=SMALL_BLOCKS)
         self._small_lock = threading.Lock()
@@ -273,6 +275,7 @@ class S3Object:
             event = self._windows.get(w)
             self._windows[w] = data
             self.windows_fetched += 1
+            self._used(w)
             self._evict()
         if isinstance(event, threading.Event):
             event.set()
@@ -286,11 +289,14 @@ class S3Object:
 
     def _evict(self) -> None:
         """Past MAX_WINDOWS (a pass that reads only part of each window, such as a restore of one
-        partition, never reads a window through), drop the oldest windows held."""
-        held = sorted(w for w, d in self._windows.items() if not isinstance(d, threading.Event))
-        for w in held[:max(0, len(self._windows) - MAX_WINDOWS)]:
+        partition, never reads a window through), drop the windows held that were used least
+        recently (not the lowest: the window a pass reads now is lower than those fetched ahead, and
+        a window left over from an earlier pass is lower or higher)."""
+        held = sorted((self._last_use.get(w, 0), w) for w, d in self._windows.items() if isinstance(d, bytes))
+        for _, w in held[:max(0, len(self._windows) - MAX_WINDOWS)]:  # least recently used first
             del self._windows[w]
             self._served.pop(w, None)
+            self._last_use.pop(w, None)
         self.peak_windows = max(self.peak_windows, sum(1 for d in self._windows.values() if isinstance(d, bytes)))
 
     def _window(self, w: int) -> bytes:
@@ -314,15 +320,21 @@ class S3Object:
         # Dropped meanwhile, or its fetch failed: fetch it for this read alone.
         return self._get(w * WINDOW, min(self.size, (w + 1) * WINDOW) - 1)
 
+    def _used(self, w: int) -> None:
+        self._tick += 1
+        self._last_use[w] = self._tick
+
     def _served_bytes(self, w: int, n: int, window_length: int) -> None:
         with self._win_lock:
             served = self._served.get(w, 0) + n
             if served >= window_length:  # read through: nobody in this pass needs it again
                 self._windows.pop(w, None)
                 self._served.pop(w, None)
+                self._last_use.pop(w, None)
                 self._done.add(w)
             else:
                 self._served[w] = served
+                self._used(w)
 
     def _get(self, offset: int, end: int) -> bytes:
         try:
@@ -348,6 +360,7 @@ class S3Object:
             events = [d for d in self._windows.values() if isinstance(d, threading.Event)]
             self._windows.clear()
             self._served.clear()
+            self._last_use.clear()
         for e in events:  # a cancelled fetch: its waiters fetch for themselves
             e.set()
 
