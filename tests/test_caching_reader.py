@@ -151,26 +151,77 @@ def test_a_stream_that_is_not_thread_safe_is_read_serially():
     assert safe.overlapped
 
 
+def _wait_cached(disk, units, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not all(disk.cache.cached(i) for i in units) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return all(disk.cache.cached(i) for i in units)
+
+
 def test_sequential_reads_are_read_ahead_random_ones_are_not():
     data = pattern_bytes(16 * MiB, seed=5)
     stream = Counting(data, thread_safe=True)
     with CachingReader(stream, 32 * MiB, workers=2) as disk:
+        assert disk.read_ahead_bytes == 4 * MiB  # what the stream declares
         h = disk.handle()
         assert h.read(8 * MiB, 128 * KiB) == data[8 * MiB:8 * MiB + 128 * KiB]
         time.sleep(0.1)
         assert not disk.cache.cached(9)  # one read is not a sequence
         assert h.read(8 * MiB + 128 * KiB, 128 * KiB) == data[8 * MiB + 128 * KiB:8 * MiB + 256 * KiB]
-        deadline = time.monotonic() + 5
-        while not all(disk.cache.cached(i) for i in (9, 10, 11)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert all(disk.cache.cached(i) for i in (9, 10, 11))  # the next 4 MiB, loaded ahead
-        assert not disk.cache.cached(14)  # no further than the read-ahead window
-        assert disk.units_read_ahead >= 3
+        assert _wait_cached(disk, (9, 10))  # two units past the frontier, loaded ahead
+        time.sleep(0.1)
+        assert not disk.cache.cached(11)  # the window starts small
+        assert h.read(8 * MiB + 256 * KiB, 128 * KiB) == data[8 * MiB + 256 * KiB:8 * MiB + 384 * KiB]
+        assert _wait_cached(disk, (11, 12))  # and doubles: the next 4 MiB
+        time.sleep(0.1)
+        assert not disk.cache.cached(13)  # no further than the read-ahead limit
+        assert disk.units_read_ahead >= 4
         r = disk.handle()
         r.read(1 * MiB, 4096)
         r.read(5 * MiB, 4096)  # a jump: not sequential
         time.sleep(0.1)
         assert not disk.cache.cached(6) and r.sequential == 0
+
+
+def test_the_read_ahead_window_grows_to_its_limit_within_half_the_cache():
+    """A sequential reader's window doubles from two units to read_ahead_bytes (the mount asks for
+    more than the stream's default); the limit never exceeds half the cache, so what was read ahead
+    is still cached when the reader arrives."""
+    data = pattern_bytes(40 * MiB, seed=8)
+    with CachingReader(Counting(data, thread_safe=True), 8 * MiB, read_ahead_bytes=16 * MiB) as small:
+        assert small.read_ahead_bytes == 4 * MiB
+    stream = Counting(data, thread_safe=True)
+    with CachingReader(stream, 64 * MiB, workers=2, read_ahead_bytes=16 * MiB) as disk:
+        assert disk.read_ahead_bytes == 16 * MiB
+        h = disk.handle()
+        windows = []
+        for k in range(7):
+            assert h.read(k * MiB, MiB) == data[k * MiB:(k + 1) * MiB]
+            windows.append(h.read_ahead_window(MiB))
+        assert windows == [0, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB, 16 * MiB, 16 * MiB]
+        assert _wait_cached(disk, range(7, 7 + 16))  # 16 MiB past the frontier at 7 MiB
+        time.sleep(0.1)
+        assert not disk.cache.cached(7 + 16)
+
+
+def test_read_buffer_answers_from_the_cached_unit_without_copying(small_chunks):
+    """What the FUSE adapter replies with: a view into the decoded chunk for a read inside one (no
+    1 MiB copy a request), zeros from a shared buffer for a hole, the exact bytes in every case."""
+    imgk, data, _ = small_chunks
+    with api.open_image(imgk) as img, CachingReader(img, 8 * MiB) as disk:
+        buf = disk.read_buffer(64 * KiB + 100, 4096)
+        assert isinstance(buf, memoryview) and buf.readonly
+        assert buf.obj is disk.cache.peek(1)  # the cached chunk itself
+        assert buf == data[64 * KiB + 100:64 * KiB + 4196]
+        hole = disk.read_buffer(2 * MiB + 10, 60000)
+        assert isinstance(hole, memoryview) and hole == bytes(60000)
+        whole = disk.read_buffer(0, 64 * KiB)
+        assert whole is disk.cache.peek(0)  # a whole unit: the cached bytes as they are
+        for off, n in ((64 * KiB - 100, 200), (2 * MiB - 5, 10), (MiB + 12345, MiB), (4 * MiB - 7, 100), (0, 4 * MiB)):
+            assert bytes(disk.read_buffer(off, n)) == data[off:off + n] == disk.read(off, n)
+        h = disk.handle(MiB, 2 * MiB)
+        assert bytes(h.read_buffer(100, 5000)) == data[MiB + 100:MiB + 5100]
+        assert h.read_buffer(2 * MiB, 10) == b""
 
 
 def test_a_window_handle_reads_its_own_range_and_stops_at_its_end():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ..views.caching_reader import CachingReader
 from ..formats.registry import open_image
 from .info import image_info
+from ..platform.parallel import share_one_heap
 from ..errors import EnvironmentProblem, ImgkitError, InputError, OperationFailed
 from ..remote.s3 import is_s3
 from ..views.vfs import ImageTree
@@ -29,6 +30,9 @@ from ..platform.writeback import replace_small_file
 
 log = logging.getLogger("imgkit.operations.mount")
 DEFAULT_CACHE = 64 << 20
+# How far ahead of a sequential reader (cp, dd of disk.raw) chunks are decoded, within the cache: deep
+# enough that both cores keep decoding while the kernel copies pages and the reader writes them out.
+READ_AHEAD = 16 << 20
 
 
 # -- mount table --------------------------------------------------------------------------------
@@ -112,7 +116,8 @@ def build_tree(image: str, mountpoint: str, password, cache_size: int) -> ImageT
     """Open the image (asks the password now, before any daemon exists) and describe it."""
     img = open_image(image, password, serving=True)
     try:
-        disk = CachingReader(img, cache_size)
+        ahead = max(img.read_ahead_bytes, READ_AHEAD) if img.read_ahead_bytes else 0
+        disk = CachingReader(img, cache_size, read_ahead_bytes=ahead)
         info = image_info(disk)
         disk.clear()  # what reading the partition table cached will not be read again
         mtime = img.mtime_ns or os.stat(image).st_mtime_ns
@@ -196,6 +201,7 @@ def mount(image: str, mountpoint: str, *, password=None, foreground: bool = Fals
 
 def _serve(tree: ImageTree, path: str, allow_other: bool, on_ready) -> None:
     from imgkit_fuse import serve
+    share_one_heap()  # before the FUSE loop's and the read-ahead's threads exist
     try:
         serve(tree, path, allow_other=allow_other, on_ready=on_ready)
     except RuntimeError as e:  # pyfuse3.init: fuse_session_mount failed (libfuse printed why)

@@ -284,15 +284,17 @@ class ImageTree:
             return None
         return self.disk.handle(node.start, node.attr.size)
 
-    def read(self, ino: int, offset: int, size: int, handle: ReadHandle | None = None) -> bytes:
+    def read(self, ino: int, offset: int, size: int, handle: ReadHandle | None = None) -> bytes | memoryview:
+        """The file's bytes [offset, offset+size). For a disk-backed file, a read-only view into the
+        decoded chunk when the read lies in one (no copy: the caller only hands it on)."""
         node = self.node(ino)
         if node.kind == "disk":
             if handle is not None:
-                return handle.read(offset, size)
+                return handle.read_buffer(offset, size)
             end = min(offset + size, node.attr.size)
             if offset >= end:
                 return b""
-            return self.disk.read(node.start + offset, end - offset)
+            return self.disk.read_buffer(node.start + offset, end - offset)
         if node.kind == "bytes":
             return node.content[offset:offset + size]
         if node.kind == "guest" and stat.S_ISREG(node.attr.mode):
