@@ -148,7 +148,7 @@ def decode_floor(imgk: str) -> tuple[float, int]:
     """Seconds to decode (decompress and verify) every chunk of the image from the page cache, on a
     thread a core, in order: what the mount's decoders could do if the disk and FUSE cost nothing."""
     from imgkit.formats.imgk_reader import ImageReader
-    from imgkit.parallel import default_workers, ordered_map
+    from imgkit.platform.parallel import default_workers, ordered_map
     subprocess.run(["cat", imgk], check=True, stdout=subprocess.DEVNULL)  # into the page cache
     r = ImageReader(imgk)
     try:
