@@ -2,6 +2,7 @@
 GET of whole chunks, and the failure cases: an interrupted upload, a damaged object."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -106,6 +107,30 @@ def test_interrupted_upload_leaves_no_object(disk, bucket, error):
     src.close()
     assert objects(bucket) == []
     assert uploads(bucket) == []  # aborted: the parts already stored are freed too
+
+
+def test_part_damaged_in_transit_is_refused_by_the_service(disk, bucket, monkeypatch):
+    """The service's checksum of every part is the signed SHA-256 of its body (s3.new_client): a
+    body changed after it was signed, as by a fault on the way, is refused by radosgw itself, the
+    capture fails and the upload is aborted, so nothing is stored."""
+    from imgkit.errors import ImgkitError
+    from imgkit.operations.capture import capture_stream
+    damaged = []
+
+    def damage(request, **kwargs):
+        if not damaged:
+            body = request.body.getvalue()
+            request.body = io.BytesIO(bytes([body[0] ^ 1]) + body[1:])
+            damaged.append(len(body))
+
+    client = s3.new_client()
+    client.meta.events.register_first("before-send.s3.UploadPart", damage)
+    monkeypatch.setattr(s3, "_client", client)
+    url = f"s3://{bucket}/damaged-in-transit.imgk"
+    with pytest.raises(ImgkitError, match="XAmzContentSHA256Mismatch"):
+        capture_stream(RawSource(str(disk)), url, source_info={"path": str(disk)}, level=1, workers=2)
+    assert damaged  # the fault happened, and was caught by the service, not by imgkit
+    assert objects(bucket) == [] and uploads(bucket) == []
 
 
 def test_killed_upload_is_no_object_and_is_cleaned(bucket):
