@@ -7,6 +7,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${IMGKIT_VENV:-$here/.venv}
 
 apt_pkgs=(
+  # pip reaches PyPI over HTTPS: Debian's pip trusts /etc/ssl/certs only, which a minimal Debian 12
+  # (a container image, a debootstrap minbase) does not have.
+  ca-certificates
   python3 python3-venv python3-dev python3-guestfs
   qemu-utils qemu-system-x86 ovmf
   libguestfs-tools libguestfs-xfs linux-image-amd64
@@ -44,7 +47,13 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp="$venv/.imgkit-installed"
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
-  "$venv/bin/pip" install -q --upgrade pip >/dev/null
-  "$venv/bin/pip" install -q -e "$here[test]"
+  # Build backends print warnings on every install (setuptools' editable-install notice): the output
+  # is shown only when pip fails, so the demo starts with imgkit, not a screen of pip's notes.
+  echo "setup: installing imgkit and its Python dependencies into $venv" >&2
+  if ! log=$({ "$venv/bin/pip" install -q --upgrade pip && "$venv/bin/pip" install -q -e "$here[test]"; } 2>&1); then
+    printf '%s\n' "$log" >&2
+    echo "setup: pip install failed (output above)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
