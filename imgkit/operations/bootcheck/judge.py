@@ -42,8 +42,8 @@ class Judge:
     def serial(self, data: bytes, now: float) -> None:
         """Bytes from the serial console (after a verdict they are only kept, for the report)."""
         new = len(self.console.add(data))
-        if new and not self.decided:
-            self._search(new, now) or self._fail(classify(self.console.window(new)), now)
+        if new and not self.decided and not self._search(new, now):
+            self._fail(classify(self.console.window(new)), now)
 
     def firmware(self, data: bytes, now: float) -> None:
         """Bytes from the firmware's log (SeaBIOS's debug port)."""
