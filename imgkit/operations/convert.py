@@ -19,19 +19,15 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..views.caching_reader import CachingReader
-from .capture import capture_stream
 from ..platform.targets import check_replaceable, refuse_device_image_path
-from ..filesystems.disk_info import optical_facts
 from ..errors import CorruptChunk, InputError, Interrupted, OperationFailed
 from ..formats import foreign
 from ..formats.destinations import CAPTURE, COPY, QEMU_IMG, DESTINATIONS, Destination, destination, names
 from ..formats.destinations import PRESETS as PRESET_PLANS
 from ..formats.imgk_writer import LEVEL_DEFAULT
-from ..views.nbd_export import export_stream
 from ..progress import NullProgress, Progress
 from ..remote.rbd_image import is_rbd
 from ..remote.s3 import is_s3
-from ..platform.qemu_tools import describe_failure, kill_group, limits_for_size, popen
 from ..stream import DATA, Stream
 from ..platform.writeback import OutputWriter, WritebackNudger, publish_file
 
@@ -173,6 +169,7 @@ class PaddedStream(Stream):
 # -- the routes -----------------------------------------------------------------------------------
 def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int, progress: Progress,
                           export=None, pass_fds: tuple[int, ...] = ()) -> None:
+    from ..platform.qemu_tools import describe_failure, kill_group, limits_for_size, popen
     argv = ["qemu-img", "convert", "-p", *src_args, "-O", plan.dest.qemu_name,
             *plan.dest.qemu_img_options(plan.subformat, plan.compress)]
     if plan.compress:
@@ -415,6 +412,7 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
         if level is None:
             level = LEVEL_DEFAULT
         # Filesystem-aware like capture: only the blocks each filesystem uses are stored.
+        from .capture import capture_stream  # imported where needed: `imgkit convert` starts sooner
         fs_plan = None
         if not sector_by_sector:
             from ..filesystems.fsaware import build_plan
@@ -425,6 +423,7 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
         return "capture"
     if plan.dest.route == COPY:
         if plan.dest.optical:
+            from ..filesystems.disk_info import optical_facts
             optical = src.metadata.get("optical") if src.metadata is not None else optical_facts(src)
             if not optical:
                 raise InputError(f"{source} is not an optical image (no ISO 9660 volume descriptor at "
@@ -440,6 +439,7 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
         return "native"
 
     def write(tmp: str) -> None:
+        from ..views.nbd_export import export_stream
         with export_stream(stream) as export:
             _run_qemu_img_convert(["-f", "raw", export.qemu_filename], plan, tmp, stream.size, progress, export)
     _into_temp(dest, write, force)
@@ -479,6 +479,7 @@ def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, co
             # writes, small next to the disk) gets the export's URI as its backing name instead.
             import subprocess
             import tempfile
+            from ..views.nbd_export import export_stream
             with tempfile.TemporaryDirectory(prefix="imgkit-overlay-") as work, export_stream(src, socket_dir=work) as export:
                 os.chmod(work, 0o700)
                 copy = os.path.join(work, "overlay.qcow2")
