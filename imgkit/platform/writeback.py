@@ -41,26 +41,28 @@ DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the l
 
 
 class OutputWriter:
-    """A large output file (a converted disk) written on a writer thread, in large pieces, through
+    """A large output file (a converted disk) written on writer threads, in large pieces, through
     O_DIRECT where the filesystem takes it. write() copies the bytes into one of a few page-aligned
-    staging buffers and returns: the caller (decoding on the other core) waits neither for the page
-    cache nor for the disk, and when the file is complete nothing is left to write back, so the
-    fsync before the rename only commits the file's metadata.
+    staging buffers and returns: the producer (decoding on the other core) waits neither for the
+    page cache nor for the disk, and when the file is complete nothing is left to write back, so the
+    fsync before the rename commits the file's metadata only.
 
-    Why direct: writing 995 MiB through the page cache cost the writing thread 0.42-0.63 s in
-    pwrite plus 0.23-0.26 s blocked in the writeback hints (imgk -> qcow2 of bench disk F, loaded
-    machine), about half of the whole conversion; the same bytes written directly in 8 MiB pieces
-    cost 0.02 s of CPU and the disk's own time (0.55-0.6 s for 1 GiB with the fsync, the same as the
-    page cache plus the fsync). Consecutive writes are joined into one piece; an unaligned head or
-    tail of a piece goes through the page cache (a second descriptor: the ranges never overlap, so
-    the kernel keeps the two coherent). Where O_DIRECT is refused (tmpfs, some FUSE filesystems: at
-    open or at the first write), every write goes through the page cache on the writer thread, with
-    the writeback started every WRITEBACK_STEP bytes as before.
+    Why (imgk -> qcow2 of bench disk F, 995 MiB written): through the page cache the producing
+    thread spent 0.42-0.63 s in pwrite plus 0.23-0.26 s blocked in the writeback hints, about half
+    of the conversion, while the decoders waited. Writing 1 GiB and fsyncing it here: direct, one
+    8 MiB write at a time 0.59 s; two at a time (two writer threads) 0.46 s, 4 MiB pieces four at a
+    time the same; page cache with a writeback hint every 8 MiB 0.55 s but 0.22 s of CPU against
+    0.02-0.07 s. So two writers and 4 MiB pieces (three buffers: 12 MiB). Consecutive writes are
+    joined into one piece; an unaligned head or tail of a piece goes through the page cache (a
+    second descriptor; the ranges never overlap and a direct write only covers whole pages of its
+    own piece, so the two stay coherent). Where O_DIRECT is refused (at open, or at the first
+    write: some FUSE filesystems), everything goes through the page cache on the writer threads,
+    with the writeback started every WRITEBACK_STEP bytes.
 
-    Use as a context manager or call close(); an error of the writer thread is raised by the next
-    write(), flush() or close(). Not thread-safe: one producer."""
+    Use as a context manager or call close(); an error of a writer thread is raised by the next
+    write(), flush() or close(). One producer thread."""
 
-    def __init__(self, path: str, *, stage: int = 8 << 20, depth: int = 4, writers: int = 2, direct: bool = True):
+    def __init__(self, path: str, *, stage: int = 4 << 20, depth: int = 3, writers: int = 2, direct: bool = True):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         self._dfd: int | None = None
