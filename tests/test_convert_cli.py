@@ -122,3 +122,23 @@ def test_progress_follows_qemu_img(small, tmp_path):
     out = sh("qemu-img", "convert", "-p", "-f", "raw", "-O", "qcow2", small["raw"], tmp_path / "p.qcow2").stdout
     found = [float(x) for x in _PROGRESS_RE.findall(out)]
     assert found and found[-1] == 100.0 and found == sorted(found)
+
+
+def test_raw_output_keeps_zeros_as_holes_and_every_byte(tmp_path):
+    # Written zeros (allocated in the source, so its runs call them data) come out as a hole, also
+    # after the output's data ranges were allocated up front (OutputWriter.preallocate + discard).
+    # The zero test is per piece read: 4 MiB for a raw source, one chunk (here 1 MiB) for an imgk.
+    src = tmp_path / "src.raw"
+    data = pattern_bytes(6 * MiB, seed=5)
+    with open(src, "wb") as f:
+        f.write(data[:3 * MiB] + bytes(8 * MiB) + data[3 * MiB:] + b"tail")  # not a whole block at the end
+    api.capture(str(src), str(tmp_path / "src.imgk"), sector_by_sector=True, chunk_size=MiB)
+    for source, hole, most in ((src, (4 * MiB, 8 * MiB), 10 * MiB), (tmp_path / "src.imgk", (3 * MiB, 11 * MiB), 6 * MiB)):
+        out = tmp_path / f"out-{source.suffix[1:]}.raw"
+        proc = run_imgkit("convert", source, out, "--json", "--progress", "none", check=True)
+        assert out.read_bytes() == src.read_bytes()
+        doc = json.loads(proc.stdout)
+        assert doc["method"] == "copy" and doc["allocated_size"] <= most + 64 * 1024, doc
+        with open(out, "rb") as f:
+            assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == hole[0]
+            assert os.lseek(f.fileno(), hole[0], os.SEEK_DATA) == hole[1]

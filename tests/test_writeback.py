@@ -1,9 +1,16 @@
-"""imgkit/platform/writeback.py: a hint that must never fail the operation that gives it."""
+"""imgkit/platform/writeback.py: a hint that must never fail the operation that gives it; the
+OutputWriter writes every byte where it was given, directly or not, and reports a full disk."""
 from __future__ import annotations
 
+import errno
 import os
+import random
+import subprocess
+import threading
 
-from imgkit.platform.writeback import WritebackNudger, start_writeback
+import pytest
+
+from imgkit.platform.writeback import DIRECT_ALIGN, OutputWriter, WritebackNudger, start_writeback
 
 
 def test_start_writeback_ignores_what_it_cannot_do(tmp_path):
@@ -78,21 +85,13 @@ def test_keep_freed_buffers_stops_refaulting_chunk_buffers():
 
 
 # -- OutputWriter: a large output written on writer threads, directly to the disk where it can be ----
-import errno
-import random
-import subprocess
-
-import pytest
-
-from imgkit.platform.writeback import DIRECT_ALIGN, OutputWriter
-
 
 def _scattered_writes(rng, size):
     """(offset, bytes) pieces of every alignment: runs of consecutive pieces (joined by the writer),
     gaps (holes), pieces crossing the staging buffers' ends, unaligned heads and tails."""
     pos, writes = 0, []
     while pos < size:
-        n = rng.choice([1, 511, 4096, 5000, 65536, 300_000, 1 << 20]) 
+        n = rng.choice([1, 511, 4096, 5000, 65536, 300_000, 1 << 20])
         n = min(n, size - pos)
         writes.append((pos, rng.randbytes(n)))
         pos += n + rng.choice([0, 0, 0, 1, 4096, 12345])
@@ -155,7 +154,39 @@ def test_output_writer_full_disk_raises_and_stops(tmp_path, direct):
             out.close()
         assert e.value.errno == errno.ENOSPC
         out.close()  # after an error: closes quietly, no thread left behind
-        assert not any(t.name == "imgkit-writer" and t.is_alive() for t in __import__("threading").enumerate())
+        assert not any(t.name == "imgkit-writer" and t.is_alive() for t in threading.enumerate())
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_preallocate_then_discard_keeps_the_bytes_and_the_holes(tmp_path):
+    path = tmp_path / "out.bin"
+    data = os.urandom(4 << 20)
+    with OutputWriter(str(path)) as out:
+        out.preallocate(0, 12 << 20)  # three 4 MiB pieces; the middle one turns out not to be written
+        assert os.stat(path).st_blocks * 512 >= 12 << 20  # allocated now (ext4 takes fallocate)
+        out.write(0, data)
+        out.discard(4 << 20, 4 << 20)
+        out.write(8 << 20, data)
+        out.truncate(12 << 20)
+    assert path.read_bytes() == data + bytes(4 << 20) + data
+    assert os.stat(path).st_blocks * 512 <= 8 << 20 + 65536  # the discarded piece is a hole again
+    with open(path, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 4 << 20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts a small tmpfs)")
+def test_preallocate_leaves_a_nearly_full_filesystem_alone(tmp_path):
+    # A failed fallocate may keep what it allocated: never try one that could take the space the
+    # writes themselves need (a sparse output that fits would otherwise fail).
+    full = tmp_path / "small"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(full)], check=True)
+    try:
+        with OutputWriter(str(full / "out.bin")) as out:
+            out.preallocate(0, 60 << 20)  # fits, but not with the spare room left to others
+            assert os.stat(full / "out.bin").st_blocks == 0
+            out.write(0, b"x" * 4096)
     finally:
         subprocess.run(["umount", str(full)], check=True)
 

@@ -81,9 +81,14 @@ def write_qcow2(stream: Stream, path: str, read_pieces: Callable, *, advance: Ca
     l1_size = max(1, -(-guest_clusters // L2_ENTRIES))
     l2: dict[int, list[int]] = {}  # L1 index -> its L2 entries (only the tables that map something)
     written = 0
+    spans = data_clusters(stream)
     with OutputWriter(path, direct=direct) as out:
+        # The header cluster and at most every data cluster, allocated up front (OutputWriter.
+        # preallocate); clusters found all zero leave room that the metadata or the final
+        # truncate takes back.
+        out.preallocate(0, (1 + sum(count for _, count in spans)) * CLUSTER)
         host = CLUSTER  # cluster 0 holds the header, written last
-        for (offset, length), data in read_pieces(list(_pieces(data_clusters(stream), size, piece))):
+        for (offset, length), data in read_pieces(list(_pieces(spans, size, piece))):
             if len(data) != length:
                 raise OSError(f"short read from the source at offset {offset}")
             if not isinstance(data, (bytes, bytearray)):

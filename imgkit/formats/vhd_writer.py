@@ -84,6 +84,7 @@ def write_vhd(stream: Stream, path: str, read_pieces: Callable, *, advance: Call
     written = 0
     bitmap = b"\xff" * BITMAP
     with OutputWriter(path, direct=direct) as out:
+        out.preallocate(0, first_block + len(blocks) * (BITMAP + BLOCK) + SECTOR)  # at most; truncated below
         host = first_block
         for (offset, length), data in read_pieces(pieces):
             if len(data) != length:

@@ -242,15 +242,30 @@ def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
     piece = stream.unit_size or COPY_PIECE
     pieces = list(reader.cut_pieces(stream.runs(), {DATA}, piece))
     with OutputWriter(tmp) as out:
+        for off, length in _joined(pieces):  # allocated up front (see OutputWriter.preallocate)
+            out.preallocate(off, length)
         stream.read_sequentially()
         zero = bytes(piece)
         for (off, length), data in reader.map_pieces(pieces):
             if len(data) != length:
                 raise OperationFailed(f"short read from the source at offset {off}")
-            if not zero.startswith(data):  # memcmp against zeros, in place
+            if zero.startswith(data):  # memcmp against zeros, in place: a hole again
+                out.discard(off, length)
+            else:
                 out.write(off, data)
             progress.advance(length)
         out.truncate(stream.size)
+
+
+def _joined(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Consecutive (offset, length) pieces joined into ranges."""
+    ranges: list[list[int]] = []
+    for off, length in pieces:
+        if ranges and ranges[-1][0] + ranges[-1][1] == off:
+            ranges[-1][1] += length
+        else:
+            ranges.append([off, length])
+    return [(off, length) for off, length in ranges]
 
 
 # -- the operation --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ final fsync of a 210 MiB capture went from 0.138 s to 0.014 s."""
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import queue
@@ -37,6 +38,7 @@ def fsync_parent_dir(path: str) -> None:
         os.close(dfd)
 
 
+PREALLOCATE_SPARE = 256 << 20  # free space preallocate() leaves to everyone else
 DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block: a page is
 
 
@@ -120,6 +122,38 @@ class OutputWriter:
         self._submit()
         self._jobs.join()
         self._raise()
+
+    def preallocate(self, offset: int, length: int) -> None:
+        """Allocate [offset, offset+length) of the file now (fallocate(2); the file grows to cover
+        it), for bytes the caller is about to write. The direct writes then fill allocated blocks
+        inside the file instead of extending it, which ext4 does under its inode lock one write at
+        a time: 1 GiB written by two threads in 4 MiB pieces, with the fsync, 0.56-0.69 s against
+        0.63-0.81 s (medians of 5, loaded machine). A hint: where the filesystem cannot, or has
+        not that much space free with room to spare (a failed fallocate may keep what it
+        allocated, which the writes might have needed), nothing happens, and the writes report a
+        full disk as before. A range that is then not written reads as zeros but stays allocated:
+        discard() it."""
+        if length <= 0:
+            return
+        try:
+            st = os.fstatvfs(self.fd)
+        except OSError:
+            return
+        if st.f_bavail * st.f_frsize < length + PREALLOCATE_SPARE:
+            return
+        self._fallocate(0, offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make a preallocated range that will not be written a hole again (punch it), so that a
+        sparse output stays as sparse as without preallocate(). Never written by this writer."""
+        self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        fn = _fallocate()
+        if fn is not None:
+            fn(self.fd, mode, offset, length)  # errors ignored: see preallocate
 
     def truncate(self, size: int) -> None:
         self.flush()
@@ -283,11 +317,29 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 
+@functools.cache
+def _libc():
+    """The C library's functions (the running process's own symbols: find_library("c") would start
+    `ldconfig -p`, 33 ms, on every publish)."""
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True)
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
+
+
+@functools.cache
+def _fallocate():
+    import ctypes
+    fn = getattr(_libc(), "fallocate", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn
+
+
 def _renameat2():
     import ctypes
-    import ctypes.util
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fn = getattr(libc, "renameat2", None)  # glibc >= 2.28
+    fn = getattr(_libc(), "renameat2", None)  # glibc >= 2.28
     if fn is not None:
         fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return fn
