@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 from .operations.capture import CapturePlan, CaptureResult, capture_stream, refuse_output_on_source
 from .errors import InputError, RefusedTarget

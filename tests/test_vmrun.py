@@ -170,3 +170,25 @@ def test_linux_uefi_runs_from_imgk_with_uefi_picked(vm_fixture, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "IMGKIT-BOOT-OK linux-uefi" in proc.stdout
     assert '"firmware": "uefi"' in proc.stdout
+
+
+@pytest.mark.parametrize("memory", ["8M", "65G"])
+def test_run_refuses_memory_out_of_range_as_boot_check_does(tiny, memory):
+    """run_vm uses boot-check's own option checks: the same line and exit code in both commands."""
+    ran = imgkit_run(tiny, "--memory", memory)
+    checked = run_imgkit("boot-check", tiny, "--memory", memory, env=TCG)
+    from imgkit.errors import InputError
+    assert_one_line_error(ran, InputError.exit_code, "--memory must be between 16 MiB and 64 GiB")
+    assert (ran.returncode, ran.stderr.strip()) == (checked.returncode, checked.stderr.strip())
+
+
+def test_run_vm_checks_firmware_with_boot_checks_rule(tiny):
+    """The CLI's Choice stops a bad --firmware first; the Python API gets boot-check's error."""
+    from imgkit.errors import InputError
+    from imgkit.operations.bootcheck import BootOptions
+    from imgkit.operations.vmrun import run_vm
+    with pytest.raises(InputError) as via_run:
+        run_vm(str(tiny), firmware="coreboot")
+    with pytest.raises(InputError) as via_check:
+        BootOptions(firmware="coreboot")
+    assert str(via_run.value) == str(via_check.value)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..platform.targets import check_replaceable, refuse_device_image_path
 from ..errors import CorruptChunk, InputError

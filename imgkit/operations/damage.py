@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ..errors import CorruptChunk
 from ..stream import Stream

@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 from ..errors import EnvironmentProblem, OperationFailed, RefusedTarget

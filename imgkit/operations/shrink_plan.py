@@ -226,7 +226,7 @@ def _lay_out(plan: ShrinkPlan, ordered: list[Partition], end_limit: int) -> None
             names = ", ".join(f"partition {pp.number} ({pp.filesystem}, {format_size(pp.old_size)})" for pp in blocked)
             why += f"; {names} cannot shrink ({CANNOT_SHRINK[blocked[0].filesystem]}) and needs its full size"
         if not flexible:
-            why = (f"no partition can shrink (" + "; ".join(f"{pp.number}: {pp.fixed_reason}" for pp in parts)
+            why = ("no partition can shrink (" + "; ".join(f"{pp.number}: {pp.fixed_reason}" for pp in parts)
                    + f"): the layout needs {format_size(end + plan.target_size - end_limit)}")
         plan.reason = why
         return

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -230,15 +228,15 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
            fmt: str | None = None, log=None) -> RunResult:
     from ..formats.registry import detect, open_image
     from ..platform.accel import choose_accel
-    from .bootcheck import MAX_MEMORY, MIN_MEMORY, plan_boot
+    from .bootcheck import plan_boot
+    from .bootcheck.options import check_firmware, check_memory
     from ..views.nbd_export import export_stream
     from ..formats import foreign
 
     say = log or (lambda msg, progress=False: print(f"imgkit: run: {msg}", file=sys.stderr, flush=True))
-    if firmware not in ("auto", "bios", "uefi"):
-        raise InputError(f"--firmware {firmware!r}: expected auto, bios or uefi")
-    if not (MIN_MEMORY <= memory <= MAX_MEMORY):
-        raise InputError("--memory must be between 16 MiB and 64 GiB")
+    # boot-check's own checks: the same limits, messages and exit code in both commands
+    check_firmware(firmware)
+    check_memory(memory)
     if not (1 <= cpus <= MAX_CPUS):
         raise InputError(f"--cpus must be between 1 and {MAX_CPUS}")
     if mirror_to:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from .blockdev import (block_devices, fd_size, holders, is_read_only, loop_backing, mounts, partition_start,
                        sys_size, whole_disk)
 from ..errors import InputError, RefusedTarget
-from ..units import format_size
 
 MAX_STACK_DEPTH = 16  # loops over loops: deeper than any real stack, bounds a cycle
 

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import BadImage, EnvironmentProblem, InputError, Interrupted
+from ..errors import BadImage, EnvironmentProblem, InputError
 
 PREFIX = "s3://"
 MiB = 1 << 20
