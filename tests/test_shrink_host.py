@@ -170,3 +170,49 @@ def test_partition_files_failure_leaves_no_mount(tmp_path):
     with open("/proc/self/mountinfo") as f:
         mounts = f.read()
     assert str(tmp_path) not in mounts
+
+
+def _blockdevs(argv: list[str], flag: str = "--blockdev") -> list[dict]:
+    return [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == flag]
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_partition_files_daemon_nodes_come_from_format_node(tmp_path, writable):
+    """shrink's qemu-storage-daemon gets explicit drivers at every level, built by the one node
+    builder: NBD export (raw, read-only) -> qcow2 overlay with that backing node -> raw windows."""
+    from imgkit.formats.qemu_image import format_node, window_node
+    from imgkit.operations.shrink_host import PartitionFiles
+    overlay, sock = str(tmp_path / "overlay.qcow2"), str(tmp_path / "nbd.sock")
+    parts = [(1, 1 * MIB, 4 * MIB)] if writable else [(1, 1 * MIB, 4 * MIB), (2, 5 * MIB, 2 * MIB)]
+    argv = PartitionFiles(overlay, sock, parts, str(tmp_path), writable).argv()
+    assert argv[0] == "qemu-storage-daemon"
+    nodes = _blockdevs(argv)
+    assert nodes[0] == format_node(sock, "raw", protocol="nbd", node_name="base")
+    assert nodes[0]["read-only"] is True and nodes[0]["file"]["driver"] == "nbd"
+    assert nodes[1] == format_node(overlay, "qcow2", node_name="ov", own=True, writable=writable, backing="base")
+    assert nodes[1]["driver"] == "qcow2" and nodes[1]["file"] == {"driver": "file", "filename": overlay,
+                                                                   "read-only": not writable}
+    assert nodes[1]["backing"] == "base" and nodes[1]["read-only"] is (not writable)
+    assert nodes[2:] == [window_node(f"p{n}", "ov", start, size, writable=writable) for n, start, size in parts]
+    assert all(n["driver"] for n in nodes)
+    exports = [argv[i + 1] for i, a in enumerate(argv) if a == "--export"]
+    assert [e.split(",")[2] for e in exports] == [f"node-name=p{n}" for n, _, _ in parts]
+
+
+def test_shrink_overlay_stream_reads_through_its_descriptor(tmp_path):
+    """The read-only overlay stream's daemon: the overlay by the descriptor imgkit opened, its
+    backing the NBD node, nothing taken from the overlay's header."""
+    from imgkit.operations.shrink_fs import overlay_blockdevs
+    base, top = _blockdevs(overlay_blockdevs(str(tmp_path / "s.sock"), str(tmp_path / "o.qcow2"), fd=9,
+                                             node_name="fmt0"))
+    assert base["node-name"] == "base" and base["driver"] == "raw" and base["file"]["driver"] == "nbd"
+    assert top == {"driver": "qcow2", "read-only": True, "node-name": "fmt0", "backing": "base",
+                   "file": {"driver": "file", "filename": "/proc/self/fd/9", "read-only": True}}
+
+
+def test_window_node_refuses_a_non_range():
+    from imgkit.formats.qemu_image import window_node
+    with pytest.raises(ValueError):
+        window_node("p1", "ov", 0, 0)
+    with pytest.raises(ValueError):
+        window_node("p1", "ov", -512, 512)

@@ -56,7 +56,8 @@ def _import_nbd():
 
 
 def format_node(path: str, fmt: str, *, fd: int | None = None, node_name: str | None = None,
-                protocol: str = "file", writable: bool = False, backing: str | None = None) -> dict:
+                protocol: str = "file", writable: bool = False, own: bool = False, backing: str | None = None,
+                flush: bool = True) -> dict:
     """The explicit qemu driver chain protocol -> `fmt` for `path`: nothing probed, and
     `backing: null` where the format can name a backing file (the inspector already refused those:
     belt and braces). Every qemu process imgkit starts on an image opens it through this.
@@ -66,18 +67,26 @@ def format_node(path: str, fmt: str, *, fd: int | None = None, node_name: str | 
 
     protocol "nbd": `path` is the unix socket of an NBD export (an imgk image served by imgkit's own
     reader, views/nbd_export). `writable`: one of imgkit's own files (an overlay it created, a copy of
-    the firmware's NVRAM), never an image being read; such a file may get its backing image as the
-    node named `backing`, given at run time (the name in its header is never followed)."""
-    if fmt in QEMU_FORMATS and fd is None and not writable:
+    the firmware's NVRAM, a scratch disk), never an image being read; `own`: the same kind of file
+    opened read-only (shrink measuring its overlay). Only such a file may be opened by path in a
+    foreign format, and may get its backing image as the node named `backing`, given at run time (the
+    name in its header is never followed). `flush=False` ignores the guest's flushes on a writable
+    scratch file nobody keeps after a host crash (what `-drive cache=unsafe` meant)."""
+    own = own or writable
+    if fmt in QEMU_FORMATS and fd is None and not own:
         raise ValueError(f"a {fmt} image reaches qemu only through its inspected descriptor")
-    if backing is not None and not writable:
+    if backing is not None and not own:
         raise ValueError("only imgkit's own overlays get a backing node")
+    if not flush and not writable:
+        raise ValueError("flush=False is for writable scratch files")
     if protocol == "nbd":
         file = {"driver": "nbd", "server": {"type": "unix", "path": path}}
     else:
         file = {"driver": protocol, "filename": f"/proc/self/fd/{fd}" if fd is not None else os.path.abspath(path)}
     file["read-only"] = not writable
     node = {"driver": QEMU_DRIVER[fmt], "read-only": not writable, "file": file}
+    if not flush:
+        node["cache"] = file["cache"] = {"no-flush": True}
     if node_name:
         node["node-name"] = node_name
     if fmt in ("qcow2", "vmdk"):
@@ -90,6 +99,15 @@ def filter_node(driver: str, node_name: str, over: str) -> dict:
     kind of block node that is not a protocol -> format chain, built here beside format_node so that
     every node imgkit gives qemu comes from this module."""
     return {"driver": driver, "node-name": node_name, "file": over}
+
+
+def window_node(node_name: str, over: str, offset: int, size: int, *, writable: bool = False) -> dict:
+    """`size` bytes at `offset` of the node named `over` as a disk of their own (a partition as a
+    file: shrink's FUSE exports), read-only unless `writable`."""
+    if offset < 0 or size <= 0:
+        raise ValueError(f"window {offset}+{size}: not a byte range")
+    return {"driver": "raw", "node-name": node_name, "file": over, "read-only": not writable,
+            "offset": offset, "size": size}
 
 
 def blockdev_args(inspected: ForeignImage) -> list[str]:

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..errors import EnvironmentProblem, OperationFailed, RefusedTarget
-from ..formats.qemu_image import QemuImage
+from ..formats.qemu_image import QemuImage, format_node
 from ..platform.qemu_tools import end_child
 from .shrink_plan import ShrinkPlan
 from ..stream import Stream
@@ -52,6 +52,16 @@ class Shrunk:
     engine: str = "appliance"  # where the resizers ran: "host" (confined, shrink_host.py) or "appliance"
 
 
+def overlay_blockdevs(export_socket: str, overlay: str, *, node_name: str, fd: int | None = None,
+                      writable: bool = False) -> list[str]:
+    """qemu-storage-daemon --blockdev options for shrink's overlay: the image's NBD export as node
+    "base" (raw, read-only) and the qcow2 overlay over it as `node_name`, its backing given here (never
+    taken from its header). Both built by formats/qemu_image.format_node."""
+    base = format_node(export_socket, "raw", protocol="nbd", node_name="base")
+    top = format_node(overlay, "qcow2", fd=fd, node_name=node_name, own=True, writable=writable, backing="base")
+    return ["--blockdev", json.dumps(base), "--blockdev", json.dumps(top)]
+
+
 class OverlayImage(QemuImage):
     """The qcow2 overlay read through qemu-storage-daemon with its backing (the NBD export) given
     explicitly: the chain is imgkit's, nothing is taken from the overlay's header."""
@@ -64,12 +74,7 @@ class OverlayImage(QemuImage):
         super().__init__(overlay, "qcow2", info)
 
     def _blockdev_args(self) -> list[str]:
-        node = {"driver": "qcow2", "node-name": "fmt0", "read-only": True,
-                "file": {"driver": "file", "filename": f"/proc/self/fd/{self.inspected.fd}", "read-only": True},
-                "backing": {"driver": "raw", "read-only": True,
-                            "file": {"driver": "nbd", "read-only": True,
-                                     "server": {"type": "unix", "path": self._backing_socket}}}}
-        return ["--blockdev", json.dumps(node)]
+        return overlay_blockdevs(self._backing_socket, self.path, fd=self.inspected.fd, node_name="fmt0")
 
     def _build_host_map(self) -> None:
         self._host_map_built = True  # everything through qemu: the overlay alone is not the disk
@@ -106,8 +111,9 @@ def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_soc
     Raises RefusedTarget when the real minimums do not fit, OperationFailed when a tool fails: in
     both cases nothing was written to the target."""
     overlay = os.path.join(workdir, "overlay.qcow2")
-    backing = "json:" + json.dumps({"driver": "raw", "file": {"driver": "nbd",
-                                    "server": {"type": "unix", "path": export_socket}}})
+    # The appliance's qemu follows this name (the overlay is its drive); imgkit's own daemons give
+    # the backing node explicitly instead (overlay_blockdevs).
+    backing = "json:" + json.dumps(format_node(export_socket, "raw", protocol="nbd"))
     proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing,
                            overlay, str(image.size)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:

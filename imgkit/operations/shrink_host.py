@@ -25,6 +25,7 @@ import sys
 import time
 
 from ..errors import EnvironmentProblem, OperationFailed, RefusedTarget
+from ..formats.qemu_image import window_node
 from ..platform.qemu_tools import SERVING_LIMITS, Limits, find_program, kill_group, limits_for_size, popen
 from ..platform.sandbox import available as sandbox_available
 from ..platform.sandbox import run_confined
@@ -76,20 +77,23 @@ class PartitionFiles:
         except OSError:  # ENOTCONN: a FUSE mount whose daemon died
             return True
 
-    def __enter__(self) -> "PartitionFiles":
-        node = {"driver": "qcow2", "node-name": "ov", "read-only": not self.writable,
-                "file": {"driver": "file", "filename": self.overlay, "read-only": not self.writable},
-                "backing": {"driver": "raw", "read-only": True,
-                            "file": {"driver": "nbd", "read-only": True,
-                                     "server": {"type": "unix", "path": self.socket}}}}
-        argv = ["qemu-storage-daemon", "--blockdev", json.dumps(node)]
+    def argv(self) -> list[str]:
+        """The daemon's command line: the overlay over the image's NBD export (overlay_blockdevs), a
+        raw window per partition (window_node), each exported through FUSE onto its file."""
+        from .shrink_fs import overlay_blockdevs
+        argv = ["qemu-storage-daemon", *overlay_blockdevs(self.socket, self.overlay, node_name="ov",
+                                                          writable=self.writable)]
         for n, start, size in self.parts:
-            with open(self.paths[n], "wb"):
-                pass
-            argv += ["--blockdev", json.dumps({"driver": "raw", "node-name": f"p{n}", "file": "ov",
-                                               "read-only": not self.writable, "offset": start, "size": size}),
+            argv += ["--blockdev", json.dumps(window_node(f"p{n}", "ov", start, size, writable=self.writable)),
                      "--export", f"type=fuse,id=e{n},node-name=p{n},mountpoint={self.paths[n]},"
                                  f"writable={'on' if self.writable else 'off'}"]
+        return argv
+
+    def __enter__(self) -> "PartitionFiles":
+        argv = self.argv()
+        for n in self.paths:
+            with open(self.paths[n], "wb"):
+                pass
         find_program("qemu-storage-daemon")
         self.log = open(os.path.join(self.workdir, "qsd.log"), "a+")
         self.proc = popen(argv, SERVING_LIMITS, stdout=self.log, stderr=self.log)
