@@ -44,6 +44,37 @@ def test_kernel_parameters():
         rescue_job.cmdline_job("imgkit.rm=-rf")
 
 
+@pytest.mark.parametrize("media,firmware", [("cdrom", "uefi"), ("usb", "bios")])
+def test_vm_argv_nodes_come_from_format_node(tmp_path, media, firmware):
+    """run_iso's QEMU gets -blockdev JSON from the one node builder, explicit drivers at every level:
+    no -drive (which would probe), the ISO read-only, the test disks writable scratch files."""
+    from imgkit.formats.qemu_image import format_node
+    from imgkit.rescue.vm import vm_argv
+    iso_path, disks = tmp_path / "r.iso", [tmp_path / "a.raw", tmp_path / "b.raw"]
+    for f in (iso_path, *disks):
+        f.write_bytes(bytes(512))
+    argv = vm_argv("qemu-system-x86_64", str(iso_path), [str(d) for d in disks], str(tmp_path),
+                   str(tmp_path / "log"), firmware=firmware, iso_media=media)
+    assert "-drive" not in argv
+    nodes = {n["node-name"]: n for n in (json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev")}
+    name = "stick" if media == "usb" else "cd"
+    assert nodes[name] == format_node(str(iso_path), "raw", node_name=name)
+    assert nodes[name]["read-only"] is True and nodes[name]["file"]["read-only"] is True
+    for i, d in enumerate(disks):
+        node = nodes[f"disk{i}"]
+        assert node == format_node(str(d), "raw", node_name=f"disk{i}", writable=True, flush=False)
+        assert node["driver"] == "raw" and node["file"]["driver"] == "file" and node["read-only"] is False
+        assert f"virtio-blk-pci,drive=disk{i}" in argv
+    assert all(n["driver"] and n["file"]["driver"] for n in nodes.values())
+    machine = argv[argv.index("-machine") + 1]
+    if firmware == "uefi":
+        assert machine == "pc,pflash0=ovmf-code,pflash1=ovmf-vars"
+        assert nodes["ovmf-code"]["read-only"] is True and nodes["ovmf-vars"]["read-only"] is False
+        assert nodes["ovmf-vars"]["file"]["filename"].startswith(str(tmp_path))  # a private copy
+    else:
+        assert machine == "pc" and "ovmf-code" not in nodes
+
+
 def test_image_path_stays_on_the_imgkit_disk():
     assert rescue_job.image_path("/pc/a.imgk") == os.path.join(rescue_job.MOUNT, "pc/a.imgk")
     for bad in ("../etc/shadow", "a/../../x", "", "/"):

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 
 from ..platform.accel import choose_accel
-from ..operations.bootcheck import find_ovmf
+from ..operations.bootcheck.qemu_cmdline import blockdev, firmware_args
 from ..errors import EnvironmentProblem
+from ..formats.qemu_image import format_node
 
 
 @dataclass
@@ -20,6 +21,33 @@ class VmRun:
     seconds: float
     console: str           # everything the serial console printed
     accel: str
+
+
+def _protocol(path: str) -> str:
+    return "file" if os.path.isfile(path) else "host_device"
+
+
+def vm_argv(qemu: str, iso: str, disks: list[str], work: str, log: str, *, firmware: str = "bios",
+            memory_mib: int = 1024, cpus: int = 2, accel: str = "tcg", iso_media: str = "cdrom") -> list[str]:
+    """QEMU's command line for run_iso. Every block node comes from formats/qemu_image.format_node
+    (explicit drivers, nothing probed): the ISO read-only, the disks imgkit's tests made writable
+    with flushes ignored (they are scratch files), UEFI's flash as boot-check sets it up."""
+    argv = [qemu, "-nodefaults", "-no-user-config", "-accel", accel, "-m", f"{memory_mib}M",
+            "-smp", str(cpus), "-display", "none", "-vga", "std", "-nic", "none", "-no-reboot",
+            "-serial", f"file:{log}", "-monitor", "none"]
+    if iso_media == "usb":
+        argv += ["-device", "qemu-xhci,id=xhci", *blockdev(format_node(iso, "raw", node_name="stick",
+                                                                       protocol=_protocol(iso))),
+                 "-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=0"]
+    else:
+        argv += [*blockdev(format_node(iso, "raw", node_name="cd", protocol=_protocol(iso))),
+                 "-device", "ide-cd,drive=cd,bootindex=0"]
+    argv += firmware_args(firmware, work)  # -machine pc, with OVMF's flash for UEFI
+    for i, d in enumerate(disks):
+        argv += [*blockdev(format_node(d, "raw", node_name=f"disk{i}", protocol=_protocol(d), writable=True,
+                                       flush=False)),
+                 "-device", f"virtio-blk-pci,drive=disk{i}"]
+    return argv
 
 
 def run_iso(iso: str, disks: list[str], *, firmware: str = "bios", timeout: float = 600, memory_mib: int = 1024,
@@ -34,26 +62,8 @@ def run_iso(iso: str, disks: list[str], *, firmware: str = "bios", timeout: floa
     accel_name, _ = choose_accel(accel)
     with tempfile.TemporaryDirectory(prefix="imgkit-rescue-vm-") as work:
         log = os.path.join(work, "console.log")
-        argv = [qemu, "-nodefaults", "-no-user-config", "-accel", accel_name, "-m", f"{memory_mib}M",
-                "-smp", str(cpus), "-display", "none", "-vga", "std", "-nic", "none", "-no-reboot",
-                "-serial", f"file:{log}", "-monitor", "none"]
-        if iso_media == "usb":
-            argv += ["-device", "qemu-xhci,id=xhci",
-                     "-drive", f"if=none,id=stick,file={iso},format=raw,readonly=on",
-                     "-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=0"]
-        else:
-            argv += ["-drive", f"if=none,id=cd,file={iso},format=raw,media=cdrom,readonly=on",
-                     "-device", "ide-cd,drive=cd,bootindex=0"]
-        machine = "pc"
-        if firmware == "uefi":
-            code, vars_template = find_ovmf()
-            vars_copy = os.path.join(work, "vars.fd")
-            shutil.copyfile(vars_template, vars_copy)
-            argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
-                     "-drive", f"if=pflash,format=raw,file={vars_copy}"]
-        argv += ["-machine", machine]
-        for d in disks:
-            argv += ["-drive", f"file={d},format=raw,if=virtio,cache=unsafe"]
+        argv = vm_argv(qemu, iso, disks, work, log, firmware=firmware, memory_mib=memory_mib, cpus=cpus,
+                       accel=accel_name, iso_media=iso_media)
         start = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True)
