@@ -71,3 +71,14 @@ def test_an_older_probe_verdict_is_not_trusted(tmp_path, monkeypatch):
     assert accel._cached_verdict() is None
     accel._store_verdict(False, 2.7)
     assert accel._cached_verdict() is False
+
+
+def test_probe_node_is_the_one_format_node_would_build(tmp_path):
+    """The probe's hand-written node (platform/ may not import formats/) stays what the one node
+    builder makes for an imgkit-made writable raw file: explicit drivers, nothing probed."""
+    from imgkit.formats.qemu_image import format_node
+    disk = str(tmp_path / "probe.img")
+    argv = accel.probe_argv(disk, "tcg")
+    node = json.loads(argv[argv.index("-blockdev") + 1])
+    assert node == format_node(disk, "raw", node_name="d", writable=True)
+    assert "-drive" not in argv and argv[argv.index("-accel") + 1] == "tcg"

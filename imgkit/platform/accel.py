@@ -77,6 +77,19 @@ def _store_verdict(works: bool, seconds: float) -> None:
         pass  # a read-only home only costs a probe per check
 
 
+def probe_argv(disk: str, accel_name: str) -> list[str]:
+    """QEMU booting the probe sector `disk`. Its one block node is written out here rather than by
+    formats/qemu_image.format_node, on purpose: platform/ is the bottom layer (formats build on
+    platform.qemu_tools; nothing in platform imports upwards), and this node never sees an image:
+    `disk` is the 512 bytes probe_disk() made, in probe_kvm's private temp directory. It is as
+    explicit as format_node's (both drivers named, nothing probed); tests compare the two."""
+    node = {"driver": "raw", "node-name": "d", "read-only": False,
+            "file": {"driver": "file", "filename": os.path.abspath(disk), "read-only": False}}
+    return ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-accel", accel_name, "-m", "16",
+            "-display", "none", "-no-reboot", "-nic", "none", "-serial", "stdio",
+            "-blockdev", json.dumps(node), "-device", "ide-hd,drive=d"]
+
+
 def probe_kvm(timeout: float = PROBE_SECONDS, accel_name: str = "kvm") -> tuple[bool, float]:
     """Boot the one-sector guest under KVM; (works, seconds). Never waits longer than `timeout`."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -86,13 +99,8 @@ def probe_kvm(timeout: float = PROBE_SECONDS, accel_name: str = "kvm") -> tuple[
         disk = os.path.join(tmp, "probe.img")
         with open(disk, "wb") as f:
             f.write(probe_disk())
-        argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-accel", accel_name, "-m", "16",
-                "-display", "none", "-no-reboot", "-nic", "none", "-serial", "stdio",
-                "-blockdev", json.dumps({"driver": "raw", "node-name": "d",  # our own temp file
-                                         "file": {"driver": "file", "filename": disk}}),
-                "-device", "ide-hd,drive=d"]
-        proc = popen(argv, Limits(int(timeout) + 5, 2 << 30, timeout), stdout=subprocess.PIPE,
-                     stderr=subprocess.DEVNULL)
+        proc = popen(probe_argv(disk, accel_name), Limits(int(timeout) + 5, 2 << 30, timeout),
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         got = b""
         try:
             deadline = started + timeout
