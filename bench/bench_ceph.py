@@ -4,6 +4,10 @@
   restore from S3        >= the throughput of boto3 download_file of the same object (wall <= 1.0x)
   imgk -> RBD            <= 1.2x  `qemu-img convert -f raw -O raw disk.raw rbd:pool/img` of the raw disk
 
+The restore table also gives its floors: a local restore of the same image (decoding and writing
+the 1 GiB disk, fsynced), imgkit's S3 client alone (a fresh process must import botocore and make
+one, as the peer does with boto3), and the object fetched by ranged GETs into memory.
+
 The cluster (imgkit/testing/ceph_cluster.py: memstore OSD, radosgw, all in RAM) is started for the
 run and stopped after it. Runs alternate; the tables give medians. Page cache warm for every tool
 (the source disk is read once before), so the figures compare the network/storage paths.
@@ -34,6 +38,15 @@ UPLOAD = (f"{PY} -c 'import boto3, sys; boto3.client(\"s3\", config=__import__(\
           f"response_checksum_validation=\"when_required\")).upload_file(sys.argv[1], \"{BUCKET}\", sys.argv[2])'")
 DOWNLOAD = UPLOAD.replace(".upload_file(sys.argv[1], \"" + BUCKET + "\", sys.argv[2])",
                           ".download_file(\"" + BUCKET + "\", sys.argv[1], sys.argv[2])")
+
+
+FLOOR_CLIENT = "floor: imgkit's S3 client alone (python, botocore import, client)"
+FLOOR_FETCH = "floor: client + the object by ranged GETs into memory (4 x 16 MiB in flight)"
+RANGED_GETS = ("import sys; from concurrent.futures import ThreadPoolExecutor; from imgkit.remote import s3; "
+               "c = s3.client(); size = c.head_object(Bucket=\"" + BUCKET + "\", Key=sys.argv[1])[\"ContentLength\"]; "
+               "get = lambda o: len(c.get_object(Bucket=\"" + BUCKET + "\", Key=sys.argv[1], "
+               "Range=f\"bytes={o}-{min(size, o + (16 << 20)) - 1}\")[\"Body\"].read()); "
+               "assert sum(ThreadPoolExecutor(4).map(get, range(0, size, 16 << 20))) == size")
 
 
 def s3_delete(key: str):
@@ -97,6 +110,10 @@ def main() -> None:
                 remover(restored + ".l")),
             "boto3 download_file of the object": (f"{DOWNLOAD} direct.imgk {downloaded}", downloaded,
                                                   remover(downloaded)),
+            # Floors of the S3 restore: what any restore from S3 in a fresh process pays before and
+            # besides decoding and writing (issue 19: the restore target is measured against them).
+            FLOOR_CLIENT: (f"{PY} -c 'from imgkit.remote import s3; s3.client()'", None, None),
+            FLOOR_FETCH: (f"{PY} -c '{RANGED_GETS}' direct.imgk", None, None),
         }, args.runs)
         restore["imgkit restore s3:// -> file"].check = "restored"
         same = subprocess.run(["cmp", restored, restored + ".l"], capture_output=True).returncode == 0
@@ -121,6 +138,8 @@ def main() -> None:
         r_sum = (restore["imgkit restore s3:// -> file"].median("wall")
                  / (restore["boto3 download_file of the object"].median("wall")
                     + restore["imgkit restore local imgk -> file (floor)"].median("wall")))
+        floor = restore[FLOOR_CLIENT].median("wall") + restore["imgkit restore local imgk -> file (floor)"].median("wall")
+        floor_ratio = floor / restore["boto3 download_file of the object"].median("wall")
         rbd_ratio = rbd["imgkit convert imgk -> rbd:"].median("wall") / rbd["qemu-img convert raw -> rbd:"].median("wall")
         mib = stored / 2**20
         report = "\n".join([
@@ -136,7 +155,8 @@ def main() -> None:
             "",
             f"targets: capture {cap_ratio:.2f}x (<= 1.2) {'OK' if cap_ratio <= 1.2 else 'MISSED'}; "
             f"restore {r_ratio:.2f}x of download wall (<= 1.0) {'OK' if r_ratio <= 1.0 else 'MISSED'} "
-            f"({r_sum:.2f}x of download + local restore); "
+            f"({r_sum:.2f}x of download + local restore; floor: S3 client + local restore = {floor:.2f} s, "
+            f"{floor_ratio:.2f}x of download); "
             f"imgk -> RBD {rbd_ratio:.2f}x (<= 1.2) {'OK' if rbd_ratio <= 1.2 else 'MISSED'}", ""])
         publish("ceph.md", report)
     finally:
