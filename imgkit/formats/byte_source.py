@@ -22,9 +22,9 @@ class LocalFile:
     def pread(self, length: int, offset: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
-    def read_sequentially(self) -> None:
+    def read_sequentially(self, start: int = 0) -> None:
         try:
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            os.posix_fadvise(self.fd, start, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass
 

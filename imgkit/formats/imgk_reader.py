@@ -260,7 +260,7 @@ class ImageReader(Stream):
         """The caller reads every stored chunk in order (restore, verify, convert, split): an image in
         S3 is then fetched in large windows instead of one GET a chunk."""
         for src in self._fds:
-            src.read_sequentially()
+            src.read_sequentially(L.HEADER_SIZE)  # the pass reads the chunks; the header was read at open
         if self.parent is not None:  # the chunks a child does not store are read from its parent, in order too
             self.parent.read_sequentially()
 

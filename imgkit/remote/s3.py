@@ -199,7 +199,8 @@ class S3Object:
         self._count_lock = threading.Lock()
         self._sequential = False
         self._win_lock = threading.Lock()
-        self._windows: dict[int, object] = {}  # window number -> bytes, or an Event while it is fetched
+        self._windows: dict[int, object] = {}  # window number -> (offset, bytes), or an Event while fetched
+        self._pass_start = 0  # windows hold no byte below this (read_sequentially)
         self._served: dict[int, int] = {}  # window number -> bytes of it handed out so far
         self._done: set[int] = set()  # windows read through in this pass: not fetched ahead again
         self._last_use: dict[int, int] = {}  # window number -> tick of its last fill or read
@@ -210,13 +211,19 @@ class S3Object:
         self.windows_fetched = 0
         self.peak_windows = 0
 
-    def read_sequentially(self) -> None:
-        """The consumer will read (nearly) all of the object once, in order (restore, verify,
-        convert): fetch it in large windows ahead of the reads. A new pass (a verify after a
-        restore) may fetch again what the last one read through."""
+    def read_sequentially(self, start: int = 0) -> None:
+        """The consumer will read (nearly) all of the object from `start` on, once, in order
+        (restore, verify, convert: what follows an imgk volume's header): fetch it in large windows
+        ahead of the reads, none of them below `start`, so that the first window too is read
+        through and dropped. A new pass (a verify after a restore) may fetch again what the last
+        one read through."""
         with self._win_lock:
             self._sequential = True
             self._done.clear()
+            if start != self._pass_start:  # windows of another pass would begin elsewhere
+                self._pass_start = start
+                for w in [w for w, d in self._windows.items() if isinstance(d, tuple)]:
+                    del self._windows[w]
             if self._ahead is None:
                 self._ahead = ThreadPoolExecutor(max_workers=AHEAD, thread_name_prefix="imgkit-s3-ahead")
 
@@ -224,7 +231,7 @@ class S3Object:
         if length <= 0 or offset >= self.size:
             return b""
         end = min(self.size, offset + length)
-        if not self._sequential:
+        if not self._sequential or offset < self._pass_start:
             if end - offset < MIN_GET:
                 return self._small_read(offset, end)
             return self._get(offset, end - 1)
@@ -232,10 +239,12 @@ class S3Object:
         self._fetch_ahead(last)
         parts = []
         for w in range(first, last + 1):
-            data = self._window(w)
-            base = w * WINDOW
-            lo, hi = max(offset, base) - base, min(end, base + len(data)) - base
-            parts.append(data[lo:hi])
+            base, data = self._window(w)
+            lo, hi = max(offset, w * WINDOW), min(end, base + len(data))
+            if lo < base:  # a window of an earlier pass, begun further on (rare): these bytes alone
+                parts.append(self._get(lo, min(end, (w + 1) * WINDOW, self.size) - 1))
+                continue
+            parts.append(data[lo - base:hi - base])
             self._served_bytes(w, hi - lo, len(data))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -271,11 +280,16 @@ class S3Object:
             except (RuntimeError, AttributeError):  # closed meanwhile
                 self._fill_failed(w)
 
-    def _fill(self, w: int) -> bytes:
-        """Fetch window w, whose Event the caller placed, and wake its waiters. On an error the
-        waiters fetch for themselves (and report it)."""
+    def _span(self, w: int) -> tuple[int, int]:
+        """The bytes window w holds: [w*WINDOW, (w+1)*WINDOW), none before the pass's start."""
+        return max(w * WINDOW, self._pass_start), min(self.size, (w + 1) * WINDOW)
+
+    def _fill(self, w: int) -> tuple[int, bytes]:
+        """Fetch window w, whose Event the caller placed, and wake its waiters; (its first byte's
+        offset, its bytes). On an error the waiters fetch for themselves (and report it)."""
+        lo, hi = self._span(w)
         try:
-            data = self._get(w * WINDOW, min(self.size, (w + 1) * WINDOW) - 1)
+            data = (lo, self._get(lo, hi - 1))
         except BaseException:
             self._fill_failed(w)
             raise
@@ -300,14 +314,14 @@ class S3Object:
         partition, never reads a window through), drop the windows held that were used least
         recently (not the lowest: the window a pass reads now is lower than those fetched ahead, and
         a window left over from an earlier pass is lower or higher)."""
-        held = sorted((self._last_use.get(w, 0), w) for w, d in self._windows.items() if isinstance(d, bytes))
+        held = sorted((self._last_use.get(w, 0), w) for w, d in self._windows.items() if isinstance(d, tuple))
         for _, w in held[:max(0, len(self._windows) - MAX_WINDOWS)]:  # least recently used first
             del self._windows[w]
             self._served.pop(w, None)
             self._last_use.pop(w, None)
-        self.peak_windows = max(self.peak_windows, sum(1 for d in self._windows.values() if isinstance(d, bytes)))
+        self.peak_windows = max(self.peak_windows, sum(1 for d in self._windows.values() if isinstance(d, tuple)))
 
-    def _window(self, w: int) -> bytes:
+    def _window(self, w: int) -> tuple[int, bytes]:
         """Window w: held, or being fetched (waited for), or fetched now by this reader while the
         others asking for it wait (the first window: every decoder starts there at once)."""
         with self._win_lock:
@@ -323,10 +337,11 @@ class S3Object:
             got.wait()
             with self._win_lock:
                 got = self._windows.get(w)
-        if isinstance(got, bytes):
+        if isinstance(got, tuple):
             return got
         # Dropped meanwhile, or its fetch failed: fetch it for this read alone.
-        return self._get(w * WINDOW, min(self.size, (w + 1) * WINDOW) - 1)
+        lo, hi = self._span(w)
+        return lo, self._get(lo, hi - 1)
 
     def _used(self, w: int) -> None:
         self._tick += 1
