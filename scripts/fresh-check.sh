@@ -3,7 +3,7 @@
 # a commit of this repository into it, and run the README's commands there as root, the way a root
 # shell on a new machine would (clean environment, nothing from this machine's packages, venvs or
 # /var/cache/imgkit). A green run on a developer machine can hide a missing install step, because
-# every package is already installed there. Takes ~25 min with the first builds (2 cores).
+# every package is already installed there. Takes ~25 min with the first builds (2 cores, loaded).
 #
 #   scripts/fresh-check.sh [--variant minbase|important|standard] [--ref REV] [--keep] DIR [COMMAND]
 #
@@ -41,6 +41,10 @@ git -C "$root/root/imgkit" checkout -q --detach "$(git -C "$here" rev-parse "$re
 if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
   mkdir -p "$root/usr/local/share/ca-certificates"
   cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  # Variants that already hold ca-certificates (important, standard) need the bundle rebuilt now.
+  if [ -x "$root/usr/sbin/update-ca-certificates" ]; then
+    chroot "$root" /usr/sbin/update-ca-certificates >/dev/null 2>&1
+  fi
 fi
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 
