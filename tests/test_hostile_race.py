@@ -122,6 +122,23 @@ def test_every_qemu_node_of_a_foreign_image_names_a_descriptor():
         assert node.get("backing", None) is None and "data-file" not in node
 
 
+def test_only_imgkits_own_files_get_a_path_or_a_backing_node():
+    """own=/writable= are the only ways past the descriptor rule: a read-only image without them is
+    refused a backing node, and flush=False is only for writable scratch files."""
+    from imgkit.formats.qemu_image import format_node
+    with pytest.raises(ValueError):
+        format_node("/some/image", "raw", backing="base")
+    with pytest.raises(ValueError):
+        format_node("/some/image", "qcow2", fd=7, backing="base")
+    with pytest.raises(ValueError):
+        format_node("/some/image", "raw", flush=False)
+    node = format_node("/tmp/own.qcow2", "qcow2", own=True, backing="base")
+    assert node["read-only"] is True and node["backing"] == "base" and node["file"]["filename"] == "/tmp/own.qcow2"
+    scratch = format_node("/tmp/scratch.raw", "raw", writable=True, flush=False)
+    assert scratch["cache"] == scratch["file"]["cache"] == {"no-flush": True}
+    assert "cache" not in format_node("/tmp/scratch.raw", "raw", writable=True)
+
+
 def test_boot_check_boots_the_inspected_file(tiny_bios_image, tmp_path, monkeypatch):
     clean = tmp_path / "clean.qcow2"
     sh("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", tiny_bios_image, str(clean))
