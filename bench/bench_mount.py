@@ -6,9 +6,11 @@
   seq   cold `dd bs=1M` of the whole disk: page cache dropped and both daemons restarted before each run
   rand  4 KiB reads at seeded random offsets, latency p50/p99, cold (fresh daemon, caches dropped)
         then warm (the same offsets again)
-  floor 4 KiB reads of zero ranges, cold (no disk read, no decoding: the request path alone), and
-        cold 64 KiB preads of the image files themselves (the disk alone)
-  rss   peak RSS (VmHWM) of each daemon over a session
+  zero  floors of the request path alone (no disk read, no decoding): 4 KiB reads of zero ranges,
+        cold; a cold `dd bs=1M` of an all-zero disk through each mount
+  disk  floors of the disk and the decoder: cold 64 KiB preads and a cold `dd bs=1M` of the image
+        files themselves; decoding every imgk chunk from the page cache with no FUSE
+  rss   peak RSS (VmHWM) of each daemon, after the sequential read and after the random reads
   tar   `tar -c` of the ext4 partition's files, cold (right after the appliance started: nothing
         read yet), piped into wc: imgkit files/p2 vs `guestmount --ro` of the qcow2 (target <= 0.7x)
   find  `find` over the same tree afterwards (both start a libguestfs appliance: its start is
@@ -144,6 +146,20 @@ def _zero_offsets(imgk64: str, rng: random.Random, n: int) -> list[int]:
         r.close()
 
 
+def zero_images(size: int) -> tuple[str, str]:
+    """An imgk and a zstd qcow2 of a disk of `size` zero bytes (nothing stored): reading them through
+    each mount is the request path alone, the floor of a sequential read."""
+    imgk, qcow = os.path.join(WORK, f"zeros-{size}.imgk"), os.path.join(WORK, f"zeros-{size}.qcow2")
+    raw = os.path.join(WORK, f"zeros-{size}.raw")
+    if not (os.path.exists(imgk) and os.path.exists(qcow)):
+        with open(raw, "wb") as f:
+            f.truncate(size)
+        sh(IMGKIT + ["capture", raw, imgk, "--progress", "none", "--force", "--sector-by-sector"])
+        sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd", raw, qcow])
+        os.unlink(raw)
+    return imgk, qcow
+
+
 def decode_floor(imgk: str) -> tuple[float, int]:
     """Seconds to decode (decompress and verify) every chunk of the image from the page cache, on a
     thread a core, in order: what the mount's decoders could do if the disk and FUSE cost nothing."""
@@ -258,6 +274,12 @@ def main() -> None:
     paths = {"imgk": imgk, "qcow2": qcow}
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     zero_offsets = _zero_offsets(imgk64, random.Random(7), nreads)
+    zero_tools, zero_seq = [], {}
+    if "zero" in parts:
+        zimgk, zqcow = zero_images(size)
+        zero_tools = [ImgkitMount(zimgk, work, "imgkit (zeros)"), QsdMount(zqcow, work)]
+        zero_tools[1].file = os.path.join(work, "qsd-zeros.raw")
+        zero_seq = {t.name: [] for t in zero_tools}
     rss = {t.name: [] for t in tools}
     checked = {}
     rng = random.Random(20261126)
@@ -297,6 +319,15 @@ def main() -> None:
                 zero_lat[t.name].extend(rand_reads(t.file, zero_offsets))
             finally:
                 t.stop()
+        for t in zero_tools:  # the request path alone, sequentially: nothing to read or decode
+            if "zero" not in parts:
+                break
+            t.start()
+            try:
+                drop_caches()
+                zero_seq[t.name].append(seq_read(t.file))
+            finally:
+                t.stop()
         for key, path in (("imgk", imgk), ("qcow2", qcow)):
             if "disk" not in parts:
                 break
@@ -317,7 +348,8 @@ def main() -> None:
         say(f"{'seq dd bs=1M cold MB/s':28}" + "".join(f"{size / statistics.median(seq[n]) / 1e6:>26.0f}" for n in names))
         say(f"{'  ratio to qsd':28}" + "".join(f"{statistics.median(seq[q]) / statistics.median(seq[n]):>25.2f}x"
                                                  for n in names))
-        say(f"{'  each run (s)':28}" + "".join(f"{' '.join(f'{x:.2f}' for x in seq[n]):>26}" for n in names))
+        say(f"{'  fastest run MB/s':28}" + "".join(f"{size / min(seq[n]) / 1e6:>26.0f}" for n in names))
+        say(f"{'  fastest-run ratio to qsd':28}" + "".join(f"{min(seq[q]) / min(seq[n]):>25.2f}x" for n in names))
     if "rand" in parts:
         for phase in ("cold", "warm"):
             for p in (50, 99):
@@ -326,11 +358,16 @@ def main() -> None:
                                                          for n in names))
     if "zero" in parts:
         say(f"{'floor: 4K zero, cold p50 (us)':28}" + "".join(f"{pct(zero_lat[n], 50) * 1e6:>26.0f}" for n in names))
+        zs = [statistics.median(zero_seq[t.name]) for t in zero_tools]
+        say(f"{'floor: seq dd of zeros MB/s':28}{size / zs[0] / 1e6:>26.0f}{'':>26}{size / zs[1] / 1e6:>26.0f}")
     if rss[q]:
         say(f"{'daemon peak RSS (MiB)':28}" + "".join(f"{max(rss[n]) / 1024:>26.1f}" for n in names))
     if checked:
         say(f"{'reads match the raw disk':28}" + "".join(f"{str(checked.get(n)):>26}" for n in names))
     say(f"(seq ratio: throughput / qsd's; latency ratio: latency / qsd's, lower is better; imgkit cache {CACHE})")
+    if "seq" in parts:
+        for n in names:
+            say(f"seq runs (s), {n}: {' '.join(f'{x:.2f}' for x in seq[n])}")
     if "disk" in parts:
         say(f"floor: a cold 64 KiB pread of the image file itself, no FUSE: p50 {pct(disk_lat['imgk'], 50) * 1e6:.0f} us "
               f"(imgk), {pct(disk_lat['qcow2'], 50) * 1e6:.0f} us (qcow2)")
