@@ -39,15 +39,16 @@ def test_json_result_and_progress(small, tmp_path):
     assert events[-1]["done"] == events[-1]["total"] == 20 * MiB + 4096
 
 
-def test_existing_destination_needs_force(small, tmp_path):
-    out = tmp_path / "vm.vmdk"
+@pytest.mark.parametrize("name,magic", [("vm.vmdk", b"KDMV"), ("vm.qcow2", b"QFI\xfb")])  # qemu-img, native
+def test_existing_destination_needs_force(small, tmp_path, name, magic):
+    out = tmp_path / name
     out.write_bytes(b"precious")
     proc = run_imgkit("convert", small["imgk"], out)
     assert_one_line_error(proc, 3, "already exists")
     assert out.read_bytes() == b"precious"
     run_imgkit("convert", small["imgk"], out, "--force", check=True)
-    assert out.read_bytes()[:4] == b"KDMV"
-    assert sorted(os.listdir(tmp_path)) == ["vm.vmdk"]
+    assert out.read_bytes()[:4] == magic
+    assert sorted(os.listdir(tmp_path)) == [name]
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -450,7 +450,7 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
     if plan.dest.native is not None and plan.dest.native.applies(plan.subformat, plan.compress):
         # Written natively: the chunks decode in parallel, in order, and go straight into the file
         # (qemu-img reading the NBD export waited on each request; see formats/qcow2_writer.py).
-        _into_temp(dest, lambda tmp: _write_native(plan.to, stream, tmp, progress))
+        _into_temp(dest, lambda tmp: _write_native(plan.to, stream, tmp, progress), force)
         return "native"
 
     def write(tmp: str) -> None:
