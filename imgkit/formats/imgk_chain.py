@@ -35,14 +35,9 @@ class ParentProblem(InputError):
     """A child's parent cannot be used: missing, swapped, changed, foreign or damaged."""
 
 
-def content_digest(img: ImageReader) -> bytes:
-    """The image's chain digest (what its children pin it by), computed once per reader."""
-    return img.chain_digest
-
-
 def parent_ref_for(parent: ImageReader) -> L.ParentRef:
     """The PARENT section of a new child of `parent`."""
-    return L.ParentRef(parent.header.image_id, content_digest(parent), parent.size, parent.chunk_size,
+    return L.ParentRef(parent.header.image_id, parent.chain_digest, parent.size, parent.chunk_size,
                        os.path.basename(parent.path))
 
 
@@ -149,7 +144,7 @@ def attach(child: ImageReader, parent: ImageReader) -> None:
     if parent.header.image_id != ref.image_id:
         raise ParentProblem(f"{child.path}: {parent.path} is image {parent.header.image_id.hex()}, "
                             f"not its parent {ref.image_id.hex()}")
-    if content_digest(parent) != ref.content_digest or parent.size != ref.logical_size \
+    if parent.chain_digest != ref.content_digest or parent.size != ref.logical_size \
             or parent.chunk_size != ref.chunk_size:
         raise ParentProblem(f"{child.path}: its parent {parent.path} has changed since the child was made "
                             "(its contents no longer match the digest the child recorded)",
