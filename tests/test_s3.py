@@ -241,6 +241,21 @@ def test_sequential_pass_over_split_volumes_keeps_no_windows_behind(disk, bucket
         assert len(img._fds[-1]._windows) <= 1  # the last window of the last volume: the directory
 
 
+def test_ranged_get_answered_with_other_bytes_is_refused(disk, bucket, monkeypatch):
+    """A service (or proxy) that ignores Range sends the whole object: the reader refuses the answer
+    by its length before reading its body, instead of holding the object in memory or handing out
+    bytes from the wrong offset. radosgw honours Range, so the request is sent without it."""
+    from imgkit.errors import BadImage
+    url = f"s3://{bucket}/no-range.imgk"
+    imgkit.capture(str(disk), url, sector_by_sector=True)
+    client = s3.new_client()
+    client.meta.events.register("before-parameter-build.s3.GetObject",
+                                lambda params, **kwargs: params.pop("Range", None))
+    monkeypatch.setattr(s3, "_client", client)
+    with pytest.raises(BadImage, match=r"answered a GET of \d+ bytes .* with \d+ bytes"):
+        ImageReader(url)
+
+
 def test_missing_object_and_bad_url_are_one_line_errors(ceph, bucket):
     assert_one_line_error(run_imgkit("info", f"s3://{bucket}/nothing.imgk"), 3, "no such")
     assert_one_line_error(run_imgkit("info", "s3://ab/x.imgk"), 3, "bucket name")

@@ -363,6 +363,13 @@ class S3Object:
         try:
             resp = client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{end}",
                                        IfMatch=self.etag)
+            want = end - offset + 1
+            if resp["ContentLength"] != want:
+                # A service or proxy that ignores Range answers with the whole object: refused before
+                # its body is read, so memory stays bounded by the windows, and no misplaced bytes.
+                resp["Body"].close()
+                raise BadImage(f"{self.url}: the service answered a GET of {want} bytes (range "
+                               f"{offset}-{end}) with {resp['ContentLength']} bytes")
             data = resp["Body"].read()
         except _s3_errors(self.url) as e:
             raise describe_error(e, self.url) from None
