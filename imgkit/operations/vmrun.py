@@ -160,9 +160,13 @@ class _Mirror:
         run_qemu(["qemu-img", "create", "-q", "-f", "qcow2", self.tmp, str(size)],
                  what="qemu-img create (the mirror target)")
         from ..formats.qemu_image import format_node
-        qmp.command("blockdev-add", **format_node(self.tmp, "qcow2", node_name="mirror", writable=True))
-        qmp.command("blockdev-mirror", **{"job-id": "imgkit-mirror", "device": "disk", "target": "mirror",
-                                          "sync": "full"})
+        try:
+            qmp.command("blockdev-add", **format_node(self.tmp, "qcow2", node_name="mirror", writable=True))
+            qmp.command("blockdev-mirror", **{"job-id": "imgkit-mirror", "device": "disk", "target": "mirror",
+                                              "sync": "full"})
+        except BaseException:
+            self.abandon()  # the caller has no _Mirror to abandon: the part file goes here
+            raise
         say(f"mirroring to {self.dest} while the VM runs")
 
     def poll(self) -> None:
