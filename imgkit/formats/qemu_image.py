@@ -94,6 +94,12 @@ def format_node(path: str, fmt: str, *, fd: int | None = None, node_name: str | 
     return node
 
 
+def file_protocol(path: str) -> str:
+    """qemu's protocol driver for a local path: `file` for a regular file, `host_device` for a
+    block device."""
+    return "file" if os.path.isfile(path) else "host_device"
+
+
 def filter_node(driver: str, node_name: str, over: str) -> dict:
     """A filter node (copy-on-read, ...) named `node_name` on top of the node named `over`: the one
     kind of block node that is not a protocol -> format chain, built here beside format_node so that

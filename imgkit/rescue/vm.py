@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..platform.accel import choose_accel
 from ..operations.bootcheck.qemu_cmdline import blockdev, firmware_args
 from ..errors import EnvironmentProblem
-from ..formats.qemu_image import format_node
+from ..formats.qemu_image import file_protocol, format_node
 
 
 @dataclass
@@ -21,10 +21,6 @@ class VmRun:
     seconds: float
     console: str           # everything the serial console printed
     accel: str
-
-
-def _protocol(path: str) -> str:
-    return "file" if os.path.isfile(path) else "host_device"
 
 
 def vm_argv(qemu: str, iso: str, disks: list[str], work: str, log: str, *, firmware: str = "bios",
@@ -37,14 +33,14 @@ def vm_argv(qemu: str, iso: str, disks: list[str], work: str, log: str, *, firmw
             "-serial", f"file:{log}", "-monitor", "none"]
     if iso_media == "usb":
         argv += ["-device", "qemu-xhci,id=xhci", *blockdev(format_node(iso, "raw", node_name="stick",
-                                                                       protocol=_protocol(iso))),
+                                                                       protocol=file_protocol(iso))),
                  "-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=0"]
     else:
-        argv += [*blockdev(format_node(iso, "raw", node_name="cd", protocol=_protocol(iso))),
+        argv += [*blockdev(format_node(iso, "raw", node_name="cd", protocol=file_protocol(iso))),
                  "-device", "ide-cd,drive=cd,bootindex=0"]
     argv += firmware_args(firmware, work)  # -machine pc, with OVMF's flash for UEFI
     for i, d in enumerate(disks):
-        argv += [*blockdev(format_node(d, "raw", node_name=f"disk{i}", protocol=_protocol(d), writable=True,
+        argv += [*blockdev(format_node(d, "raw", node_name=f"disk{i}", protocol=file_protocol(d), writable=True,
                                        flush=False)),
                  "-device", f"virtio-blk-pci,drive=disk{i}"]
     return argv

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 
 from ...formats.imgk_writer import DEFAULT_CHUNK_SIZE
-from ...formats.qemu_image import filter_node, format_node
+from ...formats.qemu_image import file_protocol, filter_node, format_node
 from ...platform.qemu_tools import run as run_qemu
 from .plan import BootPlan, find_ovmf
 
@@ -95,8 +95,7 @@ def sandbox_args(qemu: str) -> list[str]:
 
 def file_source(image: str, fmt: str, fd: int | None = None) -> dict:
     """The image opened by qemu itself: a file or block device, a foreign one through `fd`."""
-    protocol = "file" if os.path.isfile(image) else "host_device"
-    return format_node(image, fmt, fd=fd, node_name="src", protocol=protocol)
+    return format_node(image, fmt, fd=fd, node_name="src", protocol=file_protocol(image))
 
 
 def nbd_source(socket_path: str) -> dict:
