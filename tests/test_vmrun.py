@@ -192,3 +192,19 @@ def test_run_vm_checks_firmware_with_boot_checks_rule(tiny):
     with pytest.raises(InputError) as via_check:
         BootOptions(firmware="coreboot")
     assert str(via_run.value) == str(via_check.value)
+
+
+def test_an_overlay_naming_an_external_data_file_is_refused(tmp_path):
+    """A qcow2 whose header names a data file elsewhere on the host (qemu would open it, writable
+    under `run`) is no overlay imgkit made, even when its backing name is the right identity."""
+    from imgkit.errors import InputError
+    from imgkit.operations.vmrun import IDENTITY_PREFIX, prepare_overlay
+    plain, forged = tmp_path / "plain.qcow2", tmp_path / "forged.qcow2"
+    for path, extra in ((plain, []), (forged, ["-o", f"data_file={tmp_path / 'elsewhere.raw'}"])):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *extra, "-u", "-b", IDENTITY_PREFIX + "x",
+                        "-F", "raw", path, str(MiB)], check=True)
+    assert prepare_overlay(str(plain), "x", MiB, force=False) is False  # the same header, no data file: accepted
+    state = file_state(forged)
+    with pytest.raises(InputError, match="external data file"):
+        prepare_overlay(str(forged), "x", MiB, force=False)
+    assert file_state(forged) == state

@@ -41,6 +41,7 @@ DEFAULT_MEMORY = 1 << 30
 MAX_CPUS = 64
 IDENTITY_PREFIX = "imgkit-image:"
 QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_EXTERNAL_DATA = 1 << 2   # incompatible_features bit: the data lives in another file
 IDENTITY_BYTES = 1 << 20
 MIRROR_POLL = 0.5
 
@@ -75,9 +76,15 @@ def read_overlay_backing(path: str) -> tuple[str | None, int]:
     """(backing file name, virtual size) from a qcow2 header, read by hand with every field bounded
     (a user's file: no qemu needed to tell whose overlay it is)."""
     with open(path, "rb") as f:
-        head = f.read(72)
+        head = f.read(80)
         if len(head) < 72 or head[:4] != QCOW2_MAGIC:
             raise InputError(f"{path}: not a qcow2 file", hint="use --force to replace it with a new overlay")
+        (version,) = struct.unpack_from(">I", head, 4)
+        # An external data file (qcow2 v3 incompatible feature bit 2) is a host path named in the
+        # header that qemu would open, writable for run: imgkit never makes one, so it is refused.
+        if version >= 3 and len(head) == 80 and struct.unpack_from(">Q", head, 72)[0] & QCOW2_EXTERNAL_DATA:
+            raise InputError(f"{path}: a qcow2 with an external data file is not an imgkit overlay",
+                             hint="use --force to replace it with a new overlay")
         backing_offset, backing_size = struct.unpack_from(">QI", head, 8)
         (virtual_size,) = struct.unpack_from(">Q", head, 24)
         if not backing_offset:
