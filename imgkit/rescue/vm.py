@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..platform.accel import choose_accel
 from ..operations.bootcheck.qemu_cmdline import blockdev, firmware_args
 from ..errors import EnvironmentProblem
+from ..platform.qemu_tools import kill_group
 from ..formats.qemu_image import file_protocol, format_node
 
 
@@ -67,9 +68,9 @@ def run_iso(iso: str, disks: list[str], *, firmware: str = "bios", timeout: floa
             proc.wait(timeout=timeout)
             powered_off = True
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
             powered_off = False
+        finally:
+            kill_group(proc)  # also on Ctrl-C: QEMU is in its own session and would run on
         seconds = time.monotonic() - start
         with open(log, "rb") as f:
             console = f.read().decode("utf-8", "replace")
