@@ -288,19 +288,18 @@ class ReadHandle:
         self.sequential = 0
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.size or length <= 0:
-            return b""
-        length = min(length, self.size - offset)
-        data = self.reader.read(self.start + offset, length)
-        self.note(offset, length)
-        return data
+        return self._read(offset, length, self.reader.read)
 
     def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
         """read(), without copying what lies in one unit (CachingReader.read_buffer)."""
+        return self._read(offset, length, self.reader.read_buffer)
+
+    def _read(self, offset: int, length: int, fetch):
+        """Clip to the handle, read through `fetch` (the reader's read or read_buffer), note it."""
         if offset >= self.size or length <= 0:
             return b""
         length = min(length, self.size - offset)
-        data = self.reader.read_buffer(self.start + offset, length)
+        data = fetch(self.start + offset, length)
         self.note(offset, length)
         return data
 
