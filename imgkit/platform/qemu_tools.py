@@ -108,6 +108,17 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> bool:
+    """Give a process we asked to stop (QMP quit) `timeout` seconds to exit; past that its whole
+    group is killed. True when it exited by itself."""
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        return False
+
+
 def end_child(proc: subprocess.Popen, timeout: float) -> None:
     """End a helper child that takes requests on its stdin (the appliance helpers of the files view and
     of shrink): end of input is its signal to finish; past `timeout` it is killed. Its pipes are closed."""
