@@ -82,3 +82,36 @@ def test_probe_node_is_the_one_format_node_would_build(tmp_path):
     node = json.loads(argv[argv.index("-blockdev") + 1])
     assert node == format_node(disk, "raw", node_name="d", writable=True)
     assert "-drive" not in argv and argv[argv.index("-accel") + 1] == "tcg"
+
+
+# -- QEMU saying KVM failed it (platform/accel.kvm_failure: one rule for boot-check and run) --------
+
+@pytest.mark.parametrize("line", [
+    "Could not access KVM kernel module: No such file or directory",
+    "qemu-system-x86_64: failed to initialize kvm: Permission denied",
+    "qemu-system-x86_64: failed to initialize KVM: Device or resource busy",
+    "error: kvm run failed Bad address",
+    "KVM: entry failed, hardware error 0x80000021",
+])
+def test_kvm_failures_are_the_environments_fault(line):
+    from imgkit.errors import EnvironmentProblem
+    from imgkit.platform.accel import kvm_failure
+    problem = kvm_failure(line + "\n")
+    assert isinstance(problem, EnvironmentProblem)
+    assert str(problem).startswith("qemu: ") and line in str(problem) and "tcg" in problem.hint
+
+
+@pytest.mark.parametrize("line", [None, "", "qemu-system-x86_64: -blockdev x: Could not open 'x'",
+                                  "qemu-system-x86_64: -m 99999999: Parameter 'size' expects a size"])
+def test_other_qemu_errors_are_not_kvm_failures(line):
+    from imgkit.platform.accel import kvm_failure
+    assert kvm_failure(line) is None
+
+
+def test_last_line_reads_only_the_tail_of_a_large_log(tmp_path):
+    from imgkit.platform.qemu_tools import STDERR_TAIL, last_line
+    log = tmp_path / "qemu.stderr"
+    log.write_bytes(b"x" * (3 * STDERR_TAIL) + b"\nqemu: the real error\n\n  \n")
+    assert last_line(str(log)) == "qemu: the real error"
+    (tmp_path / "empty").write_bytes(b"")
+    assert last_line(str(tmp_path / "empty")) is None and last_line(str(tmp_path / "missing")) is None

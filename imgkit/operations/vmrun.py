@@ -32,8 +32,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..errors import EnvironmentProblem, InputError, OperationFailed
-from ..platform.qemu_tools import Limits, find_program, kill_group, popen, wait_or_kill
+from ..errors import InputError, OperationFailed
+from ..platform.qemu_tools import Limits, find_program, kill_group, last_line, popen, wait_or_kill
 from ..platform.qemu_tools import run as run_qemu
 from ..platform.writeback import publish_file
 
@@ -297,6 +297,7 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
 def _supervise(argv, work, memory, plan, accel, image, overlay, mirror_to, force, size, export, say) -> RunResult:
     import select
 
+    from ..platform.accel import kvm_failure
     from ..platform.qmp import QmpClient
     limits = Limits(cpu_seconds=None, address_space=memory + (4 << 30), wall_seconds=None)
     stderr_path = os.path.join(work, "qemu.stderr")
@@ -353,11 +354,9 @@ def _supervise(argv, work, memory, plan, accel, image, overlay, mirror_to, force
         if mirror is not None:
             mirror.abandon()
     if code not in (0, None):
-        with open(stderr_path, errors="replace") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-        line = lines[-1] if lines else f"exit status {code}"
-        if "kvm" in line.lower():
-            raise EnvironmentProblem(f"qemu: {line}", hint="use --accel tcg")
+        line = last_line(stderr_path) or f"exit status {code}"
+        if problem := kvm_failure(line):
+            raise problem
         raise OperationFailed(f"qemu: {line}")
     if mirror is not None and not mirror.done:
         raise OperationFailed(f"the mirror to {mirror_to} did not complete; nothing was left under that name")

@@ -121,6 +121,21 @@ def probe_kvm(timeout: float = PROBE_SECONDS, accel_name: str = "kvm") -> tuple[
     return PROBE_BYTE in got, time.monotonic() - started
 
 
+# What QEMU prints (accel/kvm/kvm-all.c) when KVM fails it: at start (no module, no permission, busy)
+# or on the first guest entry. Matched in lower case; anything else in a failed run is QEMU's own error.
+KVM_FAILURES = ("could not access kvm", "failed to initialize kvm", "kvm run failed", "kvm: entry failed",
+                "kvm internal error")
+
+
+def kvm_failure(stderr_line: str | None) -> EnvironmentProblem | None:
+    """The error to raise when QEMU's last stderr line says KVM failed (the host's fault: exit 4, with
+    the way around it), else None. One rule for boot-check and run."""
+    line = (stderr_line or "").strip()
+    if any(s in line.lower() for s in KVM_FAILURES):
+        return EnvironmentProblem(f"qemu: {line}", hint="use --accel tcg (or IMGKIT_ACCEL=tcg)")
+    return None
+
+
 def choose_accel(requested: str = "auto") -> tuple[str, str]:
     """(accel, why). `requested` is auto/kvm/tcg; IMGKIT_ACCEL overrides auto."""
     env = (os.environ.get("IMGKIT_ACCEL") or "").strip().lower()

@@ -170,6 +170,22 @@ def describe_failure(returncode: int, stderr: str) -> str:
     return lines[-1] if lines else f"exit status {returncode}"
 
 
+STDERR_TAIL = 64 << 10
+
+
+def last_line(path: str) -> str | None:
+    """The last non-blank line of a child's stderr log (only its tail is read: a chatty QEMU's log
+    may be large), or None when there is none or it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - STDERR_TAIL))
+            tail = f.read(STDERR_TAIL).decode("utf-8", "replace")
+    except OSError:
+        return None
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    return lines[-1] if lines else None
+
+
 def wait_for_socket(path: str, proc: subprocess.Popen, log_path: str | None = None, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):

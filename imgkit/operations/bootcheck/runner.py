@@ -11,8 +11,8 @@ import select
 import subprocess
 import time
 
-from ...errors import EnvironmentProblem
-from ...platform.qemu_tools import Limits, kill_group, popen
+from ...platform.accel import kvm_failure
+from ...platform.qemu_tools import Limits, kill_group, last_line, popen
 from ...platform.qmp import QmpClient
 from . import qemu_cmdline
 from .console import SCREEN_DUMP, Console, screen_from_dump
@@ -106,7 +106,7 @@ class BootRun:
                 judge.screen(self._screen(), time.monotonic())
             if stopped:
                 judge.stopped(_drain(out_fd), time.monotonic(), self.proc.poll(), self.qmp is not None,
-                              _last_line(self.stderr_path))
+                              last_line(self.stderr_path))
         if judge.line_open():
             self._finish_line(out_fd)
         else:
@@ -140,8 +140,8 @@ class BootRun:
 
     def finish(self) -> BootResult:
         judge, o = self.judge, self.options
-        if judge.reason == QEMU_FAILED:
-            _raise_if_environment(self.stderr_path)
+        if judge.reason == QEMU_FAILED and (problem := kvm_failure(last_line(self.stderr_path))):
+            raise problem
         passed = judge.passed
         shot = o.screenshot
         return BootResult(
@@ -209,19 +209,3 @@ def _drain(fd: int) -> bytes:
         if not data:
             return out
         out += data
-
-
-def _last_line(path: str) -> str | None:
-    try:
-        with open(path, errors="replace") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-        return lines[-1] if lines else None
-    except OSError:
-        return None
-
-
-def _raise_if_environment(stderr_path: str) -> None:
-    """QEMU refusing to start for lack of something on the host is the environment's fault (exit 4)."""
-    line = _last_line(stderr_path) or ""
-    if "Could not access KVM" in line or "failed to initialize kvm" in line.lower():
-        raise EnvironmentProblem(f"qemu: {line}", hint="use --accel tcg")
