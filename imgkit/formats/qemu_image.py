@@ -55,6 +55,22 @@ def _import_nbd():
     return nbd
 
 
+def create_overlay(path: str, size: int, *, cluster: int | None = None, backing: str | None = None,
+                   what: str = "qemu-img create (the overlay)") -> None:
+    """A new, empty qcow2 of `size` bytes at `path`: imgkit's one `qemu-img create` (boot-check's and
+    run's overlays and cache, run's --overlay and --mirror-to target, shrink's overlay). Formats are
+    always explicit: -f qcow2, and `backing`, a name only recorded in the header, with -F raw and -u
+    (never opened here; imgkit gives the backing node at run time, except libguestfs' qemu for
+    shrink, which follows the name it was made with). Run by qemu_tools with its limits, locale and
+    process group; a failure raises OperationFailed with qemu-img's own last line."""
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        cmd += ["-u", "-b", backing, "-F", "raw"]
+    if cluster:
+        cmd += ["-o", f"cluster_size={cluster}"]
+    run(cmd + [path, str(size)], what=what)
+
+
 def format_node(path: str, fmt: str, *, fd: int | None = None, node_name: str | None = None,
                 protocol: str = "file", writable: bool = False, own: bool = False, backing: str | None = None,
                 flush: bool = True) -> dict:

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..errors import EnvironmentProblem, OperationFailed, RefusedTarget
-from ..formats.qemu_image import QemuImage, format_node
+from ..formats.qemu_image import QemuImage, create_overlay, format_node
 from ..platform.qemu_tools import end_child
 from .shrink_plan import ShrinkPlan
 from ..stream import Stream
@@ -114,10 +114,7 @@ def shrink_filesystems(image: Stream, plan: ShrinkPlan, workdir: str, export_soc
     # The appliance's qemu follows this name (the overlay is its drive); imgkit's own daemons give
     # the backing node explicitly instead (overlay_blockdevs).
     backing = "json:" + json.dumps(format_node(export_socket, "raw", protocol="nbd"))
-    proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing,
-                           overlay, str(image.size)], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise OperationFailed(f"qemu-img could not create the overlay: {proc.stderr.strip()[:300]}")
+    create_overlay(overlay, image.size, backing=backing)
     fat_files, pinned = {}, {}
     for pp in plan.shrunk:
         if pp.filesystem == "vfat":

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import InputError, OperationFailed
 from ..platform.qemu_tools import Limits, find_program, kill_group, last_line, popen, wait_or_kill
-from ..platform.qemu_tools import run as run_qemu
 from ..platform.writeback import publish_file
 
 DEFAULT_MEMORY = 1 << 30
@@ -113,10 +112,8 @@ def prepare_overlay(path: str, identity: str, size: int, force: bool, cluster: i
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory")
     tmp = f"{path}.imgkit-new"
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", expected, "-F", "raw"]
-    if cluster:
-        cmd += ["-o", f"cluster_size={cluster}"]
-    run_qemu(cmd + [tmp, str(size)], what="qemu-img create (the overlay)")
+    from ..formats.qemu_image import create_overlay
+    create_overlay(tmp, size, cluster=cluster, backing=expected)
     try:
         publish_file(tmp, path, replace=force)  # an overlay that appeared meanwhile is not replaced
     except FileExistsError as e:
@@ -128,7 +125,7 @@ def prepare_overlay(path: str, identity: str, size: int, force: bool, cluster: i
 def _qemu_argv(qemu, plan, work, export, overlay, memory, cpus, accel, display, vnc, net, cdrom) -> list[str]:
     """The machine, firmware, QMP and sandbox as boot-check builds them (operations/bootcheck/
     qemu_cmdline.py); the display, console, network and the block graph of the module docstring."""
-    from ..formats.qemu_image import filter_node, format_node
+    from ..formats.qemu_image import create_overlay, filter_node, format_node
     from .bootcheck import qemu_cmdline as Q
     argv = Q.machine_args(qemu, "imgkit-run", accel, memory, cpus) + Q.qmp_args(work)
     # The guest may power off while a mirror still runs: QEMU then stays, paused, until done.
@@ -145,7 +142,7 @@ def _qemu_argv(qemu, plan, work, export, overlay, memory, cpus, accel, display, 
         argv += ["-device", "ide-cd,drive=src,bootindex=0"]
     else:
         cache = os.path.join(work, "cache.qcow2")
-        Q.create_overlay(cache, plan.size, Q.STREAM_CLUSTER)
+        create_overlay(cache, plan.size, cluster=Q.STREAM_CLUSTER)
         argv += (Q.blockdev(format_node(cache, "qcow2", node_name="cache", writable=True, backing="src"))
                  + Q.blockdev(filter_node("copy-on-read", "cor", over="cache"))
                  + Q.blockdev(format_node(os.path.abspath(overlay), "qcow2", node_name="disk", writable=True,
@@ -165,6 +162,7 @@ class _Mirror:
         self.seconds = None
         self.ready = False
         self._last_report = 0.0
+        from ..platform.qemu_tools import run as run_qemu
         run_qemu(["qemu-img", "create", "-q", "-f", "qcow2", self.tmp, str(size)],
                  what="qemu-img create (the mirror target)")
         from ..formats.qemu_image import format_node

@@ -21,8 +21,7 @@ import shutil
 import subprocess
 
 from ...formats.imgk_writer import DEFAULT_CHUNK_SIZE
-from ...formats.qemu_image import file_protocol, filter_node, format_node
-from ...platform.qemu_tools import run as run_qemu
+from ...formats.qemu_image import create_overlay, file_protocol, filter_node, format_node
 from .plan import BootPlan, find_ovmf
 
 QCOW2_MAX_CLUSTER = 2 << 20
@@ -103,15 +102,6 @@ def nbd_source(socket_path: str) -> dict:
     return format_node(socket_path, "raw", node_name="src", protocol="nbd")
 
 
-def create_overlay(path: str, size: int, cluster: int | None = None) -> None:
-    """An empty qcow2 with no backing file in its header: the backing node is given at run time."""
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if cluster:
-        cmd += ["-o", f"cluster_size={cluster}"]
-    # qemu_tools.run: the same limits, locale and process group as every other qemu-img call
-    run_qemu(cmd + [path, str(size)], what="qemu-img create (the overlay)")
-
-
 def disk_args(plan: BootPlan, src: dict, work: str, streamed: bool) -> list[str]:
     """The block graph (module docstring) and the guest's IDE device on its top node."""
     argv = blockdev(src)
@@ -119,7 +109,7 @@ def disk_args(plan: BootPlan, src: dict, work: str, streamed: bool) -> list[str]
     if plan.media == "cdrom" and not streamed:
         return argv + ["-device", f"{device},drive=src,bootindex=0"]  # read-only media: no overlay
     overlay = os.path.join(work, "overlay.qcow2")
-    create_overlay(overlay, max(plan.size, 512), STREAM_CLUSTER if streamed else None)
+    create_overlay(overlay, max(plan.size, 512), cluster=STREAM_CLUSTER if streamed else None)
     argv += blockdev(format_node(overlay, "qcow2", node_name="disk", writable=True, backing="src"))
     top = "disk"
     if streamed:
