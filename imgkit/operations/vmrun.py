@@ -162,10 +162,8 @@ class _Mirror:
         self.seconds = None
         self.ready = False
         self._last_report = 0.0
-        from ..platform.qemu_tools import run as run_qemu
-        run_qemu(["qemu-img", "create", "-q", "-f", "qcow2", self.tmp, str(size)],
-                 what="qemu-img create (the mirror target)")
-        from ..formats.qemu_image import format_node
+        from ..formats.qemu_image import create_overlay, format_node
+        create_overlay(self.tmp, size, what="qemu-img create (the mirror target)")
         try:
             qmp.command("blockdev-add", **format_node(self.tmp, "qcow2", node_name="mirror", writable=True))
             qmp.command("blockdev-mirror", **{"job-id": "imgkit-mirror", "device": "disk", "target": "mirror",
