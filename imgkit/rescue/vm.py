@@ -3,16 +3,15 @@ benchmark's way to run a job in the real ISO (boot-check covers booting to the b
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 
-from ..platform.accel import choose_accel
+from ..platform.accel import choose_accel, kvm_failure
 from ..operations.bootcheck.qemu_cmdline import blockdev, firmware_args
 from ..errors import EnvironmentProblem
-from ..platform.qemu_tools import kill_group
+from ..platform.qemu_tools import Limits, find_program, kill_group, last_line, popen
 from ..formats.qemu_image import file_protocol, format_node
 
 
@@ -53,17 +52,21 @@ def run_iso(iso: str, disks: list[str], *, firmware: str = "bios", timeout: floa
     """Boots `iso` with `disks` (raw files, read-write) as virtio disks vda, vdb... The ISO is a
     CD-ROM, or with iso_media="usb" a USB stick it was dd'ed to (the hybrid boot path).
     Returns when the guest powers off or `timeout` passes (then QEMU is killed)."""
-    qemu = shutil.which("qemu-system-x86_64")
-    if not qemu:
-        raise EnvironmentProblem("qemu-system-x86_64 not found", hint="apt-get install qemu-system-x86")
+    qemu = find_program("qemu-system-x86_64")
     accel_name, _ = choose_accel(accel)
     with tempfile.TemporaryDirectory(prefix="imgkit-rescue-vm-") as work:
         log = os.path.join(work, "console.log")
         argv = vm_argv(qemu, iso, disks, work, log, firmware=firmware, memory_mib=memory_mib, cpus=cpus,
                        accel=accel_name, iso_media=iso_media)
+        # every vCPU thread may burn CPU for the whole wall-clock timeout (TCG)
+        limits = Limits(cpu_seconds=int(timeout * cpus) + 60, address_space=(memory_mib << 20) + (4 << 30),
+                        wall_seconds=timeout)
+        stderr_path = os.path.join(work, "qemu.stderr")
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        # QEMU's stderr goes to a file, as boot-check's does: a pipe nobody reads until the end
+        # would stop a chatty QEMU (warnings, a guest error loop) once 64 KiB of it filled up.
+        with open(stderr_path, "wb") as stderr:
+            proc = popen(argv, limits, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             proc.wait(timeout=timeout)
             powered_off = True
@@ -72,12 +75,17 @@ def run_iso(iso: str, disks: list[str], *, firmware: str = "bios", timeout: floa
         finally:
             kill_group(proc)  # also on Ctrl-C: QEMU is in its own session and would run on
         seconds = time.monotonic() - start
-        with open(log, "rb") as f:
-            console = f.read().decode("utf-8", "replace")
+        try:
+            with open(log, "rb") as f:
+                console = f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            console = ""  # QEMU failed before opening its serial file
         if append_console:
             with open(append_console, "w") as f:
                 f.write(console)
         if proc.returncode not in (0, -9) and powered_off:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise EnvironmentProblem(f"qemu failed (exit {proc.returncode}): {err.strip()[-500:]}")
+            line = last_line(stderr_path) or f"exit status {proc.returncode}"
+            if problem := kvm_failure(line):
+                raise problem
+            raise EnvironmentProblem(f"qemu failed (exit {proc.returncode}): {line}")
         return VmRun(powered_off, seconds, console, accel_name)
