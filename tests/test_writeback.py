@@ -210,3 +210,23 @@ def test_publish_file_keeps_a_name_that_appeared_unless_told_to_replace(tmp_path
     tmp.write_bytes(b"x")
     with pytest.raises(FileExistsError):  # --force replaces a file, never a directory
         publish_file(str(tmp), str(tmp_path / "dir"), replace=True)
+
+
+def test_output_writer_closes_its_files_when_a_buffer_cannot_be_had(tmp_path, monkeypatch):
+    """The staging buffers are allocated after both descriptors are open: running out of memory there
+    must not leak the descriptors (or the buffers made so far), since no object exists to close."""
+    import imgkit.platform.writeback as wb
+    made = []
+
+    def second_fails(size):
+        if made:
+            raise MemoryError
+        made.append(wb.mmap.mmap(-1, size))
+        return made[-1]
+    monkeypatch.setattr(wb, "_stage_buffer", second_fails)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(MemoryError):
+        OutputWriter(str(tmp_path / "out.raw"), direct=True)
+    assert set(os.listdir("/proc/self/fd")) <= before
+    assert made and made[0].closed
+    assert not [t for t in threading.enumerate() if t.name == "imgkit-writer"]

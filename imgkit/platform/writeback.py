@@ -42,6 +42,11 @@ PREALLOCATE_SPARE = 256 << 20  # free space preallocate() leaves to everyone els
 DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block: a page is
 
 
+def _stage_buffer(size: int) -> mmap.mmap:
+    """One page-aligned staging buffer of OutputWriter (a function: tests make it fail)."""
+    return mmap.mmap(-1, size)
+
+
 class OutputWriter:
     """A large output file (a converted disk) written on writer threads, in large pieces, through
     O_DIRECT where the filesystem takes it. write() copies the bytes into one of a few page-aligned
@@ -75,8 +80,16 @@ class OutputWriter:
                 self._dfd = None
         self.stage = max(DIRECT_ALIGN, stage - stage % DIRECT_ALIGN)
         self._free: queue.Queue = queue.Queue()
-        for _ in range(max(2, depth)):
-            self._free.put(mmap.mmap(-1, self.stage))
+        try:
+            for _ in range(max(2, depth)):
+                self._free.put(_stage_buffer(self.stage))
+        except BaseException:  # out of memory (or address space): no object to close() exists yet
+            while not self._free.empty():
+                self._free.get_nowait().close()
+            for fd in (self.fd, self._dfd):
+                if fd is not None:
+                    os.close(fd)
+            raise
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._reported = False
