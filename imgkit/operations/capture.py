@@ -240,10 +240,11 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
 
     counts = {L.KIND_DATA: 0, L.KIND_ZERO: 0, L.KIND_FREE: 0, L.KIND_PARENT: 0}
     try:
-        for chunk in ordered_map(work, chunks_to_do(), workers or default_workers()):
-            writer.put(chunk)
-            counts[chunk.kind] += 1
-            progress.advance(chunk.length)
+        with ordered_map(work, chunks_to_do(), workers or default_workers()) as chunks:
+            for chunk in chunks:
+                writer.put(chunk)
+                counts[chunk.kind] += 1
+                progress.advance(chunk.length)
         for m in plan.used_maps:
             writer.add_used_map(m)
         paths = writer.commit(metadata)

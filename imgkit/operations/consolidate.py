@@ -201,20 +201,21 @@ def _write(top: ImageReader, target: str, stop: ImageReader | None, progress: Pr
 
         placed: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
         copied = pulled = 0
-        for i, link, e, stored in ordered_map(fetch, jobs, workers):
-            key = (id(link), e.volume, e.offset)  # a stored chunk several entries share: write it once
-            if key in placed:
-                volume, offset, length, obj = placed[key]
-            else:
-                volume, offset = writer.copy_stored(stored)
-                length, obj = len(stored), (e.object if link is top else i)
-                placed[key] = (volume, offset, length, obj)
-                copied += 1
-            if link is not top:
-                pulled += 1
-            writer.set_entry(i, L.IndexEntry(L.KIND_DATA, e.encoding, volume, length, offset, obj,
-                                             top.index[i].digest))
-            progress.advance(top.chunk_length(i))
+        with ordered_map(fetch, jobs, workers) as fetched:
+            for i, link, e, stored in fetched:
+                key = (id(link), e.volume, e.offset)  # a stored chunk several entries share: write it once
+                if key in placed:
+                    volume, offset, length, obj = placed[key]
+                else:
+                    volume, offset = writer.copy_stored(stored)
+                    length, obj = len(stored), (e.object if link is top else i)
+                    placed[key] = (volume, offset, length, obj)
+                    copied += 1
+                if link is not top:
+                    pulled += 1
+                writer.set_entry(i, L.IndexEntry(L.KIND_DATA, e.encoding, volume, length, offset, obj,
+                                                 top.index[i].digest))
+                progress.advance(top.chunk_length(i))
         for m in top.used_maps:
             writer.add_used_map(m)
         writer.set_parent(stop and _ref_below(top, stop))

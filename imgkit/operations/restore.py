@@ -258,8 +258,9 @@ def _verify_target(image: Stream, target: str, progress: Progress) -> None:
         def check(p):
             offset, length = p
             return offset, os.pread(fd, length, offset) == reader.read(offset, length)
-        for offset, ok in ordered_map(check, _pieces(reader, {DATA, ZERO})):
-            if not ok:
-                raise OperationFailed(f"verify after restore: {target} differs from the image at offset {offset}")
+        with ordered_map(check, _pieces(reader, {DATA, ZERO})) as checked:
+            for offset, ok in checked:
+                if not ok:
+                    raise OperationFailed(f"verify after restore: {target} differs from the image at offset {offset}")
     finally:
         os.close(fd)

@@ -57,14 +57,15 @@ def verify_image(image: ImageReader, progress: Progress | None = None, workers: 
             return i, str(e)
 
     image.read_sequentially()
-    for i, error in ordered_map(check, data, workers or image.read_workers):
-        length = image.chunk_length(i)
-        report.bytes_checked += length
-        progress.advance(length)
-        if error:
-            report.bad_count += 1
-            if len(report.bad) < MAX_LISTED:
-                report.bad.append({"offset": i * image.chunk_size, "length": length, "error": error})
+    with ordered_map(check, data, workers or image.read_workers) as results:
+        for i, error in results:
+            length = image.chunk_length(i)
+            report.bytes_checked += length
+            progress.advance(length)
+            if error:
+                report.bad_count += 1
+                if len(report.bad) < MAX_LISTED:
+                    report.bad.append({"offset": i * image.chunk_size, "length": length, "error": error})
     report.seconds = time.monotonic() - started
     progress.finish(ok=report.ok)
     return report

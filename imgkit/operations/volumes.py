@@ -139,18 +139,19 @@ def relayout(image: str, output: str | None = None, *, split_size: int | None = 
                 src.decode_stored(i, stored)  # refuse to copy damage (raises CorruptChunk)
                 return i, stored
 
-            for i, stored in ordered_map(fetch, data, workers):
-                e = src.index[i]
-                where = (e.volume, e.offset)
-                if where in placed:
-                    volume, offset = placed[where]
-                else:
-                    volume, offset = writer.copy_stored(stored)
-                    copied += 1
-                    if shared[where] > 1:
-                        placed[where] = (volume, offset)
-                writer.set_entry(i, replace(e, volume=volume, offset=offset))
-                progress.advance(src.chunk_length(i))
+            with ordered_map(fetch, data, workers) as fetched:
+                for i, stored in fetched:
+                    e = src.index[i]
+                    where = (e.volume, e.offset)
+                    if where in placed:
+                        volume, offset = placed[where]
+                    else:
+                        volume, offset = writer.copy_stored(stored)
+                        copied += 1
+                        if shared[where] > 1:
+                            placed[where] = (volume, offset)
+                    writer.set_entry(i, replace(e, volume=volume, offset=offset))
+                    progress.advance(src.chunk_length(i))
             for m in src.used_maps:
                 writer.add_used_map(m)
             writer.set_parent(src.parent_ref)

@@ -10,7 +10,7 @@ import functools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,24 +64,82 @@ def default_workers() -> int:
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
-                inflight: int | None = None) -> Iterator[R]:
-    """Yield fn(item) in input order, with at most `inflight` items submitted but not yet yielded."""
-    workers = workers or default_workers()
-    inflight = inflight or workers * 3
-    keep_freed_buffers()
-    if workers == 1:
-        for item in items:
-            yield fn(item)
-        return
-    pending: deque = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgkit") as pool:
+                inflight: int | None = None) -> "OrderedMap[R]":
+    """fn(item) in input order, with at most `inflight` items submitted but not yet handed out.
+    Iterate it inside `with` (or close() it): a caller that stops early or raises then leaves no
+    worker threads behind, even while something (a traceback) still holds the iterator."""
+    return OrderedMap(fn, items, workers, inflight)
+
+
+class OrderedMap(Generic[R]):
+    """The iterator ordered_map returns. Its pool of worker threads lives from the first next() to
+    the end of the items, an error (of fn or of the items), or close(): close() cancels what has not
+    started and waits for what has, so no thread outlives it. A plain generator could not do this:
+    its pool is shut down only when the generator is closed or collected, and a caller that raised
+    mid-iteration and is handling the error still holds it through the traceback's frames."""
+
+    def __init__(self, fn: Callable[[T], R], items: Iterable[T], workers: int | None, inflight: int | None):
+        self._fn = fn
+        self._items = iter(items)
+        self._workers = workers or default_workers()
+        self._inflight = inflight or self._workers * 3
+        self._pending: deque = deque()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = self._exhausted = False
+        keep_freed_buffers()
+
+    def __iter__(self) -> "OrderedMap[R]":
+        return self
+
+    def __next__(self) -> R:
+        if self._closed:
+            raise StopIteration
         try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= inflight:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
+            if self._workers == 1:
+                return self._fn(next(self._items))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="imgkit")
+            while not self._exhausted and len(self._pending) < self._inflight:
+                try:
+                    item = next(self._items)
+                except StopIteration:
+                    self._exhausted = True
+                    break
+                self._pending.append(self._pool.submit(self._fn, item))
+            if not self._pending:
+                raise StopIteration
+            return self._pending.popleft().result()
+        except BaseException:  # the end, an error of fn or of the items, Ctrl-C: no thread stays
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop: what was not started is cancelled, what runs is waited for; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for f in self._pending:
+            f.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        close_items = getattr(self._items, "close", None)
+        if close_items is not None:
+            close_items()  # a generator of items ends here too (its finally blocks run now)
+
+    def __del__(self) -> None:
+        # Dropped unclosed (a plain for loop left by an exception): cancel what has not started and
+        # let the workers end once idle, without waiting (a collector may run this on any thread).
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            for f in self._pending:
                 f.cancel()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "OrderedMap[R]":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

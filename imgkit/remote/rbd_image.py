@@ -315,9 +315,10 @@ def _verify(image: Stream, out, spec: RbdSpec, piece: int, workers) -> None:
     from ..errors import OperationFailed
     from ..platform.parallel import ordered_map
     pieces = [(o, min(piece, image.size - o)) for o in range(0, image.size, piece)]
-    for (o, n), same in ordered_map(lambda p: (p, out.read(*p) == image.read(*p)), pieces, workers):
-        if not same:
-            raise OperationFailed(f"verify after restore: {spec} differs from the image at offset {o}")
+    with ordered_map(lambda p: (p, out.read(*p) == image.read(*p)), pieces, workers) as checked:
+        for (o, n), same in checked:
+            if not same:
+                raise OperationFailed(f"verify after restore: {spec} differs from the image at offset {o}")
 
 
 def qemu_filename(location: str) -> str:
