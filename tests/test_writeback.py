@@ -230,3 +230,45 @@ def test_output_writer_closes_its_files_when_a_buffer_cannot_be_had(tmp_path, mo
     assert set(os.listdir("/proc/self/fd")) <= before
     assert made and made[0].closed
     assert not [t for t in threading.enumerate() if t.name == "imgkit-writer"]
+
+
+def test_output_writer_not_durable_leaves_everything_to_the_page_cache(tmp_path, monkeypatch):
+    # convert --no-sync: no O_DIRECT, no writeback hints (the kernel writes back when it likes), one
+    # writer thread (buffered writes serialize on the inode lock), and still every byte in place.
+    import imgkit.platform.writeback as wb
+    hints = []
+    monkeypatch.setattr(wb, "start_writeback", lambda *a: hints.append(a))
+    rng = random.Random(8)
+    size = 80 << 20  # more than WRITEBACK_STEP buffered bytes: a durable writer would have hinted
+    writes = _scattered_writes(rng, size)
+    expected = bytearray(size)
+    path = tmp_path / "out.bin"
+    with OutputWriter(str(path), stage=1 << 20, durable=False) as out:
+        assert not out.direct and len(out._threads) == 1
+        for off, data in writes:
+            out.write(off, data)
+            expected[off:off + len(data)] = data
+        out.truncate(size)
+    assert path.read_bytes() == bytes(expected)
+    assert out.direct_bytes == 0 and out.buffered_bytes == sum(len(d) for _, d in writes) > wb.WRITEBACK_STEP
+    assert hints == []
+    with OutputWriter(str(tmp_path / "durable.bin"), stage=1 << 20, direct=False) as out:  # the control
+        out.write(0, bytes(wb.WRITEBACK_STEP + (1 << 20)))
+    assert hints
+
+
+def test_publish_file_without_sync_renames_and_never_fsyncs(tmp_path, monkeypatch):
+    from imgkit.platform import writeback as wb
+    final, tmp = tmp_path / "out.raw", tmp_path / "tmp.raw"
+    tmp.write_bytes(b"scratch")
+
+    def no_fsync(fd):
+        raise AssertionError("fsync called")
+    monkeypatch.setattr(wb.os, "fsync", no_fsync)
+    wb.publish_file(str(tmp), str(final), sync=False)
+    assert final.read_bytes() == b"scratch" and not tmp.exists()
+    tmp.write_bytes(b"again")
+    with pytest.raises(FileExistsError):  # the rename keeps its rules: nothing replaced unasked
+        wb.publish_file(str(tmp), str(final), sync=False)
+    with pytest.raises(AssertionError, match="fsync called"):  # the control: a durable publish fsyncs
+        wb.publish_file(str(tmp), str(final), replace=True)

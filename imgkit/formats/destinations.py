@@ -23,7 +23,7 @@ CAPTURE = "capture"    # imgkit's own image: capture_stream
 COPY = "copy"          # the disk's bytes as they are, into a sparse file
 QEMU_IMG = "qemu-img"  # qemu-img convert -O qemu_name (or imgkit's native writer where declared)
 
-# write(stream, path, map_pieces, advance=..., direct=...) -> data bytes written: see qcow2_writer.write_qcow2.
+# write(stream, path, map_pieces, advance=..., durable=...) -> data bytes written: see qcow2_writer.write_qcow2.
 NativeWrite = Callable[..., int]
 
 

@@ -70,11 +70,12 @@ def _pieces(spans: Iterable[tuple[int, int]], size: int, piece: int) -> Iterable
 
 
 def write_qcow2(stream: Stream, path: str, read_pieces: Callable, *, advance: Callable[[int], None] = lambda n: None,
-                direct: bool = True) -> int:
+                durable: bool = True) -> int:
     """Write `stream` as a new qcow2 at `path` (created; the caller renames it into place and fsyncs).
     `read_pieces(pieces)` yields ((offset, length), bytes) in order (CachingReader.map_pieces).
     Every write is whole clusters at cluster offsets, so all of it can go to the disk directly
-    (platform.writeback.OutputWriter; `direct` False: through the page cache). Returns the data bytes written."""
+    (platform.writeback.OutputWriter; `durable` False: left in the page cache, `convert --no-sync`).
+    Returns the data bytes written."""
     size = stream.size
     piece = max(CLUSTER, stream.unit_size or 0) if (stream.unit_size or 0) % CLUSTER == 0 else 4 << 20
     guest_clusters = _clusters(size)
@@ -82,7 +83,7 @@ def write_qcow2(stream: Stream, path: str, read_pieces: Callable, *, advance: Ca
     l2: dict[int, list[int]] = {}  # L1 index -> its L2 entries (only the tables that map something)
     written = 0
     spans = data_clusters(stream)
-    with OutputWriter(path, direct=direct) as out:
+    with OutputWriter(path, durable=durable) as out:
         # The header cluster and at most every data cluster, allocated up front (OutputWriter.
         # preallocate); clusters found all zero leave room that the metadata or the final
         # truncate takes back.

@@ -68,11 +68,11 @@ def dynamic_header(entries: int) -> bytes:
 
 
 def write_vhd(stream: Stream, path: str, read_pieces: Callable, *, advance: Callable[[int], None] = lambda n: None,
-              direct: bool = True) -> int:
+              durable: bool = True) -> int:
     """Write `stream` as a new dynamic VHD at `path` (the caller renames it into place and fsyncs).
     `read_pieces(pieces)` yields ((offset, length), bytes) in order. The blocks follow each other
-    in the file, so the writer (platform.writeback.OutputWriter) joins them into large direct writes.
-    Returns the data bytes written."""
+    in the file, so the writer (platform.writeback.OutputWriter) joins them into large direct writes
+    (`durable` False: left in the page cache, `convert --no-sync`). Returns the data bytes written."""
     size = stream.size
     entries = -(-size // BLOCK)
     bat = [UNALLOCATED] * entries
@@ -83,7 +83,7 @@ def write_vhd(stream: Stream, path: str, read_pieces: Callable, *, advance: Call
     pieces = [(b * BLOCK, min(BLOCK, size - b * BLOCK)) for b in blocks]
     written = 0
     bitmap = b"\xff" * BITMAP
-    with OutputWriter(path, direct=direct) as out:
+    with OutputWriter(path, durable=durable) as out:
         out.preallocate(0, first_block + len(blocks) * (BITMAP + BLOCK) + SECTOR)  # at most; truncated below
         host = first_block
         for (offset, length), data in read_pieces(pieces):

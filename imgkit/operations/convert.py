@@ -8,7 +8,9 @@ Routes (all without a temporary full-size raw copy on disk):
 - raw/foreign file -> qcow2/vhd/vhdx/vmdk: `qemu-img convert` directly, explicit -f/-O, after the
   header inspection of formats/foreign.py;
 - anything -> raw/iso: imgkit copies the Stream's data runs into a sparse file.
-Every destination is written under a temporary name in its directory and renamed when complete.
+Every destination is written under a temporary name in its directory and renamed when complete,
+durably (data and directory fsynced) unless `sync` is False (`--no-sync`: the page cache, like
+`qemu-img convert`; imgk and rbd: destinations are always durable).
 """
 from __future__ import annotations
 
@@ -117,9 +119,9 @@ def _check_destination(source: str, dest: str, force: bool) -> None:
     check_replaceable(dest, force, [source])
 
 
-def _finish_file(tmp: str, dest: str, force: bool) -> None:
+def _finish_file(tmp: str, dest: str, force: bool, sync: bool = True) -> None:
     try:
-        publish_file(tmp, dest, replace=force)  # a DEST that appeared meanwhile is never replaced
+        publish_file(tmp, dest, replace=force, sync=sync)  # a DEST that appeared meanwhile is never replaced
     except FileExistsError as e:
         raise InputError(f"{dest}: {e.strerror}", hint="use --force to replace it") from None
 
@@ -168,7 +170,7 @@ class PaddedStream(Stream):
 
 # -- the routes -----------------------------------------------------------------------------------
 def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int, progress: Progress,
-                          export=None, pass_fds: tuple[int, ...] = ()) -> None:
+                          export=None, pass_fds: tuple[int, ...] = (), sync: bool = True) -> None:
     from ..platform.qemu_tools import describe_failure, kill_group, limits_for_size, popen
     argv = ["qemu-img", "convert", "-p", *src_args, "-O", plan.dest.qemu_name,
             *plan.dest.qemu_img_options(plan.subformat, plan.compress)]
@@ -185,11 +187,12 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
     buf = b""
     # Write the output back while qemu-img writes it: the fsync before the rename then waits for
     # the tail only (imgk -> qcow2 of disk F: the fsync of 1 GiB cost as much as the conversion).
-    nudger = WritebackNudger(tmp)
+    nudger = WritebackNudger(tmp) if sync else None
     try:
         while True:
             piece = proc.stdout.read1(4096)
-            nudger.poll()
+            if nudger is not None:
+                nudger.poll()
             if not piece:
                 break
             buf = (buf + piece)[-256:]
@@ -209,7 +212,8 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
         kill_group(proc)
         raise
     finally:
-        nudger.close()
+        if nudger is not None:
+            nudger.close()
     reader.join(5)
     if proc.returncode != 0:
         if export is not None and export.errors:
@@ -221,27 +225,27 @@ def _run_qemu_img_convert(src_args: list[str], plan: _Plan, tmp: str, size: int,
         progress.advance(size - progress.done)
 
 
-def _write_native(fmt: str, stream: Stream, tmp: str, progress: Progress) -> None:
+def _write_native(fmt: str, stream: Stream, tmp: str, progress: Progress, sync: bool = True) -> None:
     write = destination(fmt).native.load()
     reader = CachingReader(stream, cache_bytes=0)
     stream.read_sequentially()
     progress.total = stream.size
     try:
-        write(stream, tmp, reader.map_pieces, advance=progress.advance)
+        write(stream, tmp, reader.map_pieces, advance=progress.advance, durable=sync)
     except CorruptChunk as e:  # as through qemu-img: the conversion failed on a damaged source
         raise OperationFailed(f"reading the source failed: {e}") from None
     if progress.done < stream.size:
         progress.advance(stream.size - progress.done)
 
 
-def _copy_to_raw(stream: Stream, tmp: str, progress: Progress) -> None:
+def _copy_to_raw(stream: Stream, tmp: str, progress: Progress, sync: bool = True) -> None:
     """Data runs into a sparse file; holes and all-zero pieces stay holes. Read through the one
     caching reader, in pieces cut where the source's units are (an imgk chunk decodes once), and
     written on the writer thread, directly to the disk where the filesystem allows (OutputWriter)."""
     reader = CachingReader(stream, cache_bytes=0)
     piece = stream.unit_size or COPY_PIECE
     pieces = list(reader.cut_pieces(stream.runs(), {DATA}, piece))
-    with OutputWriter(tmp) as out:
+    with OutputWriter(tmp, durable=sync) as out:
         for off, length in _joined(pieces):  # allocated up front (see OutputWriter.preallocate)
             out.preallocate(off, length)
         stream.read_sequentially()
@@ -273,13 +277,15 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
             compress: bool = False, subformat: str | None = None, preset: str | None = None,
             force: bool = False, password=None, progress: Progress | None = None,
             level: int | None = None, overlay: str | None = None, encrypt: bytes | None = None,
-            decrypt: bool = False, sector_by_sector: bool = False) -> ConvertResult:
+            decrypt: bool = False, sector_by_sector: bool = False, sync: bool = True) -> ConvertResult:
     """Convert `source` into `dest`. An encrypted imgk source stays encrypted in an imgk destination
     (under the same password, or under `encrypt`, a new one); any output in clear from it (imgk
     with `decrypt`, or raw/qcow2/...) needs `decrypt`: nobody gets a clear copy of an encrypted
     backup without saying so. `encrypt` also encrypts an imgk destination of a clear source.
     An imgk destination stores only the blocks filesystems use, like capture, unless
-    `sector_by_sector`."""
+    `sector_by_sector`. `sync` False (`--no-sync`) leaves the output in the page cache, unsynced,
+    as `qemu-img convert` does (still written under a temporary name and renamed when complete);
+    refused for imgk and rbd: destinations, which are always durable."""
     from ..formats.registry import open_image  # convert only routes what the registry opens
     progress = progress or NullProgress()
     started = time.monotonic()
@@ -287,8 +293,10 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     if overlay is not None:
         return _with_overlay(source, dest, overlay, source_format=source_format, to=to, compress=compress,
                              subformat=subformat, preset=preset, force=force, password=password,
-                             progress=progress, started=started, decrypt=decrypt)
+                             progress=progress, started=started, decrypt=decrypt, sync=sync)
     if is_rbd(dest):  # a VM disk in Ceph: librbd writes it sparse (remote/rbd_image.py)
+        if not sync:
+            raise InputError("--no-sync applies to file destinations, not to an rbd: image")
         return _to_rbd(source, dest, source_format, to, compress or subformat or preset or level is not None,
                        force, password, progress, started, decrypt)
     to = destination_format(dest, to)
@@ -300,6 +308,9 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     if level is not None and plan.dest.route != CAPTURE:
         raise InputError(f"--level applies to imgk destinations, not {to}",
                          hint="for a compressed qcow2 use --compress")
+    if not sync and plan.dest.route == CAPTURE:
+        raise InputError(f"--no-sync does not apply to an {to} destination: an imgk image is always written durably",
+                         hint="convert to raw, qcow2, vhd, vhdx or vmdk for a scratch copy")
     _check_destination(source, dest, force)
     direct = _direct_source(source, source_format, plan)
     if direct is not None:  # a file qemu-img reads itself: no stream, no NBD
@@ -312,8 +323,8 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
             else:  # the inspected descriptor, with backing: null (qemu_image.format_node)
                 from ..formats.qemu_image import image_spec
                 src_args, fds = [image_spec(inspected)], (inspected.fd,)
-            _into_temp(dest, lambda tmp: _run_qemu_img_convert(src_args, plan, tmp, size, progress, pass_fds=fds),
-                       force)
+            _into_temp(dest, lambda tmp: _run_qemu_img_convert(src_args, plan, tmp, size, progress, pass_fds=fds,
+                                                                sync=sync), force, sync)
         finally:
             if inspected is not None:
                 inspected.close()
@@ -326,7 +337,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
             if plan.pad_to_mib:
                 plan.size = -(-src.size // MiB) * MiB
             sealer = _sealer_for(src, source, plan.to, password, encrypt, decrypt)
-            method = _route(src, source, dest, plan, force, progress, level, sealer, sector_by_sector)
+            method = _route(src, source, dest, plan, force, progress, level, sealer, sector_by_sector, sync)
             virtual = plan.size or src.size
         finally:
             src.close()
@@ -383,8 +394,9 @@ def _direct_source(source: str, source_format: str | None, plan: _Plan):
     return source_format, os.path.getsize(source), None  # raw bytes (raw, ISO)
 
 
-def _into_temp(dest: str, write, force: bool = False) -> None:
-    """Run write(tmp) and rename tmp to dest when it is complete; never leave tmp behind."""
+def _into_temp(dest: str, write, force: bool = False, sync: bool = True) -> None:
+    """Run write(tmp) and rename tmp to dest when it is complete (synced first unless `sync` is
+    False); never leave tmp behind."""
     tmp = _tmp_name(dest)
     try:
         try:
@@ -393,7 +405,7 @@ def _into_temp(dest: str, write, force: bool = False) -> None:
             if e.filename and e.filename != tmp:
                 raise
             raise OSError(e.errno, e.strerror, dest) from None
-        _finish_file(tmp, dest, force)
+        _finish_file(tmp, dest, force, sync)
     finally:
         import shutil
         shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
@@ -421,7 +433,7 @@ def _holds_a_disk(d: Destination | None) -> bool:
 
 
 def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progress: Progress,
-           level: int | None, sealer_factory=None, sector_by_sector: bool = False) -> str:
+           level: int | None, sealer_factory=None, sector_by_sector: bool = False, sync: bool = True) -> str:
     if plan.dest.route == CAPTURE:
         info = src.describe()
         if level is None:
@@ -444,25 +456,27 @@ def _route(src: Stream, source: str, dest: str, plan: _Plan, force: bool, progre
                 raise InputError(f"{source} is not an optical image (no ISO 9660 volume descriptor at "
                                  f"sector 16): refusing to make an .{plan.to} of a hard disk",
                                  hint=f"convert it to {names(_holds_a_disk)} instead")
-        _into_temp(dest, lambda tmp: _copy_to_raw(src, tmp, progress), force)
+        _into_temp(dest, lambda tmp: _copy_to_raw(src, tmp, progress, sync), force, sync)
         return "copy"
     stream = PaddedStream(src, plan.size) if plan.size and plan.size != src.size else src
     if plan.dest.native is not None and plan.dest.native.applies(plan.subformat, plan.compress):
         # Written natively: the chunks decode in parallel, in order, and go straight into the file
         # (qemu-img reading the NBD export waited on each request; see formats/qcow2_writer.py).
-        _into_temp(dest, lambda tmp: _write_native(plan.to, stream, tmp, progress), force)
+        _into_temp(dest, lambda tmp: _write_native(plan.to, stream, tmp, progress, sync), force, sync)
         return "native"
 
     def write(tmp: str) -> None:
         from ..views.nbd_export import export_stream
         with export_stream(stream) as export:
-            _run_qemu_img_convert(["-f", "raw", export.qemu_filename], plan, tmp, stream.size, progress, export)
-    _into_temp(dest, write, force)
+            _run_qemu_img_convert(["-f", "raw", export.qemu_filename], plan, tmp, stream.size, progress, export,
+                                  sync=sync)
+    _into_temp(dest, write, force, sync)
     return "nbd-export"
 
 
 def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, compress, subformat, preset, force,
-                  password, progress: Progress, started: float, decrypt: bool = False) -> ConvertResult:
+                  password, progress: Progress, started: float, decrypt: bool = False,
+                  sync: bool = True) -> ConvertResult:
     """The image with an `imgkit run --overlay` file's writes on top, as one standalone disk (what
     `run --mirror-to` does live, done offline): qemu-img reads the overlay, whose backing node is
     the image served by imgkit over NBD. The overlay must have been made over this very image."""
@@ -502,8 +516,8 @@ def _with_overlay(source: str, dest: str, overlay: str, *, source_format, to, co
                 from ..platform.qemu_tools import run as run_qemu
                 run_qemu(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", export.qemu_filename, "-F", "raw", copy],
                          what="qemu-img rebase (the overlay copy)")
-                _run_qemu_img_convert(["-f", "qcow2", copy], plan, tmp, src.size, progress, export)
-        _into_temp(dest, write, force)
+                _run_qemu_img_convert(["-f", "qcow2", copy], plan, tmp, src.size, progress, export, sync=sync)
+        _into_temp(dest, write, force, sync)
     finally:
         src.close()
     progress.finish()
