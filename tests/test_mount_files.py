@@ -1,7 +1,9 @@
 """imgkit mount, the files view: files of the ext4, FAT and NTFS partitions read back identical,
 with symlinks, modes, owners and times as in the image, through ONE libguestfs appliance shared by
-the whole module (20-30 s to start under TCG). Unmounting with the appliance running leaves no mount
-and no appliance behind."""
+the whole module (20-30 s to start under TCG). Files of the ext4 are read from the image through the
+appliance's extent maps (holes, unwritten extents, fragmented files), those of an ext3 and of an
+ext4 with a journal to replay through the appliance. Unmounting with the appliance running leaves
+no mount and no appliance behind."""
 from __future__ import annotations
 
 import os
@@ -17,11 +19,19 @@ pytestmark = [needs_root, pytest.mark.root, pytest.mark.fuse, pytest.mark.guestf
 
 
 @pytest.fixture(scope="module")
-def files_mount(tmp_path_factory):
+def files_log(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("files-log") / "mount.log")
+
+
+@pytest.fixture(scope="module")
+def files_mount(tmp_path_factory, files_log):
     mp = str(tmp_path_factory.mktemp("files") / "m")
-    with mounted(captured(), mp):
+    with mounted(captured(), mp, "--log-file", files_log):
         yield os.path.join(mp, "files")
     assert not mounted_here(mp)
+    # The daemon's summary at unmount: ext4 reads came from extent maps (the fast path was taken).
+    summary = [line for line in _log(files_log) if "reads from extent maps" in line]
+    assert summary and int(summary[-1].split("files view: ")[1].split()[0]) > 0, _log(files_log)
     # the appliance (a qemu started by the daemon's helper) is gone with the mount
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"{mp}/disk.raw" not in ps
@@ -32,8 +42,48 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def _log(path: str) -> list[str]:
+    with open(path) as f:
+        return f.read().splitlines()
+
+
 def test_lists_each_filesystem(files_mount):
-    assert sorted(os.listdir(files_mount)) == ["p1", "p2", "p3"]
+    assert sorted(os.listdir(files_mount)) == ["p1", "p2", "p3", "p4", "p5"]
+
+
+def test_ext4_shapes_read_from_extent_maps(files_mount, files_log):
+    """Holes, unwritten extents, blocks past the end, a depth-1 extent tree, fragmented files and
+    small ones: byte-for-byte what the kernel read when they were made, and read from the image
+    (the daemon logs the filesystem as mapped and the debugfs runs that mapped these files)."""
+    shapes = built_disk()["ext4_shapes"]
+    root = os.path.join(files_mount, "p1")
+    for rel, data in sorted(shapes.items()):
+        assert os.path.getsize(os.path.join(root, rel)) == len(data), rel
+        assert _read(os.path.join(root, rel)) == data, rel
+    fd = os.open(os.path.join(root, "shapes/punched.bin"), os.O_RDONLY)
+    try:  # reads that start and end inside holes and extents, past the end
+        data = shapes["shapes/punched.bin"]
+        for off, n in ((4095, 2), (4096 * 3 + 5, 9000), (len(data) - 10, 100), (len(data) + 1, 5)):
+            assert os.pread(fd, n, off) == data[off:off + n]
+    finally:
+        os.close(fd)
+    lines = _log(files_log)
+    assert any("files/p1: files read from the image through extent maps (block size 1024" in x for x in lines), lines
+    mapped = [x for x in lines if "files/p1: mapped" in x]
+    assert mapped and sum(int(x.split("files/p1: mapped ")[1].split()[0]) for x in mapped) >= len(shapes), lines
+
+
+def test_ext3_and_needs_recovery_read_through_the_appliance(files_mount, files_log):
+    """ext3 files are block-mapped (no extents) and an ext4 with a journal to replay may differ on
+    disk from what the appliance mounted: both stay on the appliance's pread, and read right."""
+    files = built_disk()["files"]
+    for part in ("p4", "p5"):
+        for rel, data in files.items():
+            assert _read(os.path.join(files_mount, part, rel)) == data, (part, rel)
+    lines = _log(files_log)
+    assert any("files/p4: files read through the appliance: no extents" in x for x in lines), lines
+    assert any("files/p5: files read through the appliance: feature needs_recovery" in x for x in lines), lines
+    assert not any("files/p4: mapped" in x or "files/p5: mapped" in x for x in lines)
 
 
 def test_ext4_files_modes_owners_symlinks_times(files_mount):

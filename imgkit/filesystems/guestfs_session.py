@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 
@@ -17,9 +18,16 @@ from ..platform.accel import choose_accel
 from ..errors import EnvironmentProblem
 from ..platform.qemu_tools import end_child
 from ..views.vfs import LISTING_BATCH, FilesUnavailable
+from .ext_extents import END_MARK
 
 log = logging.getLogger("imgkit.guestfs")
 MAX_PREAD = 2 << 20  # the appliance protocol caps one message at 4 MiB
+# Text the appliance's shell may send back in one message (its protocol caps a message at 4 MiB):
+# longer output is cut (`head -c`), and what was cut is noticed by the parsers (a last line without
+# its newline, a section without its end mark).
+MAX_SHELL_OUTPUT = 3 << 20
+MAX_MAP_BATCH = 4096  # inode numbers per debugfs run (~130 bytes of output each)
+EXT_TYPES = {"ext2", "ext3", "ext4"}
 
 
 class GuestfsSession:
@@ -34,6 +42,7 @@ class GuestfsSession:
         self._g = None
         self._lock = threading.Lock()
         self._mounted: dict[str, Exception | None] = {}
+        self._ext_facts: dict[str, dict | None] = {}
         self._closed = False
         self.launch_seconds: float | None = None
 
@@ -73,6 +82,7 @@ class GuestfsSession:
         g = self._handle()
         n = self.devices[fs]
         device = "/dev/sda" if n == 0 else f"/dev/sda{n}"
+        self._ext_facts[fs] = self._read_ext_facts(g, device, n)  # before mounting: see there
         try:
             g.mkmountpoint(where)
             g.mount_ro(device, where)
@@ -92,6 +102,60 @@ class GuestfsSession:
                 return fn(self._g, full)
             except RuntimeError as e:  # guestfs.GuestFSError derives from RuntimeError
                 raise FilesUnavailable(f"files/{fs}/{path}: {first_line(e)}") from None
+
+    def _read_ext_facts(self, g, device: str, n: int) -> dict | None:
+        """An ext filesystem's superblock facts (tune2fs -l) and where the appliance's kernel sees its
+        partition, or None. Read before the filesystem is mounted: mounting a filesystem with a
+        journal to replay or orphans to clean up changes its superblock (in the appliance's overlay),
+        and those are exactly the states in which the disk's blocks are not what the mount shows."""
+        try:
+            if g.vfs_type(device) not in EXT_TYPES:
+                return None
+            facts = {"tune2fs": g.tune2fs_l(device), "size": g.blockdev_getsize64(device), "start": 0}
+            if n:
+                # The partition's first sector as this kernel parsed the table (numbers only).
+                facts["start"] = int(g.debug("sh", [f"cat /sys/class/block/sda{int(n)}/start"]).strip()) * 512
+            return facts
+        except (RuntimeError, ValueError) as e:  # no `debug` in this libguestfs, an odd answer
+            log.info("%s: no superblock facts (%s): its files are read through the appliance", device,
+                     first_line(e))
+            return None
+
+    def _shell(self, fs: str, command: str) -> bytes:
+        """Output of a shell command in the appliance (`debug sh`, present in Debian's libguestfs but
+        not a stable API: a failure makes the caller fall back to pread). Commands are built from
+        integers and imgkit's own names only, never from anything read from the image."""
+        with self._lock:
+            self._mount(fs)
+            try:
+                return self._g.debug("sh", [command]).encode("utf-8", "surrogateescape")
+            except RuntimeError as e:
+                raise FilesUnavailable(f"files/{fs}: appliance shell: {first_line(e)}") from None
+
+    def ext_facts(self, fs: str) -> dict | None:
+        with self._lock:
+            self._mount(fs)
+            return self._ext_facts.get(fs)
+
+    def ext_regular_files(self, fs: str) -> bytes:
+        """`inode size` of every regular file of an ext filesystem, one a line (numbers only: no names
+        leave the appliance), cut at MAX_SHELL_OUTPUT. Lets the files view map many neighbouring
+        files in one debugfs run."""
+        if not SAFE_FS.fullmatch(fs):
+            raise FilesUnavailable(f"files/{fs}: unknown filesystem")
+        return self._shell(fs, f"find /sysroot/{fs} -xdev -type f -printf '%i %s\\n' 2>/dev/null "
+                               f"| head -c {MAX_SHELL_OUTPUT}")
+
+    def ext_extent_maps(self, fs: str, inodes: list[int]) -> bytes:
+        """debugfs' leaf extents of these inodes (`ex -l <N>` each), closed by END_MARK; the device is
+        read as the mounted filesystem left it (read-only, nothing replayed: see _read_ext_facts)."""
+        if not SAFE_FS.fullmatch(fs) or fs not in self.devices:
+            raise FilesUnavailable(f"files/{fs}: unknown filesystem")
+        numbers = [int(i) for i in inodes[:MAX_MAP_BATCH] if 0 < int(i) < 1 << 32]
+        n = self.devices[fs]
+        device = "/dev/sda" if n == 0 else f"/dev/sda{int(n)}"
+        return self._shell(fs, f"{{ printf 'ex -l <%d>\\n' {' '.join(map(str, numbers))} | "
+                               f"debugfs -c -f - {device} 2>&1; echo '{END_MARK}'; }} | head -c {MAX_SHELL_OUTPUT}")
 
     def close(self) -> None:
         with self._lock:
@@ -120,6 +184,9 @@ class GuestfsSession:
     def pread(self, fs: str, path: str, size: int, offset: int) -> bytes:
         size = min(size, MAX_PREAD)
         return self._call(fs, path, lambda g, p: g.pread(p, size, offset))
+
+
+SAFE_FS = re.compile(r"[a-z0-9]{1,16}")  # the files view's own names (p1, disk): safe in a command
 
 
 def new_handle():
@@ -205,6 +272,9 @@ def _recv(stream) -> tuple[dict, bytes] | None:
         return None
 
 
+_BYTES_OPS = {"pread", "ext_regular_files", "ext_extent_maps"}  # answered as raw bytes, not JSON
+
+
 class GuestfsHelper:
     """A FilesBackend that runs a GuestfsSession in a child process (see above)."""
 
@@ -229,7 +299,7 @@ class GuestfsHelper:
         if "error" in header:
             cls = EnvironmentProblem if header.get("kind") == "EnvironmentProblem" else FilesUnavailable
             raise cls(header["error"], hint=header.get("hint"))
-        return payload if op == "pread" else header["result"]
+        return payload if op in _BYTES_OPS else header["result"]
 
     def root_stat(self, fs: str) -> dict:
         return self._ask("root_stat", fs=fs)
@@ -242,6 +312,15 @@ class GuestfsHelper:
 
     def pread(self, fs: str, path: str, size: int, offset: int) -> bytes:
         return self._ask("pread", fs=fs, path=path, size=size, offset=offset)
+
+    def ext_facts(self, fs: str) -> dict | None:
+        return self._ask("ext_facts", fs=fs)
+
+    def ext_regular_files(self, fs: str) -> bytes:
+        return self._ask("ext_regular_files", fs=fs)
+
+    def ext_extent_maps(self, fs: str, inodes: list[int]) -> bytes:
+        return self._ask("ext_extent_maps", fs=fs, inodes=[int(i) for i in inodes])
 
     def close(self, timeout: float = 30.0) -> None:
         proc = self._proc
@@ -272,6 +351,16 @@ def _serve_helper(drive: str, devices: dict[str, int]) -> int:
                 if op == "pread":
                     _send(out, {"result": None}, session.pread(req["fs"], req["path"], int(req["size"]),
                                                                int(req["offset"])))
+                    continue
+                if op == "ext_regular_files":
+                    _send(out, {"result": None}, session.ext_regular_files(req["fs"]))
+                    continue
+                if op == "ext_extent_maps":
+                    _send(out, {"result": None}, session.ext_extent_maps(req["fs"], list(req["inodes"])))
+                    continue
+                if op == "ext_facts":
+                    result = session.ext_facts(req["fs"])
+                    _send(out, {"result": result})
                     continue
                 if op == "root_stat":
                     result = session.root_stat(req["fs"])
