@@ -40,7 +40,8 @@ def test_each_partition_is_byte_exact_with_label_aliases(plain_mount):
     assert os.readlink(os.path.join(parts, "rootfs.raw")) == "p1.raw"
     assert os.readlink(os.path.join(parts, "ESP.raw")) == "p2.raw"
     assert os.readlink(os.path.join(parts, "WINDATA.raw")) == "p3.raw"
-    assert sorted(os.listdir(parts)) == ["ESP.raw", "WINDATA.raw", "p1.raw", "p2.raw", "p3.raw", "rootfs.raw"]
+    assert sorted(os.listdir(parts)) == ["ESP.raw", "WINDATA.raw", "dirty.raw", "old.raw", "p1.raw", "p2.raw",
+                                         "p3.raw", "p4.raw", "p5.raw", "rootfs.raw"]
 
 
 def test_random_reads_match_the_source(plain_mount):
@@ -111,7 +112,7 @@ def test_raw_disk_file(tmp_path):
     mp = str(tmp_path / "m")
     with mounted(built_disk()["disk"], mp):
         assert sha256_file(os.path.join(mp, "disk.raw")) == sha256_file(built_disk()["disk"])
-        assert sorted(os.listdir(os.path.join(mp, "files"))) == ["p1", "p2", "p3"]
+        assert sorted(os.listdir(os.path.join(mp, "files"))) == ["p1", "p2", "p3", "p4", "p5"]
 
 
 def test_clear_errors(tmp_path):

@@ -58,9 +58,9 @@ class ImageOperations(pyfuse3.Operations):
         self._nursery = nursery
 
     # helpers ----------------------------------------------------------------------------------
-    async def _run(self, ino: int, fn, *args, inline: bool = False):
+    async def _run(self, ino: int, fn, *args, inline: bool = False, reading: bool = False):
         try:
-            kind = None if inline else self.tree.blocking(ino)
+            kind = None if inline else self.tree.blocking(ino, reading)
             if kind is None:
                 return fn(*args)
             limiter = self._limiter if kind == "disk" else self._files_limiter
@@ -180,7 +180,7 @@ class ImageOperations(pyfuse3.Operations):
         if self._debug:
             log.debug("read ino %d off %d size %d", h.ino, off, size)
         cheap = h.reader.is_cheap(off, size) if h.reader is not None else self.tree.read_is_cheap(h.ino, off, size)
-        return await self._run(h.ino, self.tree.read, h.ino, off, size, h.reader, inline=cheap)
+        return await self._run(h.ino, self.tree.read, h.ino, off, size, h.reader, inline=cheap, reading=True)
 
     def close(self) -> None:
         """Stop reading ahead before the image is closed: queued loads are dropped, running ones

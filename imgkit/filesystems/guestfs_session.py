@@ -139,12 +139,12 @@ class GuestfsSession:
 
     def ext_regular_files(self, fs: str) -> bytes:
         """`inode size` of every regular file of an ext filesystem, one a line (numbers only: no names
-        leave the appliance), cut at MAX_SHELL_OUTPUT. Lets the files view map many neighbouring
+        leave the appliance), then END_MARK, all cut at MAX_SHELL_OUTPUT. Lets the files view map many neighbouring
         files in one debugfs run."""
         if not SAFE_FS.fullmatch(fs):
             raise FilesUnavailable(f"files/{fs}: unknown filesystem")
-        return self._shell(fs, f"find /sysroot/{fs} -xdev -type f -printf '%i %s\\n' 2>/dev/null "
-                               f"| head -c {MAX_SHELL_OUTPUT}")
+        return self._shell(fs, f"{{ find /sysroot/{fs} -xdev -type f -printf '%i %s\\n' 2>/dev/null; "
+                               f"echo '{END_MARK}'; }} | head -c {MAX_SHELL_OUTPUT}")
 
     def ext_extent_maps(self, fs: str, inodes: list[int]) -> bytes:
         """debugfs' leaf extents of these inodes (`ex -l <N>` each), closed by END_MARK; the device is

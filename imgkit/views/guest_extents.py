@@ -26,7 +26,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from ..errors import ImgkitError
-from ..filesystems.ext_extents import ExtentMap, ExtFacts, eligibility, parse_maps
+from ..filesystems.ext_extents import END_MARK, ExtentMap, ExtFacts, eligibility, parse_maps
 from .caching_reader import CachingReader
 
 log = logging.getLogger("imgkit.files.extents")
@@ -34,7 +34,8 @@ WINDOW = 2048  # inode numbers mapped together
 MIN_BATCH = 64  # a failed run (output too big, ...) is retried in halves down to this many inodes
 MAX_MAP_BYTES = 16 << 20  # memory of cached maps (~150 bytes a file): least recently used dropped
 MAX_KNOWN = 1 << 20  # regular files remembered per filesystem from the appliance's list
-READ_AHEAD = 8 << 20  # how far past a read of a big file the disk reader starts decoding
+READ_AHEAD = 8 << 20
+PREFETCH_MAX_FILES = 50_000  # maps of this many files (~150 bytes each) stay well inside MAX_MAP_BYTES  # how far past a read of a big file the disk reader starts decoding
 
 
 class _Fs:
@@ -44,6 +45,7 @@ class _Fs:
         self.facts = facts
         self.known: dict[int, dict[int, int]] = {}  # window -> {inode: size}
         self.count = 0
+        self.prefetching = False
 
     def note(self, ino: int, size: int) -> None:
         window = self.known.setdefault(ino // WINDOW, {})
@@ -69,6 +71,7 @@ class GuestExtents:
         self._flights: dict[tuple[str, int], threading.Event] = {}
         self._lock = threading.Lock()
         self._fs_lock = threading.Lock()
+        self._closed = False
         self.stats = {"mapped_reads": 0, "fallback_reads": 0, "debugfs_runs": 0, "maps": 0, "refused": 0}
 
     # which filesystems ------------------------------------------------------------------------
@@ -131,6 +134,19 @@ class GuestExtents:
             self._read_ahead(m, offset + length, start)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def is_cheap(self, fs: str, ino: int, size: int, offset: int, length: int) -> bool:
+        """Whether read() of this file is answered from memory now (its map cached, its bytes in the
+        disk reader's cache or holes): the FUSE loop then answers it on its own thread."""
+        state = self._fs.get(fs)
+        if state is None:
+            return False
+        with self._lock:
+            m = self._maps.get((fs, ino))
+        if m is None or m.size != size:
+            return False
+        start = state.facts.part_start
+        return all(poff < 0 or self.disk.is_cheap(start + poff, n) for poff, n in m.pieces(offset, length))
+
     def _read_ahead(self, m: ExtentMap, pos: int, start: int) -> None:
         """Decode what a sequential reader of a big file reads next, as disk.raw's readers get."""
         if m.size - pos < self.disk.unit_size:
@@ -147,6 +163,20 @@ class GuestExtents:
                 return True, self._maps[key]
             return False, None
 
+    def _take_flight(self, flight: tuple[str, int]) -> tuple[bool, threading.Event]:
+        """(True, event) for the thread that now maps this window, else (False, the event to wait on)."""
+        with self._lock:
+            event = self._flights.get(flight)
+            if event is not None:
+                return False, event
+            event = self._flights[flight] = threading.Event()
+            return True, event
+
+    def _land(self, flight: tuple[str, int], event: threading.Event) -> None:
+        with self._lock:
+            del self._flights[flight]
+        event.set()
+
     def _map(self, fs: str, state: _Fs, ino: int, size: int) -> ExtentMap | None:
         key = (fs, ino)
         while True:
@@ -154,11 +184,7 @@ class GuestExtents:
             if found:
                 return m
             flight = (fs, ino // WINDOW)
-            with self._lock:
-                event = self._flights.get(flight)
-                owner = event is None
-                if owner:
-                    event = self._flights[flight] = threading.Event()
+            owner, event = self._take_flight(flight)
             if not owner:
                 event.wait()
                 found, m = self._cached(key)
@@ -168,22 +194,56 @@ class GuestExtents:
             try:
                 found, m = self._cached(key)  # mapped by a run that ended since the first look
                 if not found:
-                    self._map_window(fs, state, ino, size)
+                    self._map_window(fs, state, ino // WINDOW, {ino: size})
             finally:
-                with self._lock:
-                    del self._flights[flight]
-                event.set()
+                self._land(flight, event)
+            self._start_prefetch(fs, state, ino // WINDOW)
             found, m = self._cached(key)
             return m if found else None
 
-    def _map_window(self, fs: str, state: _Fs, ino: int, size: int) -> None:
-        """One debugfs run (or a few, if one fails) for every listed regular file of ino's window
-        that has no map yet."""
-        state.note(ino, size)
+    def _map_window(self, fs: str, state: _Fs, window: int, extra: dict[int, int]) -> None:
+        """One debugfs run (or a few, if one fails) for every listed regular file of the window
+        that has no map yet, and `extra` (the file being read)."""
+        for ino, size in extra.items():
+            state.note(ino, size)
         with self._lock:
-            wanted = {i: s for i, s in state.known.get(ino // WINDOW, {}).items() if (fs, i) not in self._maps}
-        wanted[ino] = size
-        self._run(fs, state, dict(sorted(wanted.items())))
+            wanted = {i: s for i, s in state.known.get(window, {}).items() if (fs, i) not in self._maps}
+        wanted.update(extra)
+        if wanted:
+            self._run(fs, state, dict(sorted(wanted.items())))
+
+    # Mapping ahead: once a file of a filesystem has been read, the other windows of its listed files
+    # are mapped on one background thread, in inode order from that file's window, so the appliance's
+    # debugfs runs (~0.5 s each under TCG) overlap the daemon's reads instead of stalling them. Only for
+    # filesystems whose maps all fit the memory bound; others are mapped a window at a time on demand.
+    def _start_prefetch(self, fs: str, state: _Fs, window: int) -> None:
+        with self._lock:
+            if state.prefetching or self._closed or state.count > PREFETCH_MAX_FILES:
+                return
+            state.prefetching = True
+        threading.Thread(target=self._prefetch, args=(fs, state, window), daemon=True,
+                         name=f"imgkit-extents-{fs}").start()
+
+    def _prefetch(self, fs: str, state: _Fs, first: int) -> None:
+        windows = sorted(state.known)
+        order = [w for w in windows if w >= first] + [w for w in windows if w < first]
+        for w in order:
+            if self._closed:
+                return
+            owner, event = self._take_flight((fs, w))
+            if not owner:
+                continue  # a reader is mapping it now
+            try:
+                self._map_window(fs, state, w, {})
+            except ImgkitError as e:  # the appliance is gone (unmount): nothing more to map
+                log.info("files/%s: mapping ahead stopped: %s", fs, e)
+                return
+            finally:
+                self._land((fs, w), event)
+
+    def close(self) -> None:
+        """No more mapping ahead (the appliance is about to shut down)."""
+        self._closed = True
 
     def _run(self, fs: str, state: _Fs, wanted: dict[int, int]) -> None:
         try:
@@ -234,11 +294,15 @@ def _num(value) -> int | None:
 
 
 def _regular_files(text: bytes) -> list[tuple[int, int]]:
-    """(inode, size) from `find -printf '%i %s\\n'` output; a line that is not two numbers, or the
-    last line when the output was cut, is skipped."""
+    """(inode, size) from `find -printf '%i %s\\n'` output closed by END_MARK; a line that is not two
+    numbers is skipped, and so is the last line when the output was cut (no END_MARK)."""
     lines = text.split(b"\n")
+    if END_MARK.encode() in lines:
+        lines = lines[:lines.index(END_MARK.encode())]
+    else:
+        lines = lines[:-1]
     out = []
-    for line in lines[:-1]:  # the text ends with a newline, unless it was cut short
+    for line in lines:
         fields = line.split()
         if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit() and len(fields[0]) <= 10 \
                 and len(fields[1]) <= 20:
