@@ -140,10 +140,11 @@ class HostDebugfs:
         return (text + END_MARK).encode()
 
 
-@needs_root
-def test_reads_through_real_debugfs_maps_match_the_kernel(tmp_path):
+@pytest.fixture(scope="module")
+def made_ext4(tmp_path_factory):
     """A test-made ext4 with holes, unwritten extents, an extent tree and fragmented files, placed
-    at 1 MiB of a disk file: every file read through its map equals what the kernel read."""
+    at 1 MiB of a disk file: (disk, partition image, {inode: (path, content as the kernel read it)}, tune2fs)."""
+    tmp_path = tmp_path_factory.mktemp("ext4")
     part = str(tmp_path / "p.img")
     content = tmp_path / "c"
     content.mkdir()
@@ -154,30 +155,61 @@ def test_reads_through_real_debugfs_maps_match_the_kernel(tmp_path):
     inodes = {}
     for rel in shapes:
         stat = subprocess.run(["debugfs", "-c", "-R", f"stat /{rel}", part], capture_output=True, text=True).stdout
-        inodes[int(stat.split("Inode: ")[1].split()[0])] = rel
+        inodes[int(stat.split("Inode: ")[1].split()[0])] = (rel, shapes[rel])
     disk = str(tmp_path / "disk.raw")
     with open(disk, "wb") as f:
         f.truncate(26 * MiB)
         with open(part, "rb") as src:
             f.seek(MiB)
             f.write(src.read())
-    tune = dict(line.split(":", 1) for line in subprocess.run(["tune2fs", "-l", part], capture_output=True,
-                                                                text=True).stdout.splitlines() if ":" in line)
-    tune = {k.strip(): v.strip() for k, v in tune.items()}
-    backend = HostDebugfs(part, MiB, 24 * MiB, {i: len(shapes[r]) for i, r in inodes.items()}, tune)
+    lines = subprocess.run(["tune2fs", "-l", part], capture_output=True, text=True).stdout.splitlines()
+    tune = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+    return disk, part, inodes, tune
+
+
+def _extents(made, **kw):
+    disk, part, inodes, tune = made
+    backend = HostDebugfs(part, MiB, 24 * MiB, {i: len(d) for i, (_, d) in inodes.items()}, tune)
     source = RawSource(disk)
     reader = CachingReader(source, 4 * MiB)
-    ext = GuestExtents(reader, lambda: backend, {"p1": (MiB, 24 * MiB)})
+    return backend, source, reader, GuestExtents(reader, lambda: backend, {"p1": (MiB, 24 * MiB)}, **kw)
+
+
+@needs_root
+@pytest.mark.parametrize("max_map_bytes", [16 << 20, 6000])
+def test_reads_through_real_debugfs_maps_match_the_kernel(made_ext4, max_map_bytes):
+    """Every file read through its map equals what the kernel read, whole and in pieces that start
+    and end inside holes and extents; with a map cache too small for two maps, files are mapped
+    again as needed and the bound holds."""
+    backend, source, reader, ext = _extents(made_ext4, max_map_bytes=max_map_bytes)
     try:
-        for ino, rel in inodes.items():
-            data = shapes[rel]
+        for ino, (rel, data) in made_ext4[2].items():
             assert ext.read("p1", ino, len(data), 0, len(data) + 10) == data, rel
             for off in (1, 4095, 4097, len(data) // 2):
                 assert ext.read("p1", ino, len(data), off, 70_000) == data[off:off + 70_000], (rel, off)
         assert ext.stats["fallback_reads"] == 0 and ext.stats["refused"] == 0
-        assert len(backend.runs) == 1  # every file of the window in one debugfs run
+        if max_map_bytes > 1 << 20:
+            assert len(backend.runs) == 1  # every file of the window in one debugfs run
+        else:
+            assert len(backend.runs) > 1 and ext._map_bytes <= max_map_bytes
         assert ext.read("p1", ino, len(data) + 1, 0, 10) is None  # a size the map was not made for
         assert ext.read("p2", ino, len(data), 0, 10) is None  # a filesystem it knows nothing of
+    finally:
+        ext.close()
+        reader.close()
+        source.close()
+
+
+@needs_root
+def test_concurrent_readers_share_one_debugfs_run(made_ext4):
+    import concurrent.futures
+    backend, source, reader, ext = _extents(made_ext4)
+    files = list(made_ext4[2].items()) * 4
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda f: ext.read("p1", f[0], len(f[1][1]), 0, len(f[1][1])), files))
+        assert got == [d for _, (_, d) in files]
+        assert len(backend.runs) == 1
     finally:
         ext.close()
         reader.close()

@@ -358,16 +358,14 @@ def _serve_helper(drive: str, devices: dict[str, int]) -> int:
                 if op == "ext_extent_maps":
                     _send(out, {"result": None}, session.ext_extent_maps(req["fs"], list(req["inodes"])))
                     continue
-                if op == "ext_facts":
-                    result = session.ext_facts(req["fs"])
-                    _send(out, {"result": result})
-                    continue
                 if op == "root_stat":
                     result = session.root_stat(req["fs"])
                 elif op == "listdir":
                     result = session.listdir(req["fs"], req["path"])
                 elif op == "readlink":
                     result = session.readlink(req["fs"], req["path"])
+                elif op == "ext_facts":
+                    result = session.ext_facts(req["fs"])
                 else:
                     raise FilesUnavailable(f"unknown request {op!r}")
                 _send(out, {"result": result})

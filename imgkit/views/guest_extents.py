@@ -33,13 +33,14 @@ log = logging.getLogger("imgkit.files.extents")
 WINDOW = 2048  # inode numbers mapped together
 MIN_BATCH = 64  # a failed run (output too big, ...) is retried in halves down to this many inodes
 MAX_MAP_BYTES = 16 << 20  # memory of cached maps (~150 bytes a file): least recently used dropped
-MAX_KNOWN = 1 << 20  # regular files remembered per filesystem from the appliance's list
+MAX_KNOWN = 200_000  # regular files remembered per filesystem (~100 bytes each); past it, mapped on demand
 READ_AHEAD = 8 << 20
 PREFETCH_MAX_FILES = 50_000  # maps of this many files (~150 bytes each) stay well inside MAX_MAP_BYTES  # how far past a read of a big file the disk reader starts decoding
 
 
 class _Fs:
-    """One eligible filesystem: its facts and the regular files it is known to hold."""
+    """One eligible filesystem: its facts and the regular files it is known to hold (changed and
+    read under GuestExtents._lock)."""
 
     def __init__(self, facts: ExtFacts):
         self.facts = facts
@@ -115,7 +116,8 @@ class GuestExtents:
         was cut short)."""
         state = self._fs.get(fs)
         if state is not None and 0 < ino < 1 << 32:
-            state.note(ino, size)
+            with self._lock:
+                state.note(ino, size)
 
     def read(self, fs: str, ino: int, size: int, offset: int, length: int) -> bytes | None:
         """The file's bytes [offset, offset+length) (clipped to `size`), read from the image, or None
@@ -204,13 +206,13 @@ class GuestExtents:
     def _map_window(self, fs: str, state: _Fs, window: int, extra: dict[int, int]) -> None:
         """One debugfs run (or a few, if one fails) for every listed regular file of the window
         that has no map yet, and `extra` (the file being read)."""
-        for ino, size in extra.items():
-            state.note(ino, size)
         with self._lock:
+            for ino, size in extra.items():
+                state.note(ino, size)
             wanted = {i: s for i, s in state.known.get(window, {}).items() if (fs, i) not in self._maps}
         wanted.update(extra)
         if wanted:
-            self._run(fs, state, dict(sorted(wanted.items())))
+            self._run(fs, state, dict(sorted(wanted.items())), keep=list(extra))
 
     # Mapping ahead: once a file of a filesystem has been read, the other windows of its listed files
     # are mapped on one background thread, in inode order from that file's window, so the appliance's
@@ -225,7 +227,8 @@ class GuestExtents:
                          name=f"imgkit-extents-{fs}").start()
 
     def _prefetch(self, fs: str, state: _Fs, first: int) -> None:
-        windows = sorted(state.known)
+        with self._lock:
+            windows = sorted(state.known)
         order = [w for w in windows if w >= first] + [w for w in windows if w < first]
         for w in order:
             if self._closed:
@@ -245,7 +248,9 @@ class GuestExtents:
         """No more mapping ahead (the appliance is about to shut down)."""
         self._closed = True
 
-    def _run(self, fs: str, state: _Fs, wanted: dict[int, int]) -> None:
+    def _run(self, fs: str, state: _Fs, wanted: dict[int, int], keep: list[int] = ()) -> None:
+        """Map `wanted` ({inode: size}) in one debugfs run; `keep`: the inodes being read, stored as
+        the most recently used (the bound drops others first)."""
         try:
             self.stats["debugfs_runs"] += 1
             text = self._backend().ext_extent_maps(fs, list(wanted))
@@ -254,8 +259,8 @@ class GuestExtents:
             if len(wanted) > MIN_BATCH:  # e.g. more output than one appliance message holds
                 items = list(wanted.items())
                 half = len(items) // 2
-                self._run(fs, state, dict(items[:half]))
-                self._run(fs, state, dict(items[half:]))
+                self._run(fs, state, dict(items[:half]), keep)
+                self._run(fs, state, dict(items[half:]), keep)
                 return
             log.warning("files/%s: debugfs failed for %d inodes (%s): read through the appliance", fs,
                         len(wanted), e)
@@ -266,24 +271,27 @@ class GuestExtents:
         with self._lock:
             for i, m in maps.items():
                 key = (fs, i)
-                old = self._maps.pop(key, False)
-                if old:
-                    self._map_bytes -= old.nbytes
+                if key in self._maps:
+                    self._map_bytes -= _cost(self._maps.pop(key))
                 self._maps[key] = m
-                if m is None:
-                    self.stats["refused"] += 1
-                else:
-                    self.stats["maps"] += 1
-                    self._map_bytes += m.nbytes
+                self._map_bytes += _cost(m)
+                self.stats["refused" if m is None else "maps"] += 1
+            for i in keep:
+                if (fs, i) in self._maps:
+                    self._maps.move_to_end((fs, i))
             while self._map_bytes > self._max_map_bytes and self._maps:
                 _, old = self._maps.popitem(last=False)
-                if old is not None:
-                    self._map_bytes -= old.nbytes
+                self._map_bytes -= _cost(old)
 
     def summary(self) -> str:
         s = self.stats
         return (f"{s['mapped_reads']} reads from extent maps, {s['fallback_reads']} through the appliance; "
                 f"{s['debugfs_runs']} debugfs runs, {s['maps']} files mapped, {s['refused']} refused")
+
+
+def _cost(m: ExtentMap | None) -> int:
+    """Memory of one cached entry (a refused file's None too: the bound covers every entry)."""
+    return m.nbytes if m is not None else 64
 
 
 def _num(value) -> int | None:
