@@ -13,6 +13,7 @@ from imgkit.filesystems.ext_extents import END_MARK, ExtFacts, eligibility, pars
 from imgkit.formats.sources import RawSource
 from imgkit.views.caching_reader import CachingReader
 from imgkit.views.guest_extents import GuestExtents
+from imgkit.views.vfs import FilesUnavailable
 from tests.conftest import needs_root
 from tests.mount.disks import add_ext4_shapes, build_ext4
 
@@ -210,6 +211,50 @@ def test_concurrent_readers_share_one_debugfs_run(made_ext4):
             got = list(pool.map(lambda f: ext.read("p1", f[0], len(f[1][1]), 0, len(f[1][1])), files))
         assert got == [d for _, (_, d) in files]
         assert len(backend.runs) == 1
+    finally:
+        ext.close()
+        reader.close()
+        source.close()
+
+
+class BrokenAppliance(HostDebugfs):
+    """An appliance whose libguestfs has no working `debug` (other builds than Debian's)."""
+
+    def __init__(self, *a, fail: str):
+        super().__init__(*a)
+        self.fail = fail
+
+    def ext_facts(self, fs):
+        if self.fail == "facts":
+            return {"error": "no superblock facts from the appliance (debug: unknown command)"}
+        return super().ext_facts(fs)
+
+    def ext_regular_files(self, fs):
+        if self.fail == "list":
+            raise FilesUnavailable("files/p1: appliance shell: debug: unknown command")
+        return super().ext_regular_files(fs)
+
+    def ext_extent_maps(self, fs, inodes):
+        self.runs.append(list(inodes))
+        raise FilesUnavailable("files/p1: appliance shell: debug: unknown command")
+
+
+@needs_root
+@pytest.mark.parametrize("fail", ["facts", "list", "maps"])
+def test_no_debug_in_the_appliance_means_pread(made_ext4, fail, caplog):
+    """Without `debug` (or with it failing), every file is read through the appliance: read()
+    answers None, the reason is logged once per filesystem, and nothing raises."""
+    disk, part, inodes, tune = made_ext4
+    backend = BrokenAppliance(part, MiB, 24 * MiB, {i: len(d) for i, (_, d) in inodes.items()}, tune, fail=fail)
+    source = RawSource(disk)
+    reader = CachingReader(source, 4 * MiB)
+    ext = GuestExtents(reader, lambda: backend, {"p1": (MiB, 24 * MiB)})
+    try:
+        with caplog.at_level("INFO", logger="imgkit.files.extents"):
+            for ino, (_, data) in list(inodes.items()) * 2:
+                assert ext.read("p1", ino, len(data), 0, len(data)) is None
+        assert "debug: unknown command" in caplog.text
+        assert len(backend.runs) <= 1  # a failed run marks its files: never retried per read
     finally:
         ext.close()
         reader.close()

@@ -105,7 +105,8 @@ class GuestfsSession:
 
     def _read_ext_facts(self, g, device: str, n: int) -> dict | None:
         """An ext filesystem's superblock facts (tune2fs -l) and where the appliance's kernel sees its
-        partition, or None. Read before the filesystem is mounted: mounting a filesystem with a
+        partition; None for other filesystems, {"error": why} when they could not be read (the
+        daemon logs it: this process's log goes nowhere once the mount is a daemon). Read before the filesystem is mounted: mounting a filesystem with a
         journal to replay or orphans to clean up changes its superblock (in the appliance's overlay),
         and those are exactly the states in which the disk's blocks are not what the mount shows."""
         try:
@@ -117,9 +118,7 @@ class GuestfsSession:
                 facts["start"] = int(g.debug("sh", [f"cat /sys/class/block/sda{int(n)}/start"]).strip()) * 512
             return facts
         except (RuntimeError, ValueError) as e:  # no `debug` in this libguestfs, an odd answer
-            log.info("%s: no superblock facts (%s): its files are read through the appliance", device,
-                     first_line(e))
-            return None
+            return {"error": f"no superblock facts from the appliance ({first_line(e)[:200]})"}
 
     def _shell(self, fs: str, command: str) -> bytes:
         """Output of a shell command in the appliance (`debug sh`, present in Debian's libguestfs but

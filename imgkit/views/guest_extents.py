@@ -94,7 +94,10 @@ class GuestExtents:
         try:
             facts = backend.ext_facts(fs)
             if facts is None:
-                return None  # not ext, or the appliance could not say
+                return None  # not ext
+            if facts.get("error"):
+                log.info("files/%s: files read through the appliance: %s", fs, facts["error"])
+                return None
             decided, why = eligibility(facts.get("tune2fs"), area[0], area[1], _num(facts.get("start")),
                                        _num(facts.get("size")))
             if decided is None:
