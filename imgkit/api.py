@@ -9,7 +9,7 @@ from .formats import imgk_layout as L
 from .formats.imgk_reader import ImageReader
 from .formats.registry import Password, open_image, password_provider  # noqa: F401 (the API)
 from .operations.info import image_info  # noqa: F401 (the API)
-from .formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
+from .formats.imgk_settings import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
 from .progress import Progress
 from .operations.restore import RestoreResult, restore_stream
 from .formats.sources import RawSource
@@ -31,8 +31,7 @@ def is_imgk(path: str) -> bool:
 
 def _local_paths(img: Stream, image: str) -> list[str]:
     """The image's files on this machine (an object in S3 or an RBD image cannot be the target)."""
-    from .remote.rbd_image import is_rbd
-    from .remote.s3 import is_s3
+    from .remote.locations import is_rbd, is_s3
     return [p for p in img.paths() or [image] if not is_s3(p) and not is_rbd(p)]
 
 
@@ -127,7 +126,7 @@ def _open_base(base: str, output: str, password: Password, base_dir: str | None)
     """The base of an incremental capture, opened as a chain (so a broken chain is refused before
     the source is read), never the image about to be written."""
     from .formats.imgk_chain import open_chain
-    from .remote.s3 import is_s3
+    from .remote.locations import is_s3
     if is_s3(base) or is_s3(output):
         if base == output:
             raise InputError(f"{output} is the base image: refusing to overwrite the parent of the new image")
@@ -170,7 +169,8 @@ def restore(image: str, target: str, *, password: Password = None, confirm=None,
     restore; result.damaged describes each such range (damage.py). `dry_run` runs every check of the
     real run (the same refusals, the same errors) and writes nothing; the result's `plan` says what
     would happen."""
-    from .remote.rbd_image import check_target, is_rbd, write_image
+    from .remote.locations import is_rbd
+    from .remote.rbd_image import check_target, write_image
     if keep_going and (shrink or is_rbd(target)):
         raise InputError("--keep-going applies to a restore onto a disk or a file, without --shrink")
     if is_rbd(target):

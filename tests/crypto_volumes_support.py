@@ -15,7 +15,7 @@ from imgkit.formats.crypto import ImageKeys, Sealer, new_key_slot
 from imgkit.errors import ImgkitError
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
-from imgkit.formats.imgk_writer import volume_path
+from imgkit.formats.imgk_layout import volume_path
 from imgkit.formats.sources import RawSource
 
 CHUNK = 64 << 10

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from imgkit.formats import foreign
+from imgkit.formats import detect, foreign
 from tests.conftest import assert_one_line_error, run_imgkit
 from tests.convert_helpers import MiB, sh
 
@@ -173,7 +173,7 @@ def test_inspectors_accept_what_qemu_makes(tmp_path):
         path = str(tmp_path / f"ok.{fmt}")
         sh("qemu-img", "create", "-q", "-f", fmt, "-o", opts, path, "3M")
         ours = {"vpc": "vhd"}.get(fmt, fmt)
-        assert foreign.detect_format(path) == ours
+        assert detect.detect_format(path) == ours
         info = foreign.inspect(path, ours)
         assert info.virtual_size >= 3 * MiB
         os.unlink(path)

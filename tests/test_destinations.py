@@ -12,7 +12,7 @@ import pytest
 from imgkit.cli.cmd_convert import convert as convert_command
 from imgkit.errors import InputError
 from imgkit.formats import destinations as D
-from imgkit.formats import foreign
+from imgkit.formats import detect
 from imgkit.operations import convert as conversion
 
 
@@ -23,8 +23,8 @@ def _to_choices() -> list[str]:
 
 
 def test_every_format_the_cli_accepts_has_one_entry_in_the_same_order():
-    assert list(D.DESTINATIONS) == _to_choices() == list(foreign.FORMATS)
-    for ext, fmt in foreign.EXTENSIONS.items():
+    assert list(D.DESTINATIONS) == _to_choices() == list(detect.FORMATS)
+    for ext, fmt in detect.EXTENSIONS.items():
         assert fmt in D.DESTINATIONS, ext
 
 
@@ -32,7 +32,7 @@ def test_entries_are_consistent():
     for d in D.DESTINATIONS.values():
         assert d.route in (D.CAPTURE, D.COPY, D.QEMU_IMG), d.name
         if d.route == D.QEMU_IMG:
-            assert d.qemu_name == foreign.QEMU_DRIVER[d.name]
+            assert d.qemu_name == detect.QEMU_DRIVER[d.name]
         if d.subformats:
             assert d.default_subformat in d.subformats
         else:

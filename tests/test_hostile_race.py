@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from imgkit import api
-from imgkit.formats import foreign
+from imgkit.formats import detect, foreign
 from tests.convert_helpers import MiB, sh
 
 pytestmark = pytest.mark.qemu
@@ -114,7 +114,7 @@ def test_capture_and_open_image_read_the_inspected_file(race):
 def test_every_qemu_node_of_a_foreign_image_names_a_descriptor():
     """No code path can hand qemu a foreign image by name: the one node builder refuses."""
     from imgkit.formats.qemu_image import format_node
-    for fmt in foreign.QEMU_FORMATS:
+    for fmt in detect.QEMU_FORMATS:
         with pytest.raises(ValueError):
             format_node("/some/image", fmt)
         node = format_node("/some/image", fmt, fd=7)

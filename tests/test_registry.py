@@ -9,7 +9,7 @@ import pytest
 
 from imgkit import api
 from imgkit.errors import BadImage, InputError
-from imgkit.formats import foreign, registry
+from imgkit.formats import detect, registry
 from imgkit.formats.imgk_reader import ImageReader
 from imgkit.formats.sources import RawSource
 from imgkit.stream import Stream
@@ -58,11 +58,11 @@ def test_refusals_are_one_clear_error(images, tmp_path):
 
 
 def test_the_table_covers_every_format_and_qemus_drivers():
-    assert set(registry.FORMATS) == set(foreign.FORMATS)
+    assert set(registry.FORMATS) == set(detect.FORMATS)
     for name, entry in registry.FORMATS.items():
         assert entry.name == name and callable(entry.open)
         if entry.via_qemu:
-            assert name in foreign.QEMU_FORMATS and entry.qemu_driver == foreign.QEMU_DRIVER[name]
+            assert name in detect.QEMU_FORMATS and entry.qemu_driver == detect.QEMU_DRIVER[name]
     # What convert and boot-check read instead of format names: only imgk is read by imgkit alone,
     # only an ISO boots as a CD-ROM whatever it holds.
     assert [n for n, e in registry.FORMATS.items() if e.qemu_driver is None] == ["imgk"]

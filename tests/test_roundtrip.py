@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_one_line_error, pattern_bytes, run_imgkit
 
 import imgkit
-from imgkit.formats.imgk_writer import DEFAULT_CHUNK_SIZE
+from imgkit.formats.imgk_settings import DEFAULT_CHUNK_SIZE
 
 
 def sha256_file(path):

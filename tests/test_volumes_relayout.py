@@ -10,7 +10,7 @@ import pytest
 from imgkit.formats.crypto import ImageKeys, Sealer
 from imgkit.formats import imgk_layout as L
 from imgkit.formats.imgk_reader import ImageReader
-from imgkit.formats.imgk_writer import volume_path
+from imgkit.formats.imgk_layout import volume_path
 
 from conftest import assert_one_line_error, run_imgkit
 from crypto_volumes_support import (OTHER_PASSWORD, PASSWORD, capture_in_process, copy_image, make_source,

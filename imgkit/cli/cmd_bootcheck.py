@@ -9,7 +9,7 @@ import click
 
 from ..operations import bootcheck
 from ..errors import OperationFailed
-from ..formats.foreign import FORMATS
+from ..formats.detect import FORMATS
 from ..units import format_size
 from ..platform.writeback import replace_small_file
 from .main import cli

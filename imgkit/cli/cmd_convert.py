@@ -5,8 +5,8 @@ import click
 
 from ..operations import convert as conversion
 from ..formats.destinations import CAPTURE, DESTINATIONS
-from ..formats.foreign import FORMATS, format_from_extension
-from ..formats.imgk_writer import LEVEL_DEFAULT, MAX_LEVEL, MIN_LEVEL
+from ..formats.detect import FORMATS, format_from_extension
+from ..formats.imgk_settings import LEVEL_DEFAULT, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
 from .options import json_option, make_progress, new_password, password_options, progress_option, reading_password

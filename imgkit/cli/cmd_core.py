@@ -8,7 +8,7 @@ import click
 
 from .. import api
 from ..errors import BadImage, CorruptChunk, ImgkitError, InputError, NewerFormat
-from ..formats.imgk_writer import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
+from ..formats.imgk_settings import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT, LEVEL_FAST, LEVEL_HIGH, LEVEL_NONE, MAX_LEVEL, MIN_LEVEL
 from ..units import format_size
 from .main import cli
 from .options import (SIZE, SPLIT_SIZE, json_option, make_progress, new_password, password_options,

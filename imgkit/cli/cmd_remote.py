@@ -5,6 +5,7 @@ import click
 
 from ..errors import InputError
 from ..remote import s3
+from ..remote.locations import is_s3
 from ..units import parse_duration
 from .main import cli
 from .options import json_option
@@ -24,7 +25,7 @@ def s3_cleanup(prefix, older_than, as_json):
 
     Example: imgkit s3-cleanup s3://backups/web1/ --older-than 1d
     """
-    if not s3.is_s3(prefix):
+    if not is_s3(prefix):
         raise InputError(f"{prefix}: not an s3://bucket/prefix location")
     aborted = s3.abort_incomplete_uploads(prefix, parse_duration(older_than))
     if as_json:

@@ -5,7 +5,7 @@ import signal
 
 import click
 
-from ..formats.foreign import FORMATS
+from ..formats.detect import FORMATS
 from .main import cli
 from .options import SIZE, json_option, password_options, reading_password
 from .output import emit_json

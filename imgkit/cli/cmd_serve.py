@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ..formats.foreign import FORMATS
+from ..formats.detect import FORMATS
 from ..units import format_size
 from .main import cli
 from .options import json_option, password_options, reading_password

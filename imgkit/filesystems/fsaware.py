@@ -18,7 +18,7 @@ from ..errors import InputError
 from .allocation import read_used_blocks
 from .usedmap import NotUsable, UsedBlocks, bits
 from ..formats import imgk_layout as L
-from ..formats.imgk_writer import DEFAULT_CHUNK_SIZE
+from ..formats.imgk_settings import DEFAULT_CHUNK_SIZE
 from ..formats.partitions import Partition
 from ..stream import SliceStream, Stream
 

@@ -8,7 +8,7 @@ import os
 
 from ..errors import BadImage, InputError
 from ..platform.parallel import default_workers
-from ..remote import s3
+from ..remote.locations import is_s3
 from .sources import open_for_reading
 
 
@@ -52,7 +52,8 @@ REMOTE_READ_WORKERS = default_workers() + 1
 def open_source(location: str):
     """The byte source at `location` (s3://bucket/key or a path). Raises FileNotFoundError if there
     is no such file or object, InputError for other failures."""
-    if s3.is_s3(location):
+    if is_s3(location):
+        from ..remote import s3  # the S3 client: only for s3:// images
         try:
             return s3.S3Object(location)
         except InputError as e:
@@ -63,11 +64,14 @@ def open_source(location: str):
 
 
 def source_exists(location: str) -> bool:
-    return s3.exists(location) if s3.is_s3(location) else os.path.exists(location)
+    if is_s3(location):
+        from ..remote import s3
+        return s3.exists(location)
+    return os.path.exists(location)
 
 
 def read_workers(location: str) -> int | None:
-    return REMOTE_READ_WORKERS if s3.is_s3(location) else LOCAL_READ_WORKERS
+    return REMOTE_READ_WORKERS if is_s3(location) else LOCAL_READ_WORKERS
 
 
 def pread_exact(src, length: int, offset: int, what: str) -> bytes:

@@ -75,7 +75,7 @@ def _vhd_writer() -> NativeWrite:
     return write_vhd
 
 
-# In the order the CLI lists them (foreign.FORMATS).
+# In the order the CLI lists them (detect.FORMATS).
 DESTINATIONS: dict[str, Destination] = {d.name: d for d in (
     Destination("imgk", CAPTURE, encrypts=True, no_compress_hint="imgk is always zstd-compressed; --level sets the level"),
     Destination("raw", COPY, qemu_name="raw"),

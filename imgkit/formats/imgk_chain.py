@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..errors import BadImage, InputError, WrongPassword
 from . import imgk_layout as L
-from ..remote.s3 import is_s3
+from ..remote.locations import is_s3
 from .byte_source import open_source
 from .imgk_reader import ImageReader
 

@@ -499,6 +499,11 @@ class Trailer:
         return cls(image_id, d_off, d_len, vols, core, d_digest)
 
 
+def volume_path(path: str, number: int) -> str:
+    """The file of volume `number` (1-based) of the image at `path`: NAME.imgk, NAME.imgk.002, ..."""
+    return path if number == 1 else f"{path}.{number:03d}"
+
+
 def encode_volume_table(sizes: list[int]) -> bytes:
     return struct.pack(f"<{len(sizes)}Q", *sizes)
 

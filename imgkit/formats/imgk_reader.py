@@ -15,7 +15,6 @@ from ..errors import BadImage, CorruptChunk, InputError
 from ..stream import DATA, FREE, ZERO, Run, Stream, merge_runs
 from . import imgk_layout as L
 from .byte_source import open_source, pread_exact, read_workers, source_exists
-from .imgk_writer import volume_path
 
 PasswordProvider = Callable[[], bytes]
 _READABLE = (L.KIND_DATA, L.KIND_PARENT)
@@ -57,7 +56,7 @@ class ImageReader(Stream):
 
     # -- opening --------------------------------------------------------------------------------
     def _open_volume(self, number: int) -> tuple[object, L.Header, int]:
-        vpath = volume_path(self.path, number)
+        vpath = L.volume_path(self.path, number)
         try:
             fd = open_source(vpath)
         except FileNotFoundError:
@@ -84,7 +83,7 @@ class ImageReader(Stream):
         core = header.core()
         for n in range(2, header.volume_count + 1):
             vfd, vh, vsize = self._open_volume(n)
-            vpath = volume_path(path, n)
+            vpath = L.volume_path(path, n)
             if vh.image_id != header.image_id or vh.core() != core:
                 raise BadImage(f"volume {n} ({vpath}) belongs to another image")
             if vh.volume_number != n:
@@ -94,7 +93,7 @@ class ImageReader(Stream):
                                f"volume 1 says {header.volume_count}")
             self.volume_sizes.append(vsize)
         self.stray_volume = None
-        extra = volume_path(path, header.volume_count + 1)
+        extra = L.volume_path(path, header.volume_count + 1)
         if source_exists(extra):
             # Not fatal to reading, but a sign of a mix-up the user should hear about.
             self.stray_volume = extra
@@ -109,7 +108,7 @@ class ImageReader(Stream):
             self.sealer = Sealer(ImageKeys.from_data_key(data_key, header.image_id), header.core_digest())
         self.mac_key = self.sealer.mac_key if self.sealer else b""
         last_fd, last_size = self._fds[-1], self.volume_sizes[-1]
-        last_path = volume_path(path, header.volume_count)
+        last_path = L.volume_path(path, header.volume_count)
         if last_size < L.HEADER_SIZE + L.TRAILER_SIZE:
             raise BadImage(f"volume {header.volume_count} ({last_path}) is truncated: no trailer")
         try:
@@ -146,7 +145,7 @@ class ImageReader(Stream):
         for n, (want, have) in enumerate(zip(expected, self.volume_sizes), start=1):
             if want != have:
                 state = "truncated" if have < want else "longer than written"
-                raise BadImage(f"volume {n} ({volume_path(path, n)}) is {state}: {format_size(have)} ({have} bytes), "
+                raise BadImage(f"volume {n} ({L.volume_path(path, n)}) is {state}: {format_size(have)} ({have} bytes), "
                                f"expected {format_size(want)} ({want} bytes)")
         self.index = L.decode_index(by_type[L.SECTION_INDEX][0], header, self.volume_sizes)
         self._kinds = self.index.kinds()  # one byte a chunk: kind tests on the read path decode no entry
@@ -372,7 +371,7 @@ class ImageReader(Stream):
     # -- facts for info -------------------------------------------------------------------------
     @property
     def volume_paths(self) -> list[str]:
-        return [volume_path(self.path, n) for n in range(1, self.header.volume_count + 1)]
+        return [L.volume_path(self.path, n) for n in range(1, self.header.volume_count + 1)]
 
     @property
     def mtime_ns(self) -> int:

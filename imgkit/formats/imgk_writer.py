@@ -14,23 +14,12 @@ import zstandard
 
 from ..errors import InputError
 from ..units import format_size
-from ..remote.s3 import is_s3
+from ..remote.locations import is_s3
 from ..platform.writeback import WRITEBACK_STEP, fsync_parent_dir, publish, start_writeback
 from . import imgk_layout as L
+from .imgk_settings import DEFAULT_CHUNK_SIZE, LEVEL_HIGH, LEVEL_NONE
 
 
-# Compression levels: the presets the CLI names, and the range python-zstandard accepts.
-LEVEL_NONE = 0
-LEVEL_FAST = 1
-LEVEL_DEFAULT = 3
-LEVEL_HIGH = 19
-MIN_LEVEL, MAX_LEVEL = -7, 22
-# 2 MiB: every chunk is an independent zstd frame, so a chunk boundary forgets the history a stream
-# compressor would keep. Measured on bench input B (ext4, 548 MiB used, zstd -3): 1 MiB chunks 212.0 MiB,
-# 2 MiB 206.0, 4 MiB 202.9, one stream 199.8 (partclone|zstd 202.2) at the same speed; 2 MiB keeps the
-# size within 2% of the streaming peers while a cold random read decodes only 2 MiB (--chunk-size 64K
-# for images meant for random access).
-DEFAULT_CHUNK_SIZE = 2 << 20
 # Identical chunks are found among the first 256K stored ones (~50 MiB of table): memory stays bounded
 # on any disk size, and the duplicates that matter (zero-like, repeated files) appear early anyway.
 DEDUP_TABLE_LIMIT = 1 << 18
@@ -48,15 +37,11 @@ def _zeros(n: int) -> bytes:
     return z
 
 
-def volume_path(path: str, number: int) -> str:
-    return path if number == 1 else f"{path}.{number:03d}"
-
-
 def existing_volumes(path: str) -> list[str]:
     """Files named like the volumes of an image at `path`, in order, up to the first gap."""
     out, n = [], 1
-    while os.path.exists(volume_path(path, n)):
-        out.append(volume_path(path, n))
+    while os.path.exists(L.volume_path(path, n)):
+        out.append(L.volume_path(path, n))
         n += 1
     return out
 
@@ -176,7 +161,7 @@ class ImageWriter:
         number = len(self._volumes) + 1
         if number > L.MAX_VOLUMES:
             raise InputError(f"more than {L.MAX_VOLUMES} volumes: choose a larger split size")
-        final = volume_path(self.path, number)
+        final = L.volume_path(self.path, number)
         if is_s3(final):
             from ..remote.s3 import MultipartSink, part_size_for
             sink = MultipartSink(final, part_size_for(min(self.split_size or self.header.logical_size,
@@ -322,7 +307,7 @@ class ImageWriter:
             sink.sync()
         if before_publish is not None:
             before_publish()
-        finals = [volume_path(self.path, n) for n in range(1, count + 1)]
+        finals = [L.volume_path(self.path, n) for n in range(1, count + 1)]
         order = list(range(1, count)) + [0]  # volume 1, the name users open, appears last
         published: list[str] = []
         for i in order:

@@ -37,7 +37,8 @@ from ..platform.qemu_tools import (
     wait_for_socket,
 )
 from ..stream import DATA, ZERO, Run, Stream, merge_runs
-from .foreign import QEMU_DRIVER, QEMU_FORMATS, ForeignImage
+from .detect import QEMU_DRIVER, QEMU_FORMATS
+from .foreign import ForeignImage
 
 EXPORT_NAME = "disk"
 MAX_NBD_READ = 32 << 20

@@ -2,7 +2,7 @@
 
 This sits below the operations: capture, restore, convert, mount and boot-check get their Stream
 here (imgkit/api.py only re-exports open_image for users). The three steps are
-- detect: imgkit's own reading of the header (foreign.detect_format), never qemu's guess;
+- detect: imgkit's own reading of the header (detect.detect_format), never qemu's guess;
 - inspect: a foreign image's header is checked and refused if hostile (foreign.inspect) before qemu
   ever sees the file;
 - open: the format's opener makes the Stream.
@@ -16,7 +16,8 @@ from typing import Callable
 
 from ..errors import BadImage, InputError
 from ..stream import Stream
-from . import foreign
+from ..remote.locations import is_rbd, is_s3
+from . import detect as detection
 
 Password = bytes | str | Callable[[], bytes | str] | None
 PasswordProvider = Callable[[], bytes]
@@ -68,6 +69,7 @@ def _open_raw(path: str, req: OpenRequest) -> Stream:
 def _open_qemu(fmt: str) -> Callable[[str, OpenRequest], Stream]:
     def open_(path: str, req: OpenRequest) -> Stream:
         from ..platform.qemu_tools import SERVING_LIMITS
+        from . import foreign  # the header inspectors: loaded only when a foreign image is opened
         from .qemu_image import QemuImage
         inspected = foreign.inspect(path, fmt)  # holds the descriptor qemu will read: QemuImage owns it
         try:
@@ -82,14 +84,14 @@ FORMATS: dict[str, Format] = {
     "imgk": Format("imgk", _open_imgk),
     "raw": Format("raw", _open_raw, qemu_driver="raw"),
     "iso": Format("iso", _open_raw, qemu_driver="raw", optical=True),
-    **{f: Format(f, _open_qemu(f), qemu_driver=foreign.QEMU_DRIVER[f], via_qemu=True)
-       for f in foreign.QEMU_FORMATS},
+    **{f: Format(f, _open_qemu(f), qemu_driver=detection.QEMU_DRIVER[f], via_qemu=True)
+       for f in detection.QEMU_FORMATS},
 }
 
 
 def detect(path: str) -> str:
     """The format of a local file or device, from its own bytes (a device is raw)."""
-    return foreign.detect_format(path) if os.path.isfile(path) else "raw"
+    return detection.detect_format(path) if os.path.isfile(path) else "raw"
 
 
 def lookup(fmt: str) -> Format:
@@ -110,18 +112,17 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     `serving`: the stream backs a mount, so the qemu process behind a foreign image gets no CPU or
     time limit (batch work keeps limits proportional to the disk size). An incremental imgk image
     opens with its parents, found next to it or in `base_dir` (imgk_chain.py)."""
-    from ..remote.rbd_image import RbdSource, is_rbd
-    from ..remote.s3 import is_s3
     req = OpenRequest(password_provider(password), serving, base_dir)
     if is_rbd(path):  # a Ceph block image, read through librbd from a snapshot
         if fmt not in (None, "raw"):
             raise InputError(f"{path}: an RBD image is read as raw bytes, not {fmt}")
+        from ..remote.rbd_image import RbdSource  # librados and librbd: only for rbd: images
         return RbdSource(path)
     if is_s3(path):  # an object store holds imgk images only (qemu does not read from S3)
         if fmt not in (None, "imgk"):
             raise InputError(f"{path}: only imgk images are read from S3, not {fmt}")
         return _open_imgk(path, req)  # a child's parents: objects beside it (or base_dir)
-    foreign.refuse_json_name(path)
+    detection.refuse_json_name(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or device")
     explicit = fmt is not None

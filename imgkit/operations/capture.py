@@ -14,18 +14,16 @@ from ..filesystems.disk_info import describe_partitions, optical_facts
 from ..filesystems.os_detect import detect_os
 from ..errors import InputError, Interrupted, RefusedTarget
 from ..formats import imgk_layout as L
+from ..formats.imgk_settings import DEFAULT_CHUNK_SIZE, LEVEL_DEFAULT
 from ..formats.imgk_writer import (
-    DEFAULT_CHUNK_SIZE,
-    LEVEL_DEFAULT,
     ChunkEncoder,
     ImageWriter,
     PreparedChunk,
     check_geometry,
-    volume_path,
 )
 from ..formats.byte_source import source_exists
 from ..platform.parallel import default_workers, ordered_map
-from ..remote.s3 import is_s3
+from ..remote.locations import is_s3
 from ..progress import NullProgress, Progress
 from ..stream import DATA, Stream
 from ..platform.targets import check_replaceable, refuse_device_image_path
@@ -178,8 +176,8 @@ def capture_stream(source: Stream, output: str, *, source_info: dict, level: int
     if is_s3(output):
         if not force:
             for n in (1, 2):
-                if source_exists(volume_path(output, n)):
-                    raise InputError(f"{volume_path(output, n)} already exists", hint="use --force to replace it")
+                if source_exists(L.volume_path(output, n)):
+                    raise InputError(f"{L.volume_path(output, n)} already exists", hint="use --force to replace it")
     else:
         check_output_names(output, force, sources)
     out_dir = os.path.dirname(os.path.abspath(output))

@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass
 from ..views.caching_reader import CachingReader
 from ..platform.targets import check_replaceable, refuse_device_image_path
 from ..errors import CorruptChunk, InputError, Interrupted, OperationFailed
-from ..formats import foreign
+from ..formats.detect import format_from_extension, refuse_json_name
 from ..formats.destinations import CAPTURE, COPY, QEMU_IMG, DESTINATIONS, Destination, destination, names
 from ..formats.destinations import PRESETS as PRESET_PLANS
-from ..formats.imgk_writer import LEVEL_DEFAULT
+from ..formats.imgk_settings import LEVEL_DEFAULT
 from ..progress import NullProgress, Progress
-from ..remote.rbd_image import is_rbd
-from ..remote.s3 import is_s3
+from ..remote.locations import is_rbd, is_s3
 from ..stream import DATA, Stream
 from ..platform.writeback import OutputWriter, WritebackNudger, publish_file
 
@@ -69,7 +68,7 @@ class _Plan:
 def destination_format(dest: str, to: str | None) -> str:
     if to:
         return to
-    fmt = foreign.format_from_extension(dest)
+    fmt = format_from_extension(dest)
     if not fmt:
         raise InputError(f"{dest}: cannot tell the destination format from its name",
                          hint="add --to FMT (" + ", ".join(DESTINATIONS) + ")")
@@ -109,7 +108,7 @@ def _tmp_name(dest: str) -> str:
 def _check_destination(source: str, dest: str, force: bool) -> None:
     if is_s3(dest):
         return  # capture_stream refuses an existing object without --force
-    foreign.refuse_json_name(dest)
+    refuse_json_name(dest)
     refuse_device_image_path(dest, other=source, command="convert")
     out_dir = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(out_dir):
@@ -289,7 +288,7 @@ def convert(source: str, dest: str, *, source_format: str | None = None, to: str
     from ..formats.registry import open_image  # convert only routes what the registry opens
     progress = progress or NullProgress()
     started = time.monotonic()
-    foreign.refuse_json_name(source)
+    refuse_json_name(source)
     if overlay is not None:
         return _with_overlay(source, dest, overlay, source_format=source_format, to=to, compress=compress,
                              subformat=subformat, preset=preset, force=force, password=password,
@@ -389,6 +388,7 @@ def _direct_source(source: str, source_format: str | None, plan: _Plan):
     if entry is None or entry.qemu_driver is None:
         return None  # only imgkit reads it (imgk)
     if entry.via_qemu:
+        from ..formats import foreign  # the header inspectors: only a foreign source needs them
         inspected = foreign.inspect(source, source_format)
         return source_format, inspected.virtual_size, inspected
     return source_format, os.path.getsize(source), None  # raw bytes (raw, ISO)

@@ -23,7 +23,7 @@ from ..formats.registry import open_image
 from .info import image_info
 from ..platform.parallel import share_one_heap
 from ..errors import EnvironmentProblem, ImgkitError, InputError, OperationFailed
-from ..remote.s3 import is_s3
+from ..remote.locations import is_s3
 from ..views.vfs import ImageTree
 from ..platform.blockdev import mountinfo
 from ..platform.writeback import replace_small_file

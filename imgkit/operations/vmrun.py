@@ -239,7 +239,7 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
     from .bootcheck import plan_boot
     from .bootcheck.options import check_firmware, check_memory
     from ..views.nbd_export import export_stream
-    from ..formats import foreign
+    from ..formats.detect import refuse_json_name
 
     say = log or (lambda msg, progress=False: print(f"imgkit: run: {msg}", file=sys.stderr, flush=True))
     # boot-check's own checks: the same limits, messages and exit code in both commands
@@ -253,7 +253,7 @@ def run_vm(image: str, *, overlay: str | None = None, force: bool = False, firmw
         if overlay and os.path.abspath(overlay) == os.path.abspath(mirror_to):
             raise InputError("--mirror-to and --overlay must be different files")
     qemu = find_program("qemu-system-x86_64")
-    foreign.refuse_json_name(image)
+    refuse_json_name(image)
     if not os.path.exists(image):
         raise InputError(f"{image}: no such file or device")
     fmt = fmt or detect(image)

@@ -26,16 +26,12 @@ from typing import Iterator
 from ..errors import EnvironmentProblem, InputError, Interrupted, RefusedTarget
 from ..progress import NullProgress, Progress
 from ..stream import DATA, ZERO, Run, Stream, merge_runs
+from .locations import RBD_PREFIX as PREFIX
 
-PREFIX = "rbd:"
 SPARSE_GRAIN = 64 << 10
 _ZERO_GRAIN = bytes(SPARSE_GRAIN)
 AIO_INFLIGHT = 16       # writes in flight: librbd spreads them over the image's 4 MiB objects
 WRITE_PIECE = 4 << 20   # an RBD object: a piece never spans two objects more than needed
-
-
-def is_rbd(location) -> bool:
-    return isinstance(location, str) and location.startswith(PREFIX)
 
 
 @dataclass(frozen=True)

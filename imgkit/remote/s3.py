@@ -27,8 +27,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import BadImage, EnvironmentProblem, InputError
+from .locations import S3_PREFIX as PREFIX
 
-PREFIX = "s3://"
 MiB = 1 << 20
 MIN_PART = 5 * MiB           # S3's minimum size of every part but the last
 PART_SIZE = 8 * MiB          # 1 GiB -> 128 parts; 10,000 parts -> 78 GiB per object (see part_size_for)
@@ -49,10 +49,6 @@ def part_size_for(expected_size: int) -> int:
     """A part size that fits an object of about `expected_size` bytes in MAX_PARTS parts."""
     need = -(-expected_size * 11 // 10 // (MAX_PARTS - 100))  # 10% slack for incompressible data
     return max(PART_SIZE, -(-need // MiB) * MiB)
-
-
-def is_s3(location) -> bool:
-    return isinstance(location, str) and location.startswith(PREFIX)
 
 
 def split_url(url: str) -> tuple[str, str]:

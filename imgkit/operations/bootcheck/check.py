@@ -22,9 +22,9 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
                password=None, fmt: str | None = None, console_log: str | None = None) -> BootResult:
     """Boot `image` (any format imgkit reads) and report. Raises InputError for unusable arguments
     or images, EnvironmentProblem when QEMU or OVMF is missing; a failed boot is a BootResult."""
-    from ...formats import foreign
+    from ...formats.detect import refuse_json_name
     from ...formats.registry import detect, lookup, open_image
-    from ...remote.s3 import is_s3
+    from ...remote.locations import is_s3
     from ...views.caching_reader import CachingReader
 
     started = time.monotonic()
@@ -34,7 +34,7 @@ def boot_check(image: str, *, expect: str | None = None, firmware: str = "auto",
     if is_s3(image):  # an imgk image in S3: served over NBD from ranged GETs, like a local one
         fmt = fmt or "imgk"
     else:
-        foreign.refuse_json_name(image)
+        refuse_json_name(image)
         if not os.path.exists(image):
             raise InputError(f"{image}: no such file or device")
         fmt = fmt or detect(image)

@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 
-from ...formats.imgk_writer import DEFAULT_CHUNK_SIZE
+from ...formats.imgk_settings import DEFAULT_CHUNK_SIZE
 from ...formats.qemu_image import create_overlay, file_protocol, filter_node, format_node
 from .plan import BootPlan, find_ovmf
 
