@@ -67,8 +67,8 @@ class OutputWriter:
     with the writeback started every WRITEBACK_STEP bytes.
 
     `durable` False (`convert --no-sync`): the output is left to the page cache, as `qemu-img
-    convert` leaves its own: no O_DIRECT, no writeback hints, one writer thread; the kernel writes
-    it back when it likes, and nobody fsyncs it.
+    convert` leaves its own: no O_DIRECT, no writeback hints, one writer thread, 2 MiB pieces; the
+    kernel writes it back when it likes, and nobody fsyncs it.
 
     Use as a context manager or call close(); an error of a writer thread is raised by the next
     write(), flush() or close(). One producer thread."""
@@ -85,6 +85,11 @@ class OutputWriter:
                 self._dfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
             except OSError:
                 self._dfd = None
+        if not durable:
+            # Into the page cache, 2 MiB writes (what qemu-img issues) cost half the CPU of 4 MiB
+            # ones here: convert --no-sync imgk -> qcow2 of bench disk F, 7 alternating runs, median
+            # 0.69 s wall / 0.74 s CPU against 1.51 s / 1.46 s (raw: 0.79 s against 1.24 s).
+            stage = min(stage, 2 << 20)
         self.stage = max(DIRECT_ALIGN, stage - stage % DIRECT_ALIGN)
         self._free: queue.Queue = queue.Queue()
         try:
