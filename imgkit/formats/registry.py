@@ -125,6 +125,8 @@ def open_image(path: str, password: Password = None, *, fmt: str | None = None,
     detection.refuse_json_name(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or device")
+    if os.path.isdir(path):  # said here: detection would take it for a raw "device"
+        raise InputError(f"{path}: is a directory, not a disk or image file")
     explicit = fmt is not None
     fmt = fmt or detect(path)
     entry = lookup(fmt)

@@ -23,15 +23,21 @@ def open_for_reading(path: str, missing_is_error: bool = True) -> int:
     missing_is_error=False lets FileNotFoundError through, for callers that look for a file (an
     image's next volume, a parent image) and name what is missing themselves."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         if not missing_is_error:
             raise
         raise InputError(f"{path}: no such file or device") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a disk or image file") from None
     except PermissionError:
         raise InputError(f"{path}: permission denied", hint="run as root to read block devices") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)  # a directory opens read-only without error; a FIFO or tty is no disk either
+        what = "is a directory, not a disk or image file" if stat.S_ISDIR(mode) else "not a block device or regular file"
+        raise InputError(f"{path}: {what}")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class RawSource(Stream):
