@@ -248,3 +248,18 @@ def test_damaged_chunk_is_eio_logged_with_its_offset(disk, tmp_path):
         code, err = srv.stop()
     assert code == 0
     assert f"at offset {first.offset}" in err and "1 read error" in err, err
+
+
+def test_a_socket_or_address_it_cannot_listen_on_is_one_line_naming_it(disk, tmp_path):
+    _, raw = disk
+    proc = run_imgkit("serve", raw, "--socket", tmp_path / "missing" / "s.sock", timeout=60)
+    assert_one_line_error(proc, 3, str(tmp_path / "missing" / "s.sock"), "cannot listen there", "no such file")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        proc = run_imgkit("serve", raw, "--listen", f"127.0.0.1:{port}", timeout=60)
+    finally:
+        taken.close()
+    assert_one_line_error(proc, 3, f"127.0.0.1:{port}: cannot listen there", "in use")

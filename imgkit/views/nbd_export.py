@@ -33,6 +33,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
+from ..errors import InputError
 from .caching_reader import CachingReader
 from ..stream import DATA, Stream, merge_runs
 
@@ -142,8 +143,7 @@ class NbdExport:
             family = socket.AF_INET6 if ":" in tcp[0] else socket.AF_INET
             self._listener = socket.socket(family, socket.SOCK_STREAM)
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._listener.bind(tcp)
-            self.tcp_address = self._listener.getsockname()[:2]
+            where = f"{tcp[0]}:{tcp[1]}"
         else:
             if socket_path is None:
                 self._dir = tempfile.mkdtemp(prefix="imgkit-nbd-", dir=socket_dir)
@@ -151,8 +151,18 @@ class NbdExport:
                 socket_path = os.path.join(self._dir, "export.sock")
             self.socket_path = os.path.abspath(socket_path)
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._listener.bind(self.socket_path)
-        self._listener.listen(16)
+            where = self.socket_path
+        try:
+            self._listener.bind(tcp if tcp is not None else self.socket_path)
+            self._listener.listen(16)
+        except OSError as e:  # a user's --socket/--listen: no such directory, in use, not permitted
+            self._listener.close()
+            self.reader.close()
+            if self._dir:
+                shutil.rmtree(self._dir, ignore_errors=True)
+            raise InputError(f"{where}: cannot listen there: {e.strerror or e}") from None
+        if tcp is not None:
+            self.tcp_address = self._listener.getsockname()[:2]
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imgkit-nbd")
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
