@@ -197,6 +197,7 @@ class S3Object:
         self._win_lock = threading.Lock()
         self._windows: dict[int, object] = {}  # window number -> (offset, bytes), or an Event while fetched
         self._pass_start = 0  # windows hold no byte below this (read_sequentially)
+        self._pass = 0  # read_sequentially's count: a fetch begun in an earlier pass is not kept
         self._served: dict[int, int] = {}  # window number -> bytes of it handed out so far
         self._done: set[int] = set()  # windows read through in this pass: not fetched ahead again
         self._last_use: dict[int, int] = {}  # window number -> tick of its last fill or read
@@ -211,15 +212,17 @@ class S3Object:
         """The consumer will read (nearly) all of the object from `start` on, once, in order
         (restore, verify, convert: what follows an imgk volume's header): fetch it in large windows
         ahead of the reads, none of them below `start`, so that the first window too is read
-        through and dropped. A new pass (a verify after a restore) may fetch again what the last
-        one read through."""
+        through and dropped. A new pass (a verify after a restore) starts from nothing: what the
+        last one held or was fetching is dropped (its windows may begin elsewhere, and their
+        bookkeeping counts the old pass's reads), so every window held belongs to this pass."""
         with self._win_lock:
             self._sequential = True
+            self._pass += 1
+            self._pass_start = start
+            self._windows.clear()  # an old pass's fetch still running wakes its own waiters, keeps nothing
+            self._served.clear()
+            self._last_use.clear()
             self._done.clear()
-            if start != self._pass_start:  # windows of another pass would begin elsewhere
-                self._pass_start = start
-                for w in [w for w, d in self._windows.items() if isinstance(d, tuple)]:
-                    del self._windows[w]
             if self._ahead is None:
                 self._ahead = ThreadPoolExecutor(max_workers=AHEAD, thread_name_prefix="imgkit-s3-ahead")
 
@@ -237,9 +240,6 @@ class S3Object:
         for w in range(first, last + 1):
             base, data = self._window(w)
             lo, hi = max(offset, w * WINDOW), min(end, base + len(data))
-            if lo < base:  # a window of an earlier pass, begun further on (rare): these bytes alone
-                parts.append(self._get(lo, min(end, (w + 1) * WINDOW, self.size) - 1))
-                continue
             parts.append(data[lo - base:hi - base])
             self._served_bytes(w, hi - lo, len(data))
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -268,13 +268,13 @@ class S3Object:
             pool = self._ahead
             todo = [w for w in range(last + 1, min(last + 1 + AHEAD, count))
                     if w not in self._windows and w not in self._done]
-            for w in todo:
-                self._windows[w] = threading.Event()
-        for w in todo:
+            events = {w: threading.Event() for w in todo}
+            self._windows.update(events)
+        for w, event in events.items():
             try:
                 pool.submit(self._fill, w)
             except (RuntimeError, AttributeError):  # closed meanwhile
-                self._fill_failed(w)
+                self._fill_failed(w, event)
 
     def _span(self, w: int) -> tuple[int, int]:
         """The bytes window w holds: [w*WINDOW, (w+1)*WINDOW), none before the pass's start."""
@@ -282,26 +282,30 @@ class S3Object:
 
     def _fill(self, w: int) -> tuple[int, bytes]:
         """Fetch window w, whose Event the caller placed, and wake its waiters; (its first byte's
-        offset, its bytes). On an error the waiters fetch for themselves (and report it)."""
-        lo, hi = self._span(w)
+        offset, its bytes). On an error the waiters fetch for themselves (and report it). A window
+        whose pass ended meanwhile is returned to this reader but not kept."""
+        with self._win_lock:
+            event, this_pass = self._windows.get(w), self._pass
+            lo, hi = self._span(w)
         try:
             data = (lo, self._get(lo, hi - 1))
         except BaseException:
-            self._fill_failed(w)
+            self._fill_failed(w, event)
             raise
         with self._win_lock:
-            event = self._windows.get(w)
-            self._windows[w] = data
             self.windows_fetched += 1
-            self._used(w)
-            self._evict()
+            if self._pass == this_pass:
+                self._windows[w] = data
+                self._used(w)
+                self._evict()
         if isinstance(event, threading.Event):
             event.set()
         return data
 
-    def _fill_failed(self, w: int) -> None:
+    def _fill_failed(self, w: int, event) -> None:
         with self._win_lock:
-            event = self._windows.pop(w, None)
+            if self._windows.get(w) is event:  # not a newer pass's window
+                del self._windows[w]
         if isinstance(event, threading.Event):
             event.set()
 
