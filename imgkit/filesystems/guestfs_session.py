@@ -26,6 +26,10 @@ MAX_PREAD = 2 << 20  # the appliance protocol caps one message at 4 MiB
 # longer output is cut (`head -c`), and what was cut is noticed by the parsers (a last line without
 # its newline, a section without its end mark).
 MAX_SHELL_OUTPUT = 3 << 20
+# How long the appliance may walk a filesystem for its list of regular files (~25 us an entry under
+# TCG: a first read of a huge filesystem must not wait minutes). A line cut by the timeout is harmless:
+# a map is used only for the inode number and size it was made for.
+LIST_SECONDS = 20
 MAX_MAP_BATCH = 4096  # inode numbers per debugfs run (~130 bytes of output each)
 EXT_TYPES = {"ext2", "ext3", "ext4"}
 
@@ -138,11 +142,12 @@ class GuestfsSession:
 
     def ext_regular_files(self, fs: str) -> bytes:
         """`inode size` of every regular file of an ext filesystem, one a line (numbers only: no names
-        leave the appliance), then END_MARK, all cut at MAX_SHELL_OUTPUT. Lets the files view map many neighbouring
+        leave the appliance), then END_MARK, all cut at MAX_SHELL_OUTPUT (or the walk at LIST_SECONDS). Lets the files view map many neighbouring
         files in one debugfs run."""
         if not SAFE_FS.fullmatch(fs):
             raise FilesUnavailable(f"files/{fs}: unknown filesystem")
-        return self._shell(fs, f"{{ find /sysroot/{fs} -xdev -type f -printf '%i %s\\n' 2>/dev/null; "
+        return self._shell(fs, f"{{ timeout {LIST_SECONDS} find /sysroot/{fs} -xdev -type f -printf '%i %s\\n' "
+                               f"2>/dev/null; "
                                f"echo '{END_MARK}'; }} | head -c {MAX_SHELL_OUTPUT}")
 
     def ext_extent_maps(self, fs: str, inodes: list[int]) -> bytes:
