@@ -70,6 +70,7 @@ class GuestExtents:
         self._map_bytes = 0
         self._max_map_bytes = max_map_bytes
         self._flights: dict[tuple[str, int], threading.Event] = {}
+        self._ends: OrderedDict[tuple[str, int], int] = OrderedDict()  # where each file's last read ended
         self._lock = threading.Lock()
         self._fs_lock = threading.Lock()
         self._closed = False
@@ -135,8 +136,14 @@ class GuestExtents:
         start = state.facts.part_start
         parts = [bytes(n) if poff < 0 else self.disk.read(start + poff, n) for poff, n in m.pieces(offset, length)]
         self.stats["mapped_reads"] += 1
-        if offset + length < size:
-            self._read_ahead(m, offset + length, start)
+        end = offset + length
+        with self._lock:  # sequential: this read starts where the last one of this file ended
+            sequential = self._ends.pop((fs, ino), None) == offset and offset > 0
+            self._ends[(fs, ino)] = end
+            if len(self._ends) > 256:
+                self._ends.popitem(last=False)
+        if sequential and end < size:
+            self._read_ahead(m, end, start)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def is_cheap(self, fs: str, ino: int, size: int, offset: int, length: int) -> bool:
@@ -153,7 +160,8 @@ class GuestExtents:
         return all(poff < 0 or self.disk.is_cheap(start + poff, n) for poff, n in m.pieces(offset, length))
 
     def _read_ahead(self, m: ExtentMap, pos: int, start: int) -> None:
-        """Decode what a sequential reader of a big file reads next, as disk.raw's readers get."""
+        """Decode what a sequential reader of a big file reads next, as disk.raw's readers get (a
+        random reader gets none: it would decode 8 MiB per read for nothing)."""
         if m.size - pos < self.disk.unit_size:
             return
         for poff, n in m.pieces(pos, READ_AHEAD):
