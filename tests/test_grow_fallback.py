@@ -22,3 +22,13 @@ def test_no_appliance_is_a_warning_not_a_failure(monkeypatch):
 def test_first_line_of_an_empty_error():
     assert gs.first_line(RuntimeError("")) == "RuntimeError"
     assert gs.first_line(RuntimeError("a\nb")) == "a"
+
+
+def test_a_resizer_past_its_time_is_one_operation_failed_line(monkeypatch):
+    """grow's tools (sgdisk, resize2fs, ntfsresize) run with a deadline: past it, one line naming the
+    tool, not subprocess.TimeoutExpired (the CLI's 'internal error')."""
+    import pytest
+    from imgkit.errors import OperationFailed
+    monkeypatch.setattr(grow, "TOOL_TIMEOUT", 0.2)
+    with pytest.raises(OperationFailed, match=r"^sleep did not finish within 0.2 s \(to grow the ext filesystem\)"):
+        grow._run(["sleep", "10"], "grow the ext filesystem")

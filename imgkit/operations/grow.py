@@ -43,8 +43,10 @@ class GrowReport:
 def _run(cmd: list[str], what: str, input: str | None = None) -> subprocess.CompletedProcess:
     if shutil.which(cmd[0]) is None:
         raise EnvironmentProblem(f"{cmd[0]} is needed to {what}", hint=_PACKAGES.get(cmd[0]))
-    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
-    return proc
+    try:
+        return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
+    except subprocess.TimeoutExpired:  # subprocess.run killed it; the caller's cleanup still runs
+        raise OperationFailed(f"{cmd[0]} did not finish within {TOOL_TIMEOUT} s (to {what}): stopped") from None
 
 
 _PACKAGES = {"sgdisk": "apt install gdisk", "sfdisk": "apt install fdisk", "resize2fs": "apt install e2fsprogs",

@@ -38,6 +38,7 @@ from ..stream import Stream
 from ..units import format_size
 
 APPLIANCE_TIMEOUT = 3600
+MKFS_TIMEOUT = 600
 
 
 @dataclass
@@ -96,7 +97,10 @@ def _mkfs_fat_like(image: Stream, start: int, size: int, new_size: int, label: s
         argv += ["-n", label[:11]]
     if shutil.which("mkfs.fat") is None:
         raise EnvironmentProblem("mkfs.fat is needed to rebuild a shrunk FAT filesystem", hint="apt install dosfstools")
-    proc = subprocess.run(argv + [path], capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(argv + [path], capture_output=True, text=True, timeout=MKFS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise OperationFailed(f"mkfs.fat did not finish within {MKFS_TIMEOUT} s: stopped") from None
     if proc.returncode != 0:
         raise OperationFailed(f"mkfs.fat failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
 
