@@ -150,3 +150,13 @@ def test_mbr_message_on_screen_is_named(tmp_path):
     assert code_ == 1, (doc, err)
     assert doc["reason"] == "no bootable device" and doc["detail"] == "Missing operating system"
     assert doc["seconds_to_result"] < 10
+
+
+@pytest.mark.parametrize("option", ["--junit", "--screenshot", "--console-log"])
+def test_an_output_in_a_missing_directory_is_refused_before_the_boot(tiny_bios_image, tmp_path, option):
+    """Before: --junit failed after the whole boot with a temp file's name, --screenshot and
+    --console-log were lost (a note in the report, or an error mid-boot)."""
+    out = tmp_path / "missing" / "out.file"
+    proc = run_imgkit("boot-check", tiny_bios_image, option, out, timeout=120)
+    assert_one_line_error(proc, 3, f"{option} {out}", "is not a directory")
+    assert "IMGKIT-BOOT-OK" not in proc.stdout + proc.stderr  # refused before QEMU started

@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..operations import bootcheck
+from ..operations.bootcheck.options import check_output_path
 from ..errors import OperationFailed
 from ..formats.detect import FORMATS
 from ..units import format_size
@@ -88,6 +89,8 @@ def boot_check(image, expect, firmware, timeout, memory, accel, image_format, sc
     """
     # A CI job's timeout sends SIGTERM: unwind (stopping QEMU, removing the temp dir) as for Ctrl-C.
     signal.signal(signal.SIGTERM, _terminate)
+    if junit:
+        check_output_path(junit, "--junit")
     result = bootcheck.boot_check(image, expect=expect, firmware=firmware, timeout=timeout, memory=memory,
                                   accel=accel, screenshot=screenshot, password=reading_password(password_file),
                                   fmt=image_format, console_log=console_log)

@@ -1,6 +1,7 @@
 """What a user asks of a boot check (the expected text, firmware, limits, outputs), checked once."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -26,6 +27,16 @@ def check_memory(memory: int) -> None:
         raise InputError("--memory must be between 16 MiB and 64 GiB")
 
 
+def check_output_path(path: str, option: str) -> None:
+    """An output file of the check (--screenshot, --console-log, --junit) must be writable where it
+    is named: said before the boot, not after minutes of it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"{option} {path}: {parent} is not a directory")
+    if os.path.isdir(path):
+        raise InputError(f"{option} {path}: is a directory")
+
+
 @dataclass
 class BootOptions:
     """Raises InputError on construction for anything unusable, before QEMU or the image is touched."""
@@ -48,3 +59,6 @@ class BootOptions:
         if not (0 < self.timeout <= MAX_TIMEOUT):
             raise InputError("--timeout must be between 0 and 86400 seconds")
         check_memory(self.memory)
+        for path, option in ((self.screenshot, "--screenshot"), (self.console_log, "--console-log")):
+            if path:
+                check_output_path(path, option)
