@@ -16,6 +16,14 @@ back when it exits). So each imgk -> FMT section has two imgkit rows, each again
       the like-for-like durable figure, no target.
 A sync (not timed) before each run, so that no run pays for an earlier run's writeback.
 
+Memory: these machines are VMs whose balloon hands free memory back to the host; the first use of
+such memory by the page cache costs ~1.5 s of CPU per GiB (a 1 GiB page-cache write of 2 MiB
+pieces from Python: 1.2-1.9 s of CPU after 6 s idle, 0.14-0.20 s right after 1.5 GiB of page cache
+was written and freed), which landed on whichever page-cache writer (imgkit --no-sync or a
+qemu-img peer) happened to find cold memory: ratios moved 2x from run to run. So before each run
+(not timed) PRIME bytes are written into a scratch file and deleted, as memory on an ordinary
+machine is: resident. Runs that write through O_DIRECT (imgkit's durable rows) do not care.
+
 Peak extra disk: each imgkit run gets its own TMPDIR inside the output directory (so other
 processes' temp files on a shared machine do not count), and a sampler adds up the allocated bytes
 of every file in the output directory every 20 ms; "extra" is the peak minus the allocation once
@@ -70,6 +78,22 @@ def peak_extra_disk(cmd: str, out_dir: str, output: str) -> int:
         stop.set()
         t.join()
     return max(0, peak[0] - _allocated_under([out_dir]))
+
+
+PRIME = 1280 << 20  # more than any output here writes into the page cache
+
+
+def prime_memory(out_dir: str) -> None:
+    """Write PRIME bytes into the page cache and delete them (see the docstring: Memory)."""
+    path = os.path.join(out_dir, "prime.tmp")
+    buf = bytes(2 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(PRIME // len(buf)):
+            os.write(fd, buf)
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def bench_input(name: str, quick: bool, runs: int) -> str:
@@ -133,8 +157,8 @@ def bench_input(name: str, quick: bool, runs: int) -> str:
     for title, rows, baseline, comparisons in sections:
         # Every run starts with nothing dirty in the page cache: the output qemu-img leaves unwritten
         # would otherwise be written back during whichever run comes next (imgkit's, whose own
-        # output must reach the disk), so a sync (not timed) before each run.
-        result = alternate(rows, runs, before=os.sync)
+        # output must reach the disk), so a sync (not timed) before each run; then memory is primed.
+        result = alternate(rows, runs, before=lambda: (os.sync(), prime_memory(out_dir)))
         for row_name, (cmd, out, _clean) in rows.items():
             result[row_name].check = check(out, src) if out else "exit 0"
         for _, out, clean in rows.values():
