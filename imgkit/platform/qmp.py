@@ -52,11 +52,16 @@ class QmpClient:
     def _recv_until(self, done, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout
         while True:
+            found = None
+            # Parse everything already received: an event that came in the same read as the
+            # awaited reply must be queued now, since select() will not report it again.
             for m in self._messages():
                 if "event" in m:
                     self.events.append(m)
-                elif done(m):
-                    return m
+                elif found is None and done(m):
+                    found = m
+            if found is not None:
+                return found
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("QMP did not answer")
