@@ -142,6 +142,14 @@ def ntfs_names(files: dict[str, bytes]) -> dict[str, bytes]:
     return {rel.replace("/", "_"): data for rel, data in files.items()}
 
 
+def _write_tree(root: str, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        p = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+
+
 def build_multifs_disk(workdir: str, files: dict[str, bytes] | None = None) -> dict:
     """A 92 MiB GPT disk: p1 ext4 'rootfs' (24 MiB; `files` and the shapes of add_ext4_shapes),
     p2 FAT32 'ESP', p3 NTFS, p4 ext3 'old', p5 ext4 'dirty' (needs_recovery): see layout. Returns
@@ -149,11 +157,7 @@ def build_multifs_disk(workdir: str, files: dict[str, bytes] | None = None) -> d
     {n: (start, size)}}."""
     files = files or sample_files()
     ext_dir = os.path.join(workdir, "ext4-content")
-    for rel, data in files.items():
-        p = os.path.join(ext_dir, rel)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "wb") as f:
-            f.write(data)
+    _write_tree(ext_dir, files)
     os.symlink("hello.txt", os.path.join(ext_dir, "link-to-hello"))
     os.symlink("/etc/does-not-exist", os.path.join(ext_dir, "dangling"))
     os.chmod(os.path.join(ext_dir, "hello.txt"), 0o640)
@@ -167,11 +171,7 @@ def build_multifs_disk(workdir: str, files: dict[str, bytes] | None = None) -> d
     os.utime(os.path.join(ext_dir, "hello.txt"), (1_600_000_000, 1_600_000_000))
 
     other_dir = os.path.join(workdir, "ext-other-content")
-    for rel, data in files.items():
-        p = os.path.join(other_dir, rel)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "wb") as f:
-            f.write(data)
+    _write_tree(other_dir, files)
 
     layout = {1: (1 * MiB, 24 * MiB), 2: (25 * MiB, 34 * MiB), 3: (59 * MiB, 16 * MiB),
               4: (75 * MiB, 8 * MiB), 5: (83 * MiB, 8 * MiB)}
