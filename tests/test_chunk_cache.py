@@ -52,3 +52,25 @@ def test_a_failed_load_is_not_cached():
         with pytest.raises(ValueError):
             cache.get(3, broken)
     assert attempts == [3, 3] and not cache.cached(3) and 3 not in cache
+
+
+def test_a_cache_within_another_keeps_both_inside_one_budget():
+    # The mount's guest-file cache and its extent maps live inside the disk cache's --cache-size.
+    outer = ChunkCache(10_000)
+    inner = ChunkCache(4_000, within=outer)
+    for k in range(10):
+        outer.get(k, lambda _k: b"o" * 1000)
+    assert outer.nbytes == 10_000
+    inner.get(1, lambda _k: b"i" * 3000)
+    assert inner.nbytes == 3000 and outer.nbytes == 7000  # the outer gave up its oldest
+    assert not outer.cached(0) and outer.cached(9)
+    outer.get(99, lambda _k: b"o" * 1000)  # a new outer entry makes room in the outer alone
+    assert inner.nbytes == 3000 and outer.nbytes + inner.nbytes <= 10_000
+
+    class Maps:  # anything with nbytes can be counted in the budget
+        nbytes = 0
+    maps = Maps()
+    outer.include(maps)
+    maps.nbytes = 2500
+    outer.make_room()
+    assert outer.nbytes + inner.nbytes + maps.nbytes <= 10_000 and outer.nbytes == 4000

@@ -44,6 +44,9 @@ def test_good_output_holes_uninit_and_clipping():
                                  (400 * 4096, 4096 + 10)]
     assert m.pieces(4090, 10) == [(100 * 4096 + 4090, 10)]  # one extent: one piece
     assert m.pieces(size, 5) == [] and m.pieces(size - 1, 100) == [(401 * 4096 + 9, 1)]
+    packed = type(m).unpack(m.pack(), 4096)  # as the files view caches it
+    assert (packed.size, list(packed.ext)) == (size, list(m.ext)) and packed.pieces(0, size) == m.pieces(0, size)
+    assert len(parse_maps(out(section(13, leaf(0, 0, 100, 100, 1))), {13: 10}, FACTS)[13].pack()) == 32
 
 
 def test_multi_level_leaves_and_several_inodes():

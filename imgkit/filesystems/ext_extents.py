@@ -93,6 +93,17 @@ class ExtentMap:
         """Memory held (for the bound on cached maps)."""
         return sys.getsizeof(self.ext) + 64
 
+    def pack(self) -> bytes:
+        """The map as one bytes object (size, then the triples), as a cache keeps it: ~65 bytes for a
+        file of one extent, against ~190 for the object, its array and its size."""
+        return array("q", (self.size,)).tobytes() + self.ext.tobytes()
+
+    @classmethod
+    def unpack(cls, blob: bytes, block_size: int) -> "ExtentMap":
+        words = array("q")
+        words.frombytes(blob)
+        return cls(words[0], block_size, words[1:])
+
     def pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
         """[(byte offset in the partition, or -1 for zeros, byte count)] covering [offset,
         offset+length) of the file, clipped to its size."""

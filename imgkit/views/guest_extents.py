@@ -21,6 +21,7 @@ returns None and the caller reads through the appliance as before.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from typing import Callable
@@ -32,10 +33,12 @@ from .caching_reader import CachingReader
 log = logging.getLogger("imgkit.files.extents")
 WINDOW = 2048  # inode numbers mapped together
 MIN_BATCH = 64  # a failed run (output too big, ...) is retried in halves down to this many inodes
-MAX_MAP_BYTES = 16 << 20  # memory of cached maps (~150 bytes a file): least recently used dropped
+MAX_MAP_BYTES = 16 << 20  # memory of cached maps (~190 bytes a file): least recently used dropped
+MIN_MAP_BYTES = 1 << 20  # ... and at least this, whatever the cache size
 MAX_KNOWN = 200_000  # regular files remembered per filesystem (~100 bytes each); past it, mapped on demand
-READ_AHEAD = 8 << 20
-PREFETCH_MAX_FILES = 50_000  # maps of this many files (~150 bytes each) stay well inside MAX_MAP_BYTES  # how far past a read of a big file the disk reader starts decoding
+READ_AHEAD = 8 << 20  # how far past a read of a big file the disk reader starts decoding
+PREFETCH_MAX_FILES = 50_000  # maps of this many files (~190 bytes each) stay well inside MAX_MAP_BYTES
+MAP_BYTES_PER_FILE = 190  # what one file's cached map costs, typically (one extent)
 
 
 class _Fs:
@@ -61,14 +64,22 @@ class GuestExtents:
     (single-flight), and maps are kept in a byte-bounded LRU."""
 
     def __init__(self, disk: CachingReader, backend: Callable[[], object], areas: dict[str, tuple[int, int]],
-                 max_map_bytes: int = MAX_MAP_BYTES):
+                 max_map_bytes: int | None = None):
         self.disk = disk
         self._backend = backend  # the FilesBackend, started on first use (ImageTree.files)
         self._areas = dict(areas)  # fs -> (start, size) of its partition on the disk, from the table
         self._fs: dict[str, _Fs | None] = {}
-        self._maps: OrderedDict[tuple[str, int], ExtentMap | None] = OrderedDict()
+        self._fs_number = {fs: k for k, fs in enumerate(sorted(self._areas))}
+        # Keyed by one int (filesystem number << 32 | inode), each map packed into one bytes object
+        # (None: refused): ~190 bytes a file where a tuple key, an ExtentMap and its array took ~400.
+        self._maps: OrderedDict[int, bytes | None] = OrderedDict()
         self._map_bytes = 0
+        # The maps are a cache like the decoded chunks: they live inside the disk cache's budget
+        # (--cache-size), which gives up what they hold, and take at most a quarter of it.
+        if max_map_bytes is None:
+            max_map_bytes = min(MAX_MAP_BYTES, max(MIN_MAP_BYTES, disk.cache.max_bytes // 4))
         self._max_map_bytes = max_map_bytes
+        disk.cache.include(self)
         self._flights: dict[tuple[str, int], threading.Event] = {}
         self._ends: OrderedDict[tuple[str, int], int] = OrderedDict()  # where each file's last read ended
         self._lock = threading.Lock()
@@ -123,7 +134,10 @@ class GuestExtents:
             with self._lock:
                 state.note(ino, size)
 
-    def read(self, fs: str, ino: int, size: int, offset: int, length: int) -> bytes | None:
+    def _key(self, fs: str, ino: int) -> int:
+        return self._fs_number[fs] << 32 | ino
+
+    def read(self, fs: str, ino: int, size: int, offset: int, length: int) -> bytes | memoryview | None:
         """The file's bytes [offset, offset+length) (clipped to `size`), read from the image, or None
         when this file has no usable map (the caller reads it through the appliance)."""
         state = self._state(fs)
@@ -134,7 +148,11 @@ class GuestExtents:
             self.stats["fallback_reads"] += 1
             return None
         start = state.facts.part_start
-        parts = [bytes(n) if poff < 0 else self.disk.read(start + poff, n) for poff, n in m.pieces(offset, length)]
+        # read_buffer: a piece inside one decoded chunk is a view of it, not a copy (the FUSE reply
+        # only hands it on); a copy per read also left small buffers in the holes freed chunks
+        # leave in the heap, which then grew past them.
+        parts = [bytes(n) if poff < 0 else self.disk.read_buffer(start + poff, n)
+                 for poff, n in m.pieces(offset, length)]
         self.stats["mapped_reads"] += 1
         end = offset + length
         with self._lock:  # sequential: this read starts where the last one of this file ended
@@ -153,7 +171,8 @@ class GuestExtents:
         if state is None:
             return False
         with self._lock:
-            m = self._maps.get((fs, ino))
+            blob = self._maps.get(self._key(fs, ino))
+        m = None if blob is None else ExtentMap.unpack(blob, state.facts.block_size)
         if m is None or m.size != size:
             return False
         start = state.facts.part_start
@@ -169,12 +188,14 @@ class GuestExtents:
                 self.disk.read_ahead(start + poff, n)
 
     # maps -------------------------------------------------------------------------------------
-    def _cached(self, key: tuple[str, int]) -> tuple[bool, ExtentMap | None]:
+    def _cached(self, key: int, block_size: int) -> tuple[bool, ExtentMap | None]:
         with self._lock:
             if key in self._maps:
                 self._maps.move_to_end(key)
-                return True, self._maps[key]
-            return False, None
+                blob = self._maps[key]
+            else:
+                return False, None
+        return True, None if blob is None else ExtentMap.unpack(blob, block_size)
 
     def _take_flight(self, flight: tuple[str, int]) -> tuple[bool, threading.Event]:
         """(True, event) for the thread that now maps this window, else (False, the event to wait on)."""
@@ -191,27 +212,27 @@ class GuestExtents:
         event.set()
 
     def _map(self, fs: str, state: _Fs, ino: int, size: int) -> ExtentMap | None:
-        key = (fs, ino)
+        key = self._key(fs, ino)
         while True:
-            found, m = self._cached(key)
+            found, m = self._cached(key, state.facts.block_size)
             if found:
                 return m
             flight = (fs, ino // WINDOW)
             owner, event = self._take_flight(flight)
             if not owner:
                 event.wait()
-                found, m = self._cached(key)
+                found, m = self._cached(key, state.facts.block_size)
                 if found:
                     return m
                 continue  # that run was for other inodes of the window (or its maps were dropped)
             try:
-                found, m = self._cached(key)  # mapped by a run that ended since the first look
+                found, m = self._cached(key, state.facts.block_size)  # mapped by a run that ended since the first look
                 if not found:
                     self._map_window(fs, state, ino // WINDOW, {ino: size})
             finally:
                 self._land(flight, event)
             self._start_prefetch(fs, state, ino // WINDOW)
-            found, m = self._cached(key)
+            found, m = self._cached(key, state.facts.block_size)
             return m if found else None
 
     def _map_window(self, fs: str, state: _Fs, window: int, extra: dict[int, int]) -> None:
@@ -220,7 +241,7 @@ class GuestExtents:
         with self._lock:
             for ino, size in extra.items():
                 state.note(ino, size)
-            wanted = {i: s for i, s in state.known.get(window, {}).items() if (fs, i) not in self._maps}
+            wanted = {i: s for i, s in state.known.get(window, {}).items() if self._key(fs, i) not in self._maps}
         wanted.update(extra)
         if wanted:
             self._run(fs, state, dict(sorted(wanted.items())), keep=list(extra))
@@ -231,7 +252,8 @@ class GuestExtents:
     # filesystems whose maps all fit the memory bound; others are mapped a window at a time on demand.
     def _start_prefetch(self, fs: str, state: _Fs, window: int) -> None:
         with self._lock:
-            if state.prefetching or self._closed or state.count > PREFETCH_MAX_FILES:
+            if state.prefetching or self._closed or state.count > PREFETCH_MAX_FILES \
+                    or state.count * MAP_BYTES_PER_FILE > self._max_map_bytes // 2:  # a small cache
                 return
             state.prefetching = True
         threading.Thread(target=self._prefetch, args=(fs, state, window), daemon=True,
@@ -281,18 +303,25 @@ class GuestExtents:
                  min(wanted), max(wanted))
         with self._lock:
             for i, m in maps.items():
-                key = (fs, i)
+                key = self._key(fs, i)
                 if key in self._maps:
                     self._map_bytes -= _cost(self._maps.pop(key))
-                self._maps[key] = m
-                self._map_bytes += _cost(m)
+                blob = None if m is None else m.pack()
+                self._maps[key] = blob
+                self._map_bytes += _cost(blob)
                 self.stats["refused" if m is None else "maps"] += 1
             for i in keep:
-                if (fs, i) in self._maps:
-                    self._maps.move_to_end((fs, i))
+                if self._key(fs, i) in self._maps:
+                    self._maps.move_to_end(self._key(fs, i))
             while self._map_bytes > self._max_map_bytes and self._maps:
                 _, old = self._maps.popitem(last=False)
                 self._map_bytes -= _cost(old)
+        self.disk.cache.make_room()  # the maps grew: the decoded chunks give the room up
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the cached maps (counted in the disk cache's budget)."""
+        return self._map_bytes
 
     def summary(self) -> str:
         s = self.stats
@@ -300,9 +329,10 @@ class GuestExtents:
                 f"{s['debugfs_runs']} debugfs runs, {s['maps']} files mapped, {s['refused']} refused")
 
 
-def _cost(m: ExtentMap | None) -> int:
-    """Memory of one cached entry (a refused file's None too: the bound covers every entry)."""
-    return m.nbytes if m is not None else 64
+def _cost(blob: bytes | None) -> int:
+    """Memory of one cached entry: the packed map (a refused file's None: nothing), its key and the
+    LRU's links (~120 bytes, measured with tracemalloc), so the bound covers every entry."""
+    return 120 + (0 if blob is None else sys.getsizeof(blob))
 
 
 def _num(value) -> int | None:

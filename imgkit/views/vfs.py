@@ -21,7 +21,7 @@ import re
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .caching_reader import CachingReader, ReadHandle
@@ -45,6 +45,9 @@ _GUEST_BASE = 1_000_000  # everything inside files/p<N>/, allocated on first sig
 # Filesystems the libguestfs appliance reads (the files view offers only these).
 FILES_FILESYSTEMS = {"ext2", "ext3", "ext4", "vfat", "ntfs", "exfat", "xfs", "btrfs", "iso9660"}
 NAME_MAX = 255
+NODE_LOCKS = 64  # loads of a node (listing, symlink target, root stat) are serialised by a lock of
+# this striped pool, not one lock a node: a lock is ~60 bytes and 16,000 entries mostly never load
+GUEST_CACHE_MAX = 8 << 20  # the guest-file block cache's share of the cache budget, at most
 LISTING_BATCH = 500  # names per lstatnslist call: keeps each appliance message well under its 4 MiB cap
 
 
@@ -60,7 +63,7 @@ class FilesUnavailable(ImgkitError):
     """The files view cannot be served (the appliance failed to start, a filesystem did not mount)."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per entry of the files view (16,143 for bench input F): no __dict__
 class Attr:
     ino: int
     mode: int
@@ -99,7 +102,7 @@ def _guest_number(value) -> int:
 
 
 # -- the tree ---------------------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)  # one per entry, like Attr: slots keep a node at its fields (no __dict__)
 class _Node:
     attr: Attr
     kind: str  # "dir", "disk" (a byte range of the disk), "bytes", "symlink", "fsroot", "guest"
@@ -110,7 +113,6 @@ class _Node:
     fs: str = ""  # "fsroot"/"guest": the filesystem's name in the files view (p1, disk)
     path: str = ""  # "guest": the path inside that filesystem ("" for its root)
     guest_ino: int = 0  # "guest" regular files: the inode number in its filesystem (for extent maps)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def safe_name(text: str) -> bytes | None:
@@ -141,12 +143,16 @@ class ImageTree:
         self._files: FilesBackend | None = None
         self._files_lock = threading.Lock()
         self._files_error: ImgkitError | None = None
-        self._guest_file_cache = ChunkCache(8 << 20)
+        # Blocks of guest files read through the appliance, inside the disk cache's budget (the
+        # --cache-size the user gave: one bound for all decoded bytes the daemon keeps), at most
+        # an eighth of it (two blocks at least): what this cache holds, the disk cache gives up.
+        share = min(GUEST_CACHE_MAX, max(2 * self.GUEST_BLOCK, self.disk.cache.max_bytes // 8))
+        self._guest_file_cache = ChunkCache(share, within=self.disk.cache)
         now = mtime_ns if mtime_ns is not None else time.time_ns()
         self._base = dict(uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid,
                           atime_ns=now, mtime_ns=now, ctime_ns=now)
         self.nodes: dict[int, _Node] = {}
-        self._guest_ino: dict[tuple[str, str], int] = {}
+        self._node_locks = tuple(threading.Lock() for _ in range(NODE_LOCKS))
         self._next_guest = _GUEST_BASE
         self._ino_lock = threading.Lock()
         self.fs_devices: dict[str, int] = {}
@@ -211,7 +217,6 @@ class ImageTree:
         node = _Node(Attr(_FS_ROOT_BASE + k, stat.S_IFDIR | 0o555, nlink=2, **self._base), "fsroot",
                      fs=name, path="")
         self._add(files_dir, name.encode(), node)
-        self._guest_ino[(name, "")] = node.attr.ino
 
     # the files backend ----------------------------------------------------------------------
     def files(self) -> FilesBackend:
@@ -297,7 +302,7 @@ class ImageTree:
         if not stat.S_ISLNK(node.attr.mode):
             raise InputError("not a symlink")
         if node.kind == "guest":
-            with node.lock:
+            with self._lock_of(node):
                 if not node.content:
                     node.content = os.fsencode(self.files().readlink(node.fs, node.path))
         return node.content
@@ -350,8 +355,13 @@ class ImageTree:
             raise NotADirectory("not a directory")
         return node.children
 
+    def _lock_of(self, node: _Node) -> threading.Lock:
+        """The lock serialising loads of this node (a stripe of the pool: the holder never takes
+        another node's lock, so two nodes sharing one cannot deadlock)."""
+        return self._node_locks[node.attr.ino % NODE_LOCKS]
+
     def _load_fs_root(self, node: _Node) -> None:
-        with node.lock:
+        with self._lock_of(node):
             if node.content:  # marks "root stat loaded"
                 return
             st = self.files().root_stat(node.fs)
@@ -363,7 +373,7 @@ class ImageTree:
             return  # loaded (without the lock: the FUSE loop's thread calls this for loaded listings)
         if node.kind == "fsroot":
             self._load_fs_root(node)
-        with node.lock:
+        with self._lock_of(node):
             if node.children is not None:
                 return
             entries = self.files().listdir(node.fs, node.path)
@@ -373,23 +383,21 @@ class ImageTree:
                 if raw is None or raw in children:
                     continue  # a hostile or damaged name cannot become a directory entry
                 path = f"{node.path}/{name}" if node.path else name
-                ino = self._guest_inode(node.fs, path)
-                child = self.nodes.get(ino)
-                if child is None:
-                    child = _Node(self._attr_from_stat(ino, st), "guest", node.attr.ino, fs=node.fs, path=path)
-                    if stat.S_ISREG(child.attr.mode):
-                        child.guest_ino = _guest_number(st.get("st_ino"))
-                        self.extents.note_regular(node.fs, child.guest_ino, child.attr.size)
-                    self.nodes[ino] = child
+                ino = self._new_guest_inode()
+                child = _Node(self._attr_from_stat(ino, st), "guest", node.attr.ino, fs=node.fs, path=path)
+                if stat.S_ISREG(child.attr.mode):
+                    child.guest_ino = _guest_number(st.get("st_ino"))
+                    self.extents.note_regular(node.fs, child.guest_ino, child.attr.size)
+                self.nodes[ino] = child
                 children[raw] = ino
             node.children = children
 
-    def _guest_inode(self, fs: str, path: str) -> int:
+    def _new_guest_inode(self) -> int:
+        """A fresh inode number. A directory is listed once (its children are never reloaded), so
+        each path of the files view gets exactly one, with no path -> number map to keep."""
         with self._ino_lock:
-            ino = self._guest_ino.get((fs, path))
-            if ino is None:
-                ino = self._guest_ino[(fs, path)] = self._next_guest
-                self._next_guest += 1
+            ino = self._next_guest
+            self._next_guest += 1
             return ino
 
     @staticmethod
