@@ -42,7 +42,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import input_args, IMGKIT, alternate, publish, remover, run_measured, table  # noqa: E402
+from harness import input_args, IMGKIT, alternate, prime_memory, publish, remover, run_measured, table  # noqa: E402
 from inputs import WORK, build  # noqa: E402
 
 
@@ -78,22 +78,6 @@ def peak_extra_disk(cmd: str, out_dir: str, output: str) -> int:
         stop.set()
         t.join()
     return max(0, peak[0] - _allocated_under([out_dir]))
-
-
-PRIME = 1280 << 20  # more than any output here writes into the page cache
-
-
-def prime_memory(out_dir: str) -> None:
-    """Write PRIME bytes into the page cache and delete them (see the docstring: Memory)."""
-    path = os.path.join(out_dir, "prime.tmp")
-    buf = bytes(2 << 20)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for _ in range(PRIME // len(buf)):
-            os.write(fd, buf)
-    finally:
-        os.close(fd)
-        os.unlink(path)
 
 
 def bench_input(name: str, quick: bool, runs: int) -> str:

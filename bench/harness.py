@@ -86,6 +86,26 @@ def run_measured(cmd: str | list, out_path: str | None = None, env=None) -> Samp
     return Sample(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss, out)
 
 
+PRIME = 1280 << 20  # more than any output here writes into the page cache
+
+
+def prime_memory(out_dir: str) -> None:
+    """Write PRIME bytes into the page cache and delete them, untimed, before a run. These machines are
+    VMs whose balloon hands free memory back to the host; the page cache's first use of such memory
+    costs ~1.5 s of CPU per GiB, which lands on whichever tool meets cold memory first (ratios moved
+    2x between runs: bench_convert.py's docstring, Memory). Primed, memory is resident, as on an
+    ordinary machine."""
+    path = os.path.join(out_dir, "prime.tmp")
+    buf = bytes(2 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(PRIME // len(buf)):
+            os.write(fd, buf)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 def alternate(rows: dict[str, tuple], runs: int, before=None) -> dict[str, Row]:
     """rows: name -> (command, output path, cleanup callable or None). Runs each in turn, `runs` times."""
     result = {name: Row(name) for name in rows}
