@@ -262,3 +262,32 @@ def test_no_debug_in_the_appliance_means_pread(made_ext4, fail, caplog):
         ext.close()
         reader.close()
         source.close()
+
+
+class CuttingAppliance(HostDebugfs):
+    """An appliance whose output for more than one inode is cut at its message limit: no end mark,
+    and no error (what `head -c` in the appliance does)."""
+
+    def ext_extent_maps(self, fs, inodes):
+        text = super().ext_extent_maps(fs, inodes)
+        return text[:len(text) // 2] if len(inodes) > 1 else text
+
+
+@needs_root
+def test_a_cut_output_is_split_until_every_file_is_mapped(made_ext4, monkeypatch):
+    import imgkit.views.guest_extents as guest_extents
+    monkeypatch.setattr(guest_extents, "MIN_BATCH", 1)
+    disk, part, inodes, tune = made_ext4
+    backend = CuttingAppliance(part, MiB, 24 * MiB, {i: len(d) for i, (_, d) in inodes.items()}, tune)
+    source = RawSource(disk)
+    reader = CachingReader(source, 4 * MiB)
+    ext = GuestExtents(reader, lambda: backend, {"p1": (MiB, 24 * MiB)})
+    try:
+        for ino, (rel, data) in inodes.items():
+            assert ext.read("p1", ino, len(data), 0, len(data)) == data, rel
+        assert ext.stats["refused"] == 0 and ext.stats["fallback_reads"] == 0
+        assert len(backend.runs) > 1 and min(len(r) for r in backend.runs) == 1  # split down to single inodes
+    finally:
+        ext.close()
+        reader.close()
+        source.close()

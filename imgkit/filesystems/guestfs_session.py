@@ -152,14 +152,16 @@ class GuestfsSession:
 
     def ext_extent_maps(self, fs: str, inodes: list[int]) -> bytes:
         """debugfs' leaf extents of these inodes (`ex -l <N>` each), closed by END_MARK; the device is
-        read as the mounted filesystem left it (read-only, nothing replayed: see _read_ext_facts)."""
+        read as the mounted filesystem left it (read-only, nothing replayed: see _read_ext_facts).
+        END_MARK only when debugfs ended by itself: killed by the timeout (124) or a signal (>= 128),
+        its last section may be cut mid-way and must not be taken as complete."""
         if not SAFE_FS.fullmatch(fs) or fs not in self.devices:
             raise FilesUnavailable(f"files/{fs}: unknown filesystem")
         numbers = [int(i) for i in inodes[:MAX_MAP_BATCH] if 0 < int(i) < 1 << 32]
         n = self.devices[fs]
         device = "/dev/sda" if n == 0 else f"/dev/sda{int(n)}"
         return self._shell(fs, f"{{ printf 'ex -l <%d>\\n' {' '.join(map(str, numbers))} | "
-                               f"debugfs -c -f - {device} 2>&1; echo '{END_MARK}'; }} | head -c {MAX_SHELL_OUTPUT}")
+                               f"timeout 60 debugfs -c -f - {device} 2>&1; [ $? -lt 124 ] && echo '{END_MARK}'; }} | head -c {MAX_SHELL_OUTPUT}")
 
     def close(self) -> None:
         with self._lock:

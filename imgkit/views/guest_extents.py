@@ -32,7 +32,7 @@ from .caching_reader import CachingReader
 
 log = logging.getLogger("imgkit.files.extents")
 WINDOW = 2048  # inode numbers mapped together
-MIN_BATCH = 64  # a failed run (output too big, ...) is retried in halves down to this many inodes
+MIN_BATCH = 64  # a failed or cut run (output past the appliance's limit) is retried in halves down to this many
 MAX_MAP_BYTES = 16 << 20  # memory of cached maps (~190 bytes a file): least recently used dropped
 MIN_MAP_BYTES = 1 << 20  # ... and at least this, whatever the cache size
 MAX_KNOWN = 200_000  # regular files remembered per filesystem (~100 bytes each); past it, mapped on demand
@@ -85,6 +85,7 @@ class GuestExtents:
         self._lock = threading.Lock()
         self._fs_lock = threading.Lock()
         self._closed = False
+        self.failed_runs = 0  # debugfs runs that failed even at MIN_BATCH inodes
         self.stats = {"mapped_reads": 0, "fallback_reads": 0, "debugfs_runs": 0, "maps": 0, "refused": 0}
 
     # which filesystems ------------------------------------------------------------------------
@@ -269,6 +270,7 @@ class GuestExtents:
             owner, event = self._take_flight((fs, w))
             if not owner:
                 continue  # a reader is mapping it now
+            failed = self.failed_runs
             try:
                 self._map_window(fs, state, w, {})
             except ImgkitError as e:  # the appliance is gone (unmount): nothing more to map
@@ -276,6 +278,9 @@ class GuestExtents:
                 return
             finally:
                 self._land((fs, w), event)
+            if self.failed_runs != failed:  # the appliance fails now: leave the rest to reads on demand
+                log.info("files/%s: mapping ahead stopped after a failed debugfs run", fs)
+                return
 
     def close(self) -> None:
         """No more mapping ahead (the appliance is about to shut down)."""
@@ -286,18 +291,25 @@ class GuestExtents:
         the most recently used (the bound drops others first)."""
         try:
             self.stats["debugfs_runs"] += 1
-            text = self._backend().ext_extent_maps(fs, list(wanted))
-            maps = parse_maps(text.decode("ascii", "replace"), wanted, state.facts)
+            text = self._backend().ext_extent_maps(fs, list(wanted)).decode("ascii", "replace")
+            # The appliance cuts the output at its message limit without an error: no end mark
+            # means the sections after the cut are missing, so a big batch is split like a failure.
+            failure = None if END_MARK in text else "output cut at the appliance's limit"
         except ImgkitError as e:
-            if len(wanted) > MIN_BATCH:  # e.g. more output than one appliance message holds
-                items = list(wanted.items())
-                half = len(items) // 2
-                self._run(fs, state, dict(items[:half]), keep)
-                self._run(fs, state, dict(items[half:]), keep)
-                return
+            if self._closed:
+                raise  # the appliance is shutting down: nothing more to map (mapping ahead stops)
+            text, failure = "", str(e)
+        if failure is not None and len(wanted) > MIN_BATCH:
+            items = list(wanted.items())
+            half = len(items) // 2
+            self._run(fs, state, dict(items[:half]), keep)
+            self._run(fs, state, dict(items[half:]), keep)
+            return
+        if failure is not None:
             log.warning("files/%s: debugfs failed for %d inodes (%s): read through the appliance", fs,
-                        len(wanted), e)
-            maps = dict.fromkeys(wanted)
+                        len(wanted), failure)
+            self.failed_runs += 1
+        maps = parse_maps(text, wanted, state.facts)  # a missing or cut section: that file is None
         good = sum(m is not None for m in maps.values())
         log.info("files/%s: mapped %d of %d files in one debugfs run (inodes %d-%d)", fs, good, len(maps),
                  min(wanted), max(wanted))
