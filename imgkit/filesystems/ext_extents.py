@@ -14,7 +14,6 @@ Pure functions over text and dicts: no I/O, unit-tested with hostile input (test
 from __future__ import annotations
 
 import re
-import sys
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -61,10 +60,10 @@ def eligibility(tune2fs: dict, part_start: int, part_size: int,
         return None, f"filesystem state {str(tune2fs.get('Filesystem state', ''))[:40]!r}, not clean"
     if "First orphan inode" in tune2fs:
         return None, "orphan inodes to clean up"
-    bs = _int(tune2fs.get("Block size"))
+    bs = uint_or_none(tune2fs.get("Block size"))
     if bs is None or not MIN_BLOCK <= bs <= MAX_BLOCK or bs & (bs - 1):
         return None, "block size out of range"
-    blocks = _int(tune2fs.get("Block count"))
+    blocks = uint_or_none(tune2fs.get("Block count"))
     if blocks is None or blocks * bs > part_size:
         return None, "the filesystem is larger than its partition"
     if part_start < 0 or part_size <= 0 or (seen_start, seen_size) != (part_start, part_size):
@@ -72,7 +71,8 @@ def eligibility(tune2fs: dict, part_start: int, part_size: int,
     return ExtFacts(bs, part_start, part_size), ""
 
 
-def _int(text) -> int | None:
+def uint_or_none(text) -> int | None:
+    """A non-negative integer below 2**64 from untrusted text, else None."""
     try:
         value = int(str(text).strip())
     except (TypeError, ValueError):
@@ -87,11 +87,6 @@ class ExtentMap:
 
     def __init__(self, size: int, block_size: int, ext: array):
         self.size, self.block_size, self.ext = size, block_size, ext
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held (for the bound on cached maps)."""
-        return sys.getsizeof(self.ext) + 64
 
     def pack(self) -> bytes:
         """The map as one bytes object (size, then the triples), as a cache keeps it: ~65 bytes for a
@@ -203,3 +198,21 @@ def _parse_section(lines: list[str], size: int, facts: ExtFacts, max_extents: in
     if not header:
         return None
     return ExtentMap(size, bs, ext)
+
+
+def regular_files(text: bytes) -> list[tuple[int, int]]:
+    """(inode, size) from the appliance's `find -printf '%i %s\\n'` output closed by END_MARK; a line
+    that is not two bounded numbers is skipped, and so is the last line when the output was cut (no
+    END_MARK)."""
+    lines = text.split(b"\n")
+    if END_MARK.encode() in lines:
+        lines = lines[:lines.index(END_MARK.encode())]
+    else:
+        lines = lines[:-1]
+    out = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit() and len(fields[0]) <= 10 \
+                and len(fields[1]) <= 20:
+            out.append((int(fields[0]), int(fields[1])))
+    return out

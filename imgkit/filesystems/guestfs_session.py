@@ -85,7 +85,7 @@ class GuestfsSession:
             raise FilesUnavailable(f"files/{fs}: unknown filesystem")
         g = self._handle()
         n = self.devices[fs]
-        device = "/dev/sda" if n == 0 else f"/dev/sda{n}"
+        device = _device(n)
         self._ext_facts[fs] = self._read_ext_facts(g, device, n)  # before mounting: see there
         try:
             g.mkmountpoint(where)
@@ -159,7 +159,7 @@ class GuestfsSession:
             raise FilesUnavailable(f"files/{fs}: unknown filesystem")
         numbers = [int(i) for i in inodes[:MAX_MAP_BATCH] if 0 < int(i) < 1 << 32]
         n = self.devices[fs]
-        device = "/dev/sda" if n == 0 else f"/dev/sda{int(n)}"
+        device = _device(n)
         return self._shell(fs, f"{{ printf 'ex -l <%d>\\n' {' '.join(map(str, numbers))} | "
                                f"timeout 60 debugfs -c -f - {device} 2>&1; [ $? -lt 124 ] && echo '{END_MARK}'; }} | head -c {MAX_SHELL_OUTPUT}")
 
@@ -193,6 +193,11 @@ class GuestfsSession:
 
 
 SAFE_FS = re.compile(r"[a-z0-9]{1,16}")  # the files view's own names (p1, disk): safe in a command
+
+
+def _device(n: int) -> str:
+    """The appliance's name of partition n of its one disk (0: the whole disk)."""
+    return "/dev/sda" if n == 0 else f"/dev/sda{int(n)}"
 
 
 def new_handle():

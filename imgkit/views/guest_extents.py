@@ -27,7 +27,8 @@ from collections import OrderedDict
 from typing import Callable
 
 from ..errors import ImgkitError
-from ..filesystems.ext_extents import END_MARK, ExtentMap, ExtFacts, eligibility, parse_maps
+from ..filesystems.ext_extents import (END_MARK, ExtentMap, ExtFacts, eligibility, parse_maps, regular_files,
+                                       uint_or_none)
 from .caching_reader import CachingReader
 
 log = logging.getLogger("imgkit.files.extents")
@@ -111,13 +112,13 @@ class GuestExtents:
             if facts.get("error"):
                 log.info("files/%s: files read through the appliance: %s", fs, facts["error"])
                 return None
-            decided, why = eligibility(facts.get("tune2fs"), area[0], area[1], _num(facts.get("start")),
-                                       _num(facts.get("size")))
+            decided, why = eligibility(facts.get("tune2fs"), area[0], area[1], uint_or_none(facts.get("start")),
+                                       uint_or_none(facts.get("size")))
             if decided is None:
                 log.info("files/%s: files read through the appliance: %s", fs, why)
                 return None
             state = _Fs(decided)
-            for ino, size in _regular_files(backend.ext_regular_files(fs)):
+            for ino, size in regular_files(backend.ext_regular_files(fs)):
                 state.note(ino, size)
         except (ImgkitError, AttributeError, TypeError, ValueError) as e:
             log.warning("files/%s: extent maps unavailable, files read through the appliance: %s", fs, e)
@@ -345,27 +346,3 @@ def _cost(blob: bytes | None) -> int:
     """Memory of one cached entry: the packed map (a refused file's None: nothing), its key and the
     LRU's links (~120 bytes, measured with tracemalloc), so the bound covers every entry."""
     return 120 + (0 if blob is None else sys.getsizeof(blob))
-
-
-def _num(value) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _regular_files(text: bytes) -> list[tuple[int, int]]:
-    """(inode, size) from `find -printf '%i %s\\n'` output closed by END_MARK; a line that is not two
-    numbers is skipped, and so is the last line when the output was cut (no END_MARK)."""
-    lines = text.split(b"\n")
-    if END_MARK.encode() in lines:
-        lines = lines[:lines.index(END_MARK.encode())]
-    else:
-        lines = lines[:-1]
-    out = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit() and len(fields[0]) <= 10 \
-                and len(fields[1]) <= 20:
-            out.append((int(fields[0]), int(fields[1])))
-    return out

@@ -45,8 +45,9 @@ _GUEST_BASE = 1_000_000  # everything inside files/p<N>/, allocated on first sig
 # Filesystems the libguestfs appliance reads (the files view offers only these).
 FILES_FILESYSTEMS = {"ext2", "ext3", "ext4", "vfat", "ntfs", "exfat", "xfs", "btrfs", "iso9660"}
 NAME_MAX = 255
-NODE_LOCKS = 64  # loads of a node (listing, symlink target, root stat) are serialised by a lock of
-# this striped pool, not one lock a node: a lock is ~60 bytes and 16,000 entries mostly never load
+# Loads of a node (listing, symlink target, root stat) are serialised by a lock of this striped pool,
+# not one lock a node: a lock is ~60 bytes and 16,000 entries mostly never load.
+NODE_LOCKS = 64
 GUEST_CACHE_MAX = 8 << 20  # the guest-file block cache's share of the cache budget, at most
 LISTING_BATCH = 500  # names per lstatnslist call: keeps each appliance message well under its 4 MiB cap
 
