@@ -142,8 +142,8 @@ class GuestfsSession:
 
     def ext_regular_files(self, fs: str) -> bytes:
         """`inode size` of every regular file of an ext filesystem, one a line (numbers only: no names
-        leave the appliance), then END_MARK, all cut at MAX_SHELL_OUTPUT (or the walk at LIST_SECONDS). Lets the files view map many neighbouring
-        files in one debugfs run."""
+        leave the appliance), then END_MARK, all cut at MAX_SHELL_OUTPUT (or the walk at
+        LIST_SECONDS). Lets the files view map many neighbouring files in one debugfs run."""
         if not SAFE_FS.fullmatch(fs):
             raise FilesUnavailable(f"files/{fs}: unknown filesystem")
         return self._shell(fs, f"{{ timeout {LIST_SECONDS} find /sysroot/{fs} -xdev -type f -printf '%i %s\\n' "

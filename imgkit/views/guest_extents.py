@@ -103,8 +103,6 @@ class GuestExtents:
         if area is None:
             return None
         backend = self._backend()
-        if not hasattr(backend, "ext_facts"):
-            return None
         try:
             facts = backend.ext_facts(fs)
             if facts is None:
